@@ -1,0 +1,33 @@
+"""fastopt: fused, compiled optimizer-update and batch-normalization kernels.
+
+Optimizer classes (``SGD``, ``AdaGrad``, ``RMSProp``, ``AdaDelta``, ``Adam``, ``AdamW``,
+``DeltaBarDelta``) update NumPy arrays in place through one fused pass per array; the same updates
+are plain functions in ``fastopt.functional``. Batch normalization is ``batchnorm_forward``,
+``batchnorm_backward`` and the ``BatchNorm`` layer. Every operation runs on a backend: ``"numba"``
+(parallel CPU kernels, the default for NumPy arrays) or ``"numpy"`` (the reference);
+``backends()`` says which are available here.
+"""
+
+from . import functional
+from .batchnorm import BatchNorm, batchnorm_backward, batchnorm_forward
+from .dispatch import BackendUnavailableError, backends
+from .optim import SGD, AdaDelta, AdaGrad, Adam, AdamW, DeltaBarDelta, Optimizer, RMSProp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaDelta",
+    "AdaGrad",
+    "Adam",
+    "AdamW",
+    "BackendUnavailableError",
+    "BatchNorm",
+    "DeltaBarDelta",
+    "Optimizer",
+    "RMSProp",
+    "SGD",
+    "backends",
+    "batchnorm_backward",
+    "batchnorm_forward",
+    "functional",
+]

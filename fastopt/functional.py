@@ -1,0 +1,234 @@
+"""The fused optimizer updates as plain functions on explicit state arrays.
+
+Each function checks its arguments, picks a backend (``fastopt.dispatch``) and runs one fused
+pass that updates ``param`` and its state arrays in place. The optimizer classes in
+``fastopt.optim`` call the same checks and the same backend functions.
+
+The update each function performs is written out in ``docs/algorithms.md``.
+
+Backend contract: a backend module implements, for every operation here, a function of the same
+name taking ``(param, grad, *state, **hyperparameters)``, where ``state`` is the operation's
+state arrays in the order of ``SPECS[name].state`` (``None`` for an array the configuration does
+not use) and the hyperparameters are the validated keyword arguments that ``SPECS[name].check``
+returns, plus ``step`` for Adam. ``adam_step`` and ``adamw_step`` share the backend function
+``adam_step`` (``decoupled_weight_decay`` tells them apart).
+
+Arrays: NumPy ``float32`` or ``float64``, C-contiguous; ``param`` and state writeable; all of one
+shape and dtype; no two sharing memory. ``grad`` is only read. NaN and Inf in ``grad`` propagate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import dispatch
+from ._checks import (
+    check_bool,
+    check_convention,
+    check_real,
+    check_step,
+    check_update_arrays,
+)
+
+__all__ = [
+    "SPECS",
+    "adadelta_step",
+    "adagrad_step",
+    "adam_step",
+    "adamw_step",
+    "delta_bar_delta_step",
+    "rmsprop_step",
+    "sgd_step",
+]
+
+
+def _lr(lr):
+    return check_real("lr", lr, low=0.0)
+
+
+def _eps(eps):
+    return check_real("eps", eps, low=0.0, low_open=True)
+
+
+def _unit(name, value):
+    return check_real(name, value, low=0.0, high=1.0, high_open=True)
+
+
+def _weight_decay(weight_decay):
+    return check_real("weight_decay", weight_decay, low=0.0)
+
+
+def _momentum_options(momentum, nesterov):
+    momentum = _unit("momentum", momentum)
+    nesterov = check_bool("nesterov", nesterov)
+    if nesterov and momentum == 0.0:
+        raise ValueError("nesterov=True requires momentum > 0, got momentum=0.0")
+    return momentum, nesterov
+
+
+def check_sgd(*, lr, momentum=0.0, nesterov=False, weight_decay=0.0, convention="textbook"):
+    momentum, nesterov = _momentum_options(momentum, nesterov)
+    return dict(lr=_lr(lr), momentum=momentum, nesterov=nesterov,
+                weight_decay=_weight_decay(weight_decay), convention=check_convention(convention))
+
+
+def check_adagrad(*, lr, eps=1e-7, weight_decay=0.0, convention="textbook"):
+    check_convention(convention)  # AdaGrad is the same under both conventions
+    return dict(lr=_lr(lr), eps=_eps(eps), weight_decay=_weight_decay(weight_decay))
+
+
+def check_rmsprop(*, lr, rho=0.9, eps=1e-6, momentum=0.0, nesterov=False, centered=False,
+                  weight_decay=0.0, convention="textbook"):
+    momentum, nesterov = _momentum_options(momentum, nesterov)
+    convention = check_convention(convention)
+    if nesterov and convention == "torch":
+        raise ValueError("nesterov=True is not available with convention='torch': torch.optim.RMSprop has no Nesterov momentum")
+    return dict(lr=_lr(lr), rho=_unit("rho", rho), eps=_eps(eps), momentum=momentum, nesterov=nesterov,
+                centered=check_bool("centered", centered), weight_decay=_weight_decay(weight_decay),
+                convention=convention)
+
+
+def check_adadelta(*, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, convention="textbook"):
+    return dict(lr=_lr(lr), rho=_unit("rho", rho), eps=_eps(eps),
+                weight_decay=_weight_decay(weight_decay), convention=check_convention(convention))
+
+
+def _check_adam(decoupled, *, lr, beta1, beta2, eps, weight_decay, amsgrad, convention):
+    check_convention(convention)  # Adam is the same under both conventions
+    return dict(lr=_lr(lr), beta1=_unit("beta1", beta1), beta2=_unit("beta2", beta2), eps=_eps(eps),
+                weight_decay=_weight_decay(weight_decay), decoupled_weight_decay=decoupled,
+                amsgrad=check_bool("amsgrad", amsgrad))
+
+
+def check_adam(*, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+               convention="textbook"):
+    return _check_adam(False, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                       amsgrad=amsgrad, convention=convention)
+
+
+def check_adamw(*, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                convention="textbook"):
+    return _check_adam(True, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                       amsgrad=amsgrad, convention=convention)
+
+
+def check_delta_bar_delta(*, kappa, phi, gamma, convention="textbook"):
+    if check_convention(convention) != "textbook":
+        raise ValueError("delta-bar-delta exists only with convention='textbook': torch.optim has no such optimizer")
+    return dict(kappa=check_real("kappa", kappa, low=0.0), phi=check_real("phi", phi, low=0.0, high=1.0),
+                gamma=_unit("gamma", gamma))
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one operation needs: its backend function, state arrays, and hyperparameter check."""
+
+    kernel: str  # name of the backend function
+    state: tuple[str, ...]  # state array names, in the backend's argument order
+    check: Callable[..., dict]  # keyword hyperparameters -> validated backend keywords
+    uses: Callable[[dict], tuple[str, ...]]  # validated keywords -> the state arrays this configuration reads
+    step_count: bool = False  # the backend function takes ``step``
+
+
+SPECS: dict[str, Spec] = {
+    "sgd": Spec("sgd_step", ("velocity",), check_sgd,
+                lambda h: ("velocity",) if h["momentum"] else ()),
+    "adagrad": Spec("adagrad_step", ("accumulator",), check_adagrad, lambda h: ("accumulator",)),
+    "rmsprop": Spec("rmsprop_step", ("square_avg", "grad_avg", "velocity"), check_rmsprop,
+                    lambda h: ("square_avg",) + (("grad_avg",) if h["centered"] else ())
+                    + (("velocity",) if h["momentum"] else ())),
+    "adadelta": Spec("adadelta_step", ("square_avg", "acc_delta"), check_adadelta,
+                     lambda h: ("square_avg", "acc_delta")),
+    "adam": Spec("adam_step", ("m", "v", "v_max"), check_adam,
+                 lambda h: ("m", "v") + (("v_max",) if h["amsgrad"] else ()), step_count=True),
+    "adamw": Spec("adam_step", ("m", "v", "v_max"), check_adamw,
+                  lambda h: ("m", "v") + (("v_max",) if h["amsgrad"] else ()), step_count=True),
+    "delta_bar_delta": Spec("delta_bar_delta_step", ("rates", "delta_bar"), check_delta_bar_delta,
+                            lambda h: ("rates", "delta_bar")),
+}
+
+
+def require_state(hyper: dict, spec: Spec, state: dict) -> None:
+    """Every state array the configuration uses is given (the others may be None)."""
+    for name in spec.uses(hyper):
+        if state[name] is None:
+            raise TypeError(f"{name} must be a numpy.ndarray with these options, got None")
+
+
+def _run(spec_name: str, param, grad, state: dict, hyper: dict, backend, step=None) -> None:
+    spec = SPECS[spec_name]
+    hyper = spec.check(**hyper)
+    dispatch.check_backend_name(backend)
+    if spec.step_count:
+        hyper["step"] = check_step("step", step)
+    require_state(hyper, spec, state)
+    check_update_arrays(param, grad, state)
+    module = dispatch.resolve(backend, param)
+    getattr(module, spec.kernel)(param, grad, *(state[name] for name in spec.state), **hyper)
+
+
+def sgd_step(param, grad, velocity=None, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
+             convention="textbook", backend=None) -> None:
+    """SGD, with optional (Nesterov) momentum and L2 weight decay, in place.
+
+    Textbook: v ← αv − εg; θ ← θ + v (Nesterov: θ ← θ + αv − εg). Torch: b ← αb + g; θ ← θ − εb
+    (Nesterov: θ ← θ − ε(g + αb)). ``velocity`` (v or b) is required when ``momentum > 0``.
+    """
+    _run("sgd", param, grad, {"velocity": velocity},
+         dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, convention=convention),
+         backend)
+
+
+def adagrad_step(param, grad, accumulator, *, lr, eps=1e-7, weight_decay=0.0, convention="textbook",
+                 backend=None) -> None:
+    """AdaGrad in place: r ← r + g⊙g; θ ← θ − εg/(δ + √r)."""
+    _run("adagrad", param, grad, {"accumulator": accumulator},
+         dict(lr=lr, eps=eps, weight_decay=weight_decay, convention=convention), backend)
+
+
+def rmsprop_step(param, grad, square_avg, grad_avg=None, velocity=None, *, lr, rho=0.9, eps=1e-6,
+                 momentum=0.0, nesterov=False, centered=False, weight_decay=0.0, convention="textbook",
+                 backend=None) -> None:
+    """RMSProp in place: r ← ρr + (1−ρ)g⊙g; textbook θ ← θ − εg/√(δ + r), torch θ ← θ − εg/(√r + δ).
+
+    ``grad_avg`` is required when ``centered``; ``velocity`` when ``momentum > 0``.
+    """
+    _run("rmsprop", param, grad, {"square_avg": square_avg, "grad_avg": grad_avg, "velocity": velocity},
+         dict(lr=lr, rho=rho, eps=eps, momentum=momentum, nesterov=nesterov, centered=centered,
+              weight_decay=weight_decay, convention=convention), backend)
+
+
+def adadelta_step(param, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0,
+                  convention="textbook", backend=None) -> None:
+    """AdaDelta in place: r ← ρr + (1−ρ)g⊙g; Δ ← √(u+δ)/√(r+δ)⊙g; θ ← θ − εΔ; u ← ρu + (1−ρ)(εΔ)²
+    (torch: u ← ρu + (1−ρ)Δ²)."""
+    _run("adadelta", param, grad, {"square_avg": square_avg, "acc_delta": acc_delta},
+         dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, convention=convention), backend)
+
+
+def adam_step(param, grad, m, v, v_max=None, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+              weight_decay=0.0, amsgrad=False, convention="textbook", backend=None) -> None:
+    """Adam in place, with L2 weight decay; ``step`` is t, 1 on the first update.
+
+    m ← β1m + (1−β1)g; v ← β2v + (1−β2)g⊙g; θ ← θ − ε (m/(1−β1ᵗ)) / (δ + √(v/(1−β2ᵗ))).
+    With ``amsgrad``, ``v_max`` ← max(v_max, v) replaces v in the last line.
+    """
+    _run("adam", param, grad, {"m": m, "v": v, "v_max": v_max},
+         dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+              convention=convention), backend, step)
+
+
+def adamw_step(param, grad, m, v, v_max=None, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+               weight_decay=1e-2, amsgrad=False, convention="textbook", backend=None) -> None:
+    """AdamW in place: θ ← θ − ελθ (decoupled weight decay), then Adam's update without L2."""
+    _run("adamw", param, grad, {"m": m, "v": v, "v_max": v_max},
+         dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+              convention=convention), backend, step)
+
+
+def delta_bar_delta_step(param, grad, rates, delta_bar, *, kappa, phi, gamma, backend=None) -> None:
+    """Delta-bar-delta in place: θ ← θ − e⊙g; e ← e + Δe (κ where δ̄⊙g > 0, −φe where < 0);
+    δ̄ ← (1−γ)g + γδ̄."""
+    _run("delta_bar_delta", param, grad, {"rates": rates, "delta_bar": delta_bar},
+         dict(kappa=kappa, phi=phi, gamma=gamma), backend)

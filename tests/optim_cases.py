@@ -1,0 +1,48 @@
+"""The table of optimizer configurations every backend test runs: (operation, hyperparameters)."""
+
+import numpy as np
+
+from fastopt import functional
+
+CASES = [
+    ("sgd", dict(lr=0.1)),
+    ("sgd", dict(lr=0.1, weight_decay=0.01)),
+    ("sgd", dict(lr=0.1, momentum=0.9)),
+    ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("sgd", dict(lr=0.1, momentum=0.9, convention="torch")),
+    ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, convention="torch")),
+    ("adagrad", dict(lr=0.1)),
+    ("adagrad", dict(lr=0.1, eps=1e-3, weight_decay=0.01)),
+    ("rmsprop", dict(lr=0.01)),
+    ("rmsprop", dict(lr=0.01, momentum=0.9)),
+    ("rmsprop", dict(lr=0.01, momentum=0.9, nesterov=True)),
+    ("rmsprop", dict(lr=0.01, centered=True, weight_decay=0.01)),
+    ("rmsprop", dict(lr=0.01, centered=True, momentum=0.5, nesterov=True)),
+    ("rmsprop", dict(lr=0.01, convention="torch")),
+    ("rmsprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01, convention="torch")),
+    ("adadelta", dict()),
+    ("adadelta", dict(lr=0.5, weight_decay=0.01)),
+    ("adadelta", dict(lr=0.5, convention="torch")),
+    ("adam", dict(lr=1e-2)),
+    ("adam", dict(lr=1e-2, weight_decay=0.01, amsgrad=True)),
+    ("adamw", dict(lr=1e-2)),
+    ("adamw", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    ("delta_bar_delta", dict(kappa=1e-3, phi=0.1, gamma=0.7)),
+]
+
+
+def case_id(case) -> str:
+    name, hyper = case
+    return name + "".join(f"-{k}={v}" for k, v in hyper.items())
+
+
+def initial_state(name: str, shape, dtype, rng) -> dict:
+    """Every state array of the operation, filled as its optimizer would start it (AdaGrad from a
+    non-zero accumulator, delta-bar-delta's rates from a learning rate)."""
+    spec = functional.SPECS[name]
+    state = {s: np.zeros(shape, dtype) for s in spec.state}
+    if name == "adagrad":
+        state["accumulator"][...] = 0.1
+    if name == "delta_bar_delta":
+        state["rates"][...] = 0.01
+    return state

@@ -98,6 +98,7 @@ def resolve(backend: str | None, array) -> ModuleType:
     if not isinstance(array, np.ndarray):
         raise TypeError(f"arrays must be numpy.ndarray, got {type(array).__module__}.{type(array).__name__}")
     name = "numba" if backend is None else backend
+    module = _load(name)
     if _MODULES[name][1] != "numpy.ndarray":
         raise TypeError(f"backend {name!r} works on {_MODULES[name][1]}, got numpy.ndarray")
-    return _load(name)
+    return module

@@ -227,8 +227,9 @@ def adamw_step(param, grad, m, v, v_max=None, *, step, lr=1e-3, beta1=0.9, beta2
               convention=convention), backend, step)
 
 
-def delta_bar_delta_step(param, grad, rates, delta_bar, *, kappa, phi, gamma, backend=None) -> None:
+def delta_bar_delta_step(param, grad, rates, delta_bar, *, kappa, phi, gamma, convention="textbook",
+                         backend=None) -> None:
     """Delta-bar-delta in place: θ ← θ − e⊙g; e ← e + Δe (κ where δ̄⊙g > 0, −φe where < 0);
     δ̄ ← (1−γ)g + γδ̄."""
     _run("delta_bar_delta", param, grad, {"rates": rates, "delta_bar": delta_bar},
-         dict(kappa=kappa, phi=phi, gamma=gamma), backend)
+         dict(kappa=kappa, phi=phi, gamma=gamma, convention=convention), backend)

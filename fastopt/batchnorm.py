@@ -1,0 +1,407 @@
+"""Batch normalization: the functional forward and backward, and the ``BatchNorm`` layer.
+
+The lecture notes' re-parametrization Ĥ = γ(H − μ)/σ + β, per channel, with the batch's
+statistics in training and fixed (running) statistics at run time. The equations, forward and
+backward, are in ``docs/algorithms.md``; in short, with x̂ = (x − μ)·invstd:
+
+    forward   y = γx̂ + β,  y ← max(y, 0) with ``relu``
+    backward  dβ = Σg,  dγ = Σg·x̂,  dx = γ·invstd·(g − dβ/m − x̂·dγ/m)
+
+Sums run over every axis but ``channel_axis`` (m values per channel); g is dy, masked by the ReLU
+with ``relu``. The functions check every argument before anything is written, allocate what
+``out`` does not provide, pick a backend (``fastopt.dispatch``) and run its fused passes.
+
+Design decisions
+----------------
+* Eval-mode forward (``training=False``) returns the statistics it used: ``saved_mean`` is a copy of
+  ``running_mean`` and ``saved_invstd`` = 1/√(running_var + δ). So ``batchnorm_backward`` can run
+  after either forward with the same arguments.
+* ``batchnorm_backward(..., training=True)`` (the default) differentiates through the batch
+  statistics. ``training=False`` treats μ and invstd as constants, which is the gradient of an
+  eval-mode forward: dx = γ·invstd·g (dγ and dβ are the same sums as in training).
+* ``dweight`` and ``dbias`` are always computed and returned: they are the gradients with respect to
+  γ and β at the values used (γ = 1, β = 0 when ``weight``/``bias`` is None).
+* With ``relu=True`` backward recomputes the mask γx̂ + β > 0 from x and the saved statistics, so
+  it needs β: ``bias`` must then be passed to backward explicitly (``None`` when forward had no
+  bias). Forgetting it raises instead of silently using β = 0.
+* An empty batch (m = 0) in training returns an empty ``y``, leaves the running statistics alone
+  (as ``torch.nn.functional.batch_norm`` does) and sets the saved statistics to NaN. m = 1 in
+  training raises ``ValueError`` (one value has no variance), as torch does.
+* ``running_mean`` and ``running_var`` are given together or not at all.
+
+Backend contract
+----------------
+A backend module implements::
+
+    batchnorm_forward(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd, *,
+                      training, momentum, eps, channel_axis, relu) -> None
+    batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias, *,
+                       training, channel_axis, relu) -> None
+
+and receives validated arguments only:
+
+* every array is a C-contiguous NumPy array of one dtype, float32 or float64; ``x``, ``dy``, ``y``
+  and ``dx`` have one shape of rank ≥ 2; the channel vectors (``weight``, ``bias``, the running and
+  saved statistics, ``dweight``, ``dbias``) have shape (C,), C = x.shape[channel_axis];
+* ``channel_axis`` is normalized to 0 ≤ channel_axis < x.ndim;
+* ``weight`` and ``bias`` may be None (γ = 1, β = 0); ``running_mean`` and ``running_var`` are both
+  None or both arrays, and both arrays when ``training`` is False; in forward's training mode they
+  are updated in place when given; ``bias`` in backward is forward's β (used only with ``relu``);
+* the outputs (``y``, ``saved_mean``, ``saved_invstd`` / ``dx``, ``dweight``, ``dbias``) are always
+  preallocated and writeable, and no written array shares memory with any other array;
+* in training m is 0 or at least 2; ``momentum`` is a float in [0, 1]; ``eps`` a finite float > 0;
+  ``training`` and ``relu`` are bools.
+
+The backend writes every element of every output (NaN saved statistics for m = 0 in training) and
+returns None. Backward writes ``dweight``/``dbias`` even when ``weight``/``bias`` is None.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import dispatch
+from ._checks import FLOAT_DTYPES, check_array, check_bool, check_disjoint, check_real
+
+__all__ = ["BatchNorm", "batchnorm_backward", "batchnorm_forward"]
+
+
+class _Unset:
+    def __repr__(self):
+        return "<unset>"
+
+
+_UNSET = _Unset()  # ``bias`` not passed to batchnorm_backward
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_x(name: str, x) -> np.ndarray:
+    check_array(name, x, writeable=False)
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have rank >= 2 (batch and channel axes, e.g. (N, C) or (N, C, H, W)), "
+                         f"got shape {x.shape}")
+    return x
+
+
+def _check_channel_axis(channel_axis, ndim: int) -> int:
+    if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, numbers.Integral):
+        raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__} {channel_axis!r}")
+    if not -ndim <= channel_axis < ndim:
+        raise ValueError(f"channel_axis must be in [{-ndim}, {ndim}) for x of rank {ndim}, got {channel_axis}")
+    return int(channel_axis) % ndim
+
+
+def _check_channels(name: str, array, x: np.ndarray, axis: int, *, writeable: bool) -> np.ndarray:
+    """A per-channel vector: shape (C,) and the dtype of x."""
+    check_array(name, array, writeable=writeable)
+    channels = x.shape[axis]
+    if array.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), one value per channel of x "
+                         f"(shape {x.shape}, channel_axis={axis}), got {array.shape}")
+    if array.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {array.dtype}")
+    return array
+
+
+def _check_like_x(name: str, array, x: np.ndarray, x_name: str = "x", *, writeable: bool) -> np.ndarray:
+    check_array(name, array, writeable=writeable)
+    if array.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of {x_name} {x.shape}, got {array.shape}")
+    if array.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of {x_name} ({x.dtype}), got {array.dtype}")
+    return array
+
+
+def _split_out(out, names: tuple[str, str, str]) -> tuple:
+    """``out`` as three entries, each an array or None (None: allocate it)."""
+    if out is None:
+        return (None, None, None)
+    if isinstance(out, np.ndarray) or not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise TypeError(f"out must be None or a tuple of 3 arrays (or None) for ({', '.join(names)}), "
+                        f"got {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    return tuple(out)
+
+
+def _values_per_channel(x: np.ndarray, axis: int) -> int:
+    return math.prod(x.shape[:axis] + x.shape[axis + 1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# functional API
+
+
+def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=True, momentum=0.1,
+                      eps=1e-5, channel_axis=1, relu=False, backend=None, out=None):
+    """Batch normalization forward; returns ``(y, saved_mean, saved_invstd)``.
+
+    training:  μ, σ² = mean and biased variance of x per channel, invstd = 1/√(σ² + eps);
+               running_mean ← (1 − momentum)·running_mean + momentum·μ and running_var likewise with
+               the unbiased variance σ²·m/(m − 1), in place (when given).
+    eval:      μ = running_mean, invstd = 1/√(running_var + eps) (both required).
+    both:      y = weight·(x − μ)·invstd + bias, then max(y, 0) with ``relu``.
+
+    ``x`` has rank ≥ 2 with channels on ``channel_axis`` (1: NCHW and the like, −1: channels-last);
+    ``weight``/``bias`` (shape (C,)) may be None. ``out=(y, saved_mean, saved_invstd)`` writes into
+    preallocated arrays (any entry may be None). ``saved_mean``/``saved_invstd`` are the μ and
+    invstd used, for ``batchnorm_backward``.
+    """
+    dispatch.check_backend_name(backend)
+    _check_x("x", x)
+    axis = _check_channel_axis(channel_axis, x.ndim)
+    training = check_bool("training", training)
+    relu = check_bool("relu", relu)
+    momentum = check_real("momentum", momentum, low=0.0, high=1.0)
+    eps = check_real("eps", eps, low=0.0, low_open=True)
+    for name, array in (("weight", weight), ("bias", bias)):
+        if array is not None:
+            _check_channels(name, array, x, axis, writeable=False)
+    if (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
+        raise ValueError(f"running_mean and running_var must be given together: {given} is an array "
+                         f"but {missing} is None")
+    if running_mean is None and not training:
+        raise ValueError("running_mean and running_var are required with training=False (eval mode "
+                         "normalizes with the running statistics), got None")
+    if running_mean is not None:
+        _check_channels("running_mean", running_mean, x, axis, writeable=training)
+        _check_channels("running_var", running_var, x, axis, writeable=training)
+    y, saved_mean, saved_invstd = _split_out(out, ("y", "saved_mean", "saved_invstd"))
+    if y is not None:
+        _check_like_x("out[0] (y)", y, x, writeable=True)
+    if saved_mean is not None:
+        _check_channels("out[1] (saved_mean)", saved_mean, x, axis, writeable=True)
+    if saved_invstd is not None:
+        _check_channels("out[2] (saved_invstd)", saved_invstd, x, axis, writeable=True)
+    m = _values_per_channel(x, axis)
+    if training and m == 1 and x.shape[axis] > 0:
+        raise ValueError(f"training needs more than 1 value per channel to compute a variance, got x of "
+                         f"shape {x.shape} (1 value per channel along channel_axis={axis})")
+    running = {"running_mean": running_mean, "running_var": running_var}
+    written = {"y": y, "saved_mean": saved_mean, "saved_invstd": saved_invstd}
+    read = {"x": x, "weight": weight, "bias": bias}
+    if training:
+        written.update(running)
+    else:
+        read.update(running)
+    check_disjoint(written, read)
+    module = dispatch.resolve(backend, x)
+
+    channels = x.shape[axis]
+    y = np.empty_like(x) if y is None else y
+    saved_mean = np.empty(channels, x.dtype) if saved_mean is None else saved_mean
+    saved_invstd = np.empty(channels, x.dtype) if saved_invstd is None else saved_invstd
+    module.batchnorm_forward(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd,
+                             training=training, momentum=momentum, eps=eps, channel_axis=axis, relu=relu)
+    return y, saved_mean, saved_invstd
+
+
+def batchnorm_backward(dy, x, weight, saved_mean, saved_invstd, *, bias=_UNSET, training=True, channel_axis=1,
+                       relu=False, backend=None, out=None):
+    """Batch normalization backward; returns ``(dx, dweight, dbias)``.
+
+    With x̂ = (x − saved_mean)·saved_invstd and g = dy (masked by weight·x̂ + bias > 0 with ``relu``):
+    dbias = Σg, dweight = Σg·x̂, and dx = weight·invstd·(g − Σg/m − x̂·Σg·x̂/m) when ``training``
+    (the forward used batch statistics), dx = weight·invstd·g when not (statistics constant).
+
+    ``saved_mean``/``saved_invstd`` come from ``batchnorm_forward``. ``bias`` is needed only with
+    ``relu=True``, and then must be passed (None if forward had none). ``dweight``/``dbias`` are
+    returned even when ``weight`` is None. ``out=(dx, dweight, dbias)`` writes into preallocated
+    arrays (any entry may be None).
+    """
+    dispatch.check_backend_name(backend)
+    _check_x("x", x)
+    axis = _check_channel_axis(channel_axis, x.ndim)
+    _check_like_x("dy", dy, x, writeable=False)
+    training = check_bool("training", training)
+    relu = check_bool("relu", relu)
+    if weight is not None:
+        _check_channels("weight", weight, x, axis, writeable=False)
+    if bias is _UNSET:
+        if relu:
+            raise TypeError("bias must be passed with relu=True: the ReLU mask is recomputed from "
+                            "weight·x̂ + bias (pass bias=None if the forward had no bias)")
+        bias = None
+    elif bias is not None:
+        _check_channels("bias", bias, x, axis, writeable=False)
+    _check_channels("saved_mean", saved_mean, x, axis, writeable=False)
+    _check_channels("saved_invstd", saved_invstd, x, axis, writeable=False)
+    dx, dweight, dbias = _split_out(out, ("dx", "dweight", "dbias"))
+    if dx is not None:
+        _check_like_x("out[0] (dx)", dx, x, writeable=True)
+    if dweight is not None:
+        _check_channels("out[1] (dweight)", dweight, x, axis, writeable=True)
+    if dbias is not None:
+        _check_channels("out[2] (dbias)", dbias, x, axis, writeable=True)
+    check_disjoint({"dx": dx, "dweight": dweight, "dbias": dbias},
+                   {"dy": dy, "x": x, "weight": weight, "bias": bias, "saved_mean": saved_mean,
+                    "saved_invstd": saved_invstd})
+    module = dispatch.resolve(backend, x)
+
+    channels = x.shape[axis]
+    dx = np.empty_like(x) if dx is None else dx
+    dweight = np.empty(channels, x.dtype) if dweight is None else dweight
+    dbias = np.empty(channels, x.dtype) if dbias is None else dbias
+    module.batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias,
+                              training=training, channel_axis=axis, relu=relu)
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# layer
+
+
+class BatchNorm:
+    """A batch-normalization layer over ``num_features`` channels, with explicit forward/backward.
+
+    ``weight`` (γ, ones) and ``bias`` (β, zeros) exist when ``affine``; they and ``grad_weight``/
+    ``grad_bias`` are allocated once and only ever updated in place (``load_state_dict`` included),
+    so they can be handed to a fastopt optimizer once: ``opt = Adam([bn.weight, bn.bias])`` and
+    ``opt.step([bn.grad_weight, bn.grad_bias])`` after each ``backward``. ``running_mean`` (zeros)
+    and ``running_var`` (ones) are updated in place by every training-mode forward, as in
+    ``torch.nn.BatchNorm*d`` (``momentum=None``, torch's cumulative average, is not supported).
+
+    ``forward(x)`` keeps a reference to ``x`` (not a copy) and the statistics it used;
+    ``backward(dy)`` differentiates the latest forward (through the batch statistics after a
+    training-mode forward, with constant statistics after an eval-mode one), returns dx and writes
+    ``grad_weight``/``grad_bias``. It uses the current ``weight`` and ``bias``, so call it before the
+    optimizer step. Both take ``out=`` for a preallocated result.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, channel_axis=1, relu=False,
+                 dtype=np.float32, backend=None):
+        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__} {num_features!r}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, numbers.Integral):
+            raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__} {channel_axis!r}")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as exc:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from exc
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        dispatch.check_backend_name(backend)
+        self.num_features = int(num_features)
+        self.eps = check_real("eps", eps, low=0.0, low_open=True)
+        self.momentum = check_real("momentum", momentum, low=0.0, high=1.0)
+        self.affine = check_bool("affine", affine)
+        self.channel_axis = int(channel_axis)
+        self.relu = check_bool("relu", relu)
+        self.dtype = dtype
+        self.backend = backend
+        self.training = True
+        c = self.num_features
+        self.weight = np.ones(c, dtype) if self.affine else None
+        self.bias = np.zeros(c, dtype) if self.affine else None
+        self.grad_weight = np.zeros(c, dtype) if self.affine else None
+        self.grad_bias = np.zeros(c, dtype) if self.affine else None
+        self.running_mean = np.zeros(c, dtype)
+        self.running_var = np.ones(c, dtype)
+        self.num_batches_tracked = 0
+        self._saved_mean = np.empty(c, dtype)
+        self._saved_invstd = np.empty(c, dtype)
+        # backward writes dγ and dβ somewhere even without affine parameters
+        self._grad_scratch = None if self.affine else (np.empty(c, dtype), np.empty(c, dtype))
+        self._forward_input = None  # (x, training) of the latest forward
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"channel_axis={self.channel_axis}, relu={self.relu}, dtype={self.dtype.name}, "
+                f"backend={self.backend!r})")
+
+    def train(self, mode: bool = True) -> "BatchNorm":
+        """Training mode (batch statistics, running statistics updated); returns self."""
+        self.training = check_bool("mode", mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        """Eval mode (running statistics used, not updated); returns self."""
+        return self.train(False)
+
+    def _check_input(self, name: str, array) -> None:
+        if isinstance(array, np.ndarray) and array.dtype != self.dtype and array.dtype in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have the layer's dtype {self.dtype}, got {array.dtype}")
+        if isinstance(array, np.ndarray) and array.ndim >= 2:
+            axis = self.channel_axis
+            if -array.ndim <= axis < array.ndim and array.shape[axis] != self.num_features:
+                raise ValueError(f"{name} must have {self.num_features} channels along channel_axis={axis}, "
+                                 f"got shape {array.shape}")
+
+    def forward(self, x, out=None):
+        """y = weight·(x − μ)·invstd + bias (ReLU'd with ``relu``), batch or running statistics."""
+        self._check_input("x", x)
+        y, _, _ = batchnorm_forward(
+            x, self.weight, self.bias, self.running_mean, self.running_var, training=self.training,
+            momentum=self.momentum, eps=self.eps, channel_axis=self.channel_axis, relu=self.relu,
+            backend=self.backend, out=(out, self._saved_mean, self._saved_invstd))
+        if self.training:
+            self.num_batches_tracked += 1
+        self._forward_input = (x, self.training)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy, out=None):
+        """dx for the latest forward; writes ``grad_weight`` and ``grad_bias`` in place."""
+        if self._forward_input is None:
+            raise RuntimeError("backward needs a forward first: the layer has not seen an input")
+        x, training = self._forward_input
+        self._check_input("dy", dy)
+        grads = (self.grad_weight, self.grad_bias) if self.affine else self._grad_scratch
+        dx, _, _ = batchnorm_backward(
+            dy, x, self.weight, self._saved_mean, self._saved_invstd, bias=self.bias, training=training,
+            channel_axis=self.channel_axis, relu=self.relu, backend=self.backend, out=(out, *grads))
+        return dx
+
+    def state_dict(self) -> dict:
+        """Copies of the layer's state, under torch's names (``weight``/``bias`` only when affine)."""
+        state = {}
+        if self.affine:
+            state["weight"] = self.weight.copy()
+            state["bias"] = self.bias.copy()
+        state["running_mean"] = self.running_mean.copy()
+        state["running_var"] = self.running_var.copy()
+        state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state) -> None:
+        """Copy ``state`` into the layer's arrays in place (they stay the same objects).
+
+        Keys as ``state_dict`` writes them (``num_batches_tracked`` optional); values are array-likes
+        of shape (num_features,), cast to the layer's dtype. Everything is checked before anything
+        is copied: a bad ``state`` leaves the layer unchanged.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        targets = {"running_mean": self.running_mean, "running_var": self.running_var}
+        if self.affine:
+            targets = {"weight": self.weight, "bias": self.bias, **targets}
+        missing = [k for k in targets if k not in state]
+        unexpected = [k for k in state if k not in targets and k != "num_batches_tracked"]
+        if missing or unexpected:
+            raise ValueError(f"state must have exactly the keys {sorted(targets)} (and optionally "
+                             f"'num_batches_tracked'); missing {missing}, unexpected {unexpected}")
+        values = {}
+        for key in targets:
+            value = np.asarray(state[key])
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"state[{key!r}] must hold real numbers, got dtype {value.dtype}")
+            if value.shape != (self.num_features,):
+                raise ValueError(f"state[{key!r}] must have shape ({self.num_features},), got {value.shape}")
+            values[key] = value
+        tracked = self.num_batches_tracked
+        if "num_batches_tracked" in state:
+            count = np.asarray(state["num_batches_tracked"])
+            if count.shape != () or count.dtype.kind not in "iu" or int(count) < 0:
+                raise ValueError(f"state['num_batches_tracked'] must be a non-negative integer, got {state['num_batches_tracked']!r}")
+            tracked = int(count)
+        for key, value in values.items():
+            np.copyto(targets[key], value, casting="unsafe")
+        self.num_batches_tracked = tracked

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -200,3 +203,26 @@ def test_concurrent_steps_from_threads_match_serial_runs(rng):
     assert not errors, errors
     for i in range(n_threads):
         np.testing.assert_array_equal(concurrent[i], serial[i], err_msg=f"thread {i}")
+
+
+def test_workqueue_threading_layer_falls_back_to_serialized_calls(tmp_path):
+    """With numba's workqueue layer (no thread-safe layer installed, or forced by the user), the
+    kernels serialize instead of letting workqueue abort the process on concurrent launches."""
+    script = tmp_path / "concurrent.py"
+    script.write_text(
+        "import threading, numba, numpy as np, fastopt\n"
+        "from fastopt.kernels.numba_cpu._jit import calls_serialized\n"
+        "def run(seed):\n"
+        "    rng = np.random.default_rng(seed)\n"
+        "    p = rng.standard_normal(2**16).astype(np.float32)\n"
+        "    opt = fastopt.Adam([p], lr=1e-2)\n"
+        "    for _ in range(30):\n"
+        "        opt.step([rng.standard_normal(2**16).astype(np.float32)])\n"
+        "threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(numba.threading_layer(), calls_serialized())\n"
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["workqueue", "True"]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import prange, types
 
@@ -68,6 +69,15 @@ def _signatures(arrays: int, scalars: int) -> list:
     return signatures
 
 
+@numba.njit(inline="always")
+def _l2(g, p, weight_decay):
+    """g + λθ, the gradient of the L2-penalized objective; g itself when λ = 0, so that λ = 0
+    never turns an infinite θ into NaN. Inlined into every kernel that takes weight decay."""
+    if weight_decay != 0:
+        return g + weight_decay * p
+    return g
+
+
 # ---------------------------------------------------------------------------------------------
 # SGD
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +92,7 @@ def _sgd(param, grad, lr, weight_decay):
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         param[i] = p - lr * g
 
 
@@ -103,9 +111,7 @@ def _sgd_momentum(param, grad, velocity, momentum, c, k, weight_decay):
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         v = momentum * velocity[i] + c * g
         velocity[i] = v
         param[i] = p + k * v
@@ -121,9 +127,7 @@ def _sgd_nesterov(param, grad, velocity, lr, momentum, weight_decay):
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         step = lr * g
         v = momentum * velocity[i] - step
         velocity[i] = v
@@ -140,9 +144,7 @@ def _sgd_nesterov_torch(param, grad, velocity, lr, momentum, weight_decay):
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         b = momentum * velocity[i] + g
         velocity[i] = b
         param[i] = p - lr * (g + momentum * b)
@@ -180,9 +182,7 @@ def _adagrad(param, grad, accumulator, lr, eps, weight_decay):
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         r = accumulator[i] + g * g
         accumulator[i] = r
         param[i] = p - lr * g / (eps + math.sqrt(r))
@@ -215,9 +215,7 @@ def _rmsprop(param, grad, square_avg, lr, rho, one_minus_rho, eps_in, eps_out, w
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         r = rho * square_avg[i] + one_minus_rho * g * g
         square_avg[i] = r
         d = math.sqrt(eps_in + r) + eps_out
@@ -237,9 +235,7 @@ def _rmsprop_centered(param, grad, square_avg, grad_avg, lr, rho, one_minus_rho,
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         r = rho * square_avg[i] + one_minus_rho * g * g
         s = rho * grad_avg[i] + one_minus_rho * g
         square_avg[i] = r
@@ -264,9 +260,7 @@ def _rmsprop_momentum(param, grad, square_avg, velocity, rho, one_minus_rho, eps
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         r = rho * square_avg[i] + one_minus_rho * g * g
         square_avg[i] = r
         d = math.sqrt(eps_in + r) + eps_out
@@ -292,9 +286,7 @@ def _rmsprop_momentum_centered(param, grad, square_avg, grad_avg, velocity, rho,
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         r = rho * square_avg[i] + one_minus_rho * g * g
         s = rho * grad_avg[i] + one_minus_rho * g
         square_avg[i] = r
@@ -318,9 +310,7 @@ def _rmsprop_nesterov(param, grad, square_avg, velocity, lr, rho, one_minus_rho,
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         r = rho * square_avg[i] + one_minus_rho * g * g
         square_avg[i] = r
         u = lr * g / math.sqrt(eps + r)
@@ -343,9 +333,7 @@ def _rmsprop_nesterov_centered(param, grad, square_avg, grad_avg, velocity, lr, 
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         r = rho * square_avg[i] + one_minus_rho * g * g
         s = rho * grad_avg[i] + one_minus_rho * g
         square_avg[i] = r
@@ -405,9 +393,7 @@ def _adadelta(param, grad, square_avg, acc_delta, lr, rho, one_minus_rho, eps, c
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         r = rho * square_avg[i] + one_minus_rho * g * g
         square_avg[i] = r
         u = acc_delta[i]
@@ -446,11 +432,9 @@ def _adam(param, grad, m, v, step_size, inv_sqrt_bc2, beta1, one_minus_beta1, be
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
         if decay != 0:
             p = p - decay * p
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         mi = beta1 * m[i] + one_minus_beta1 * g
         vi = beta2 * v[i] + one_minus_beta2 * g * g
         m[i] = mi
@@ -472,11 +456,9 @@ def _adam_amsgrad(param, grad, m, v, v_max, step_size, inv_sqrt_bc2, beta1, one_
     """
     for i in prange(param.shape[0]):
         p = param[i]
-        g = grad[i]
         if decay != 0:
             p = p - decay * p
-        if weight_decay != 0:
-            g = g + weight_decay * p
+        g = _l2(grad[i], p, weight_decay)
         mi = beta1 * m[i] + one_minus_beta1 * g
         vi = beta2 * v[i] + one_minus_beta2 * g * g
         vmax = np.maximum(v_max[i], vi)

@@ -503,11 +503,13 @@ def test_numba_results_do_not_depend_on_the_thread_count(rng):
     last = np.ascontiguousarray(np.moveaxis(x, 1, -1))
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dy_last = np.ascontiguousarray(np.moveaxis(dy, 1, -1))
+    long = rng.standard_normal((2, 4, 40001)).astype(np.float32) + 3  # one task per row piece
+    dy_long = rng.standard_normal(long.shape).astype(np.float32)
     before = numba.get_num_threads()
 
     def everything():
         results = []
-        for xs, g, axis in ((x, dy, 1), (last, dy_last, -1)):
+        for xs, g, axis in ((x, dy, 1), (last, dy_last, -1), (long, dy_long, 1)):
             fwd = batchnorm_forward(xs, None, None, np.zeros(4, np.float32), np.ones(4, np.float32),
                                     channel_axis=axis, backend="numba")
             results += [*fwd, *batchnorm_backward(g, xs, None, fwd[1], fwd[2], channel_axis=axis, backend="numba")]

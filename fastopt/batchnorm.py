@@ -118,13 +118,21 @@ def _check_like_x(name: str, array, x: np.ndarray, x_name: str = "x", *, writeab
     return array
 
 
-def _split_out(out, names: tuple[str, str, str]) -> tuple:
-    """``out`` as three entries, each an array or None (None: allocate it)."""
+def _split_out(out, names: tuple[str, str, str], x: np.ndarray, axis: int) -> tuple:
+    """``out`` as three entries, each None (allocate it) or a checked, writeable array: the first
+    shaped like ``x``, the other two per-channel vectors."""
     if out is None:
         return (None, None, None)
     if isinstance(out, np.ndarray) or not isinstance(out, (tuple, list)) or len(out) != 3:
         raise TypeError(f"out must be None or a tuple of 3 arrays (or None) for ({', '.join(names)}), "
                         f"got {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    for i, (name, array) in enumerate(zip(names, out)):
+        if array is None:
+            continue
+        if i == 0:
+            _check_like_x(f"out[0] ({name})", array, x, writeable=True)
+        else:
+            _check_channels(f"out[{i}] ({name})", array, x, axis, writeable=True)
     return tuple(out)
 
 
@@ -171,13 +179,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
     if running_mean is not None:
         _check_channels("running_mean", running_mean, x, axis, writeable=training)
         _check_channels("running_var", running_var, x, axis, writeable=training)
-    y, saved_mean, saved_invstd = _split_out(out, ("y", "saved_mean", "saved_invstd"))
-    if y is not None:
-        _check_like_x("out[0] (y)", y, x, writeable=True)
-    if saved_mean is not None:
-        _check_channels("out[1] (saved_mean)", saved_mean, x, axis, writeable=True)
-    if saved_invstd is not None:
-        _check_channels("out[2] (saved_invstd)", saved_invstd, x, axis, writeable=True)
+    y, saved_mean, saved_invstd = _split_out(out, ("y", "saved_mean", "saved_invstd"), x, axis)
     m = _values_per_channel(x, axis)
     if training and m == 1 and x.shape[axis] > 0:
         raise ValueError(f"training needs more than 1 value per channel to compute a variance, got x of "
@@ -231,13 +233,7 @@ def batchnorm_backward(dy, x, weight, saved_mean, saved_invstd, *, bias=_UNSET, 
         _check_channels("bias", bias, x, axis, writeable=False)
     _check_channels("saved_mean", saved_mean, x, axis, writeable=False)
     _check_channels("saved_invstd", saved_invstd, x, axis, writeable=False)
-    dx, dweight, dbias = _split_out(out, ("dx", "dweight", "dbias"))
-    if dx is not None:
-        _check_like_x("out[0] (dx)", dx, x, writeable=True)
-    if dweight is not None:
-        _check_channels("out[1] (dweight)", dweight, x, axis, writeable=True)
-    if dbias is not None:
-        _check_channels("out[2] (dbias)", dbias, x, axis, writeable=True)
+    dx, dweight, dbias = _split_out(out, ("dx", "dweight", "dbias"), x, axis)
     check_disjoint({"dx": dx, "dweight": dweight, "dbias": dbias},
                    {"dy": dy, "x": x, "weight": weight, "bias": bias, "saved_mean": saved_mean,
                     "saved_invstd": saved_invstd})

@@ -1,0 +1,179 @@
+"""Training the digits MLP with a fastopt optimizer, and comparing the optimizers.
+
+``OPTIMIZERS`` maps each optimizer's name (the names of ``fastopt.functional.SPECS``) to its
+class and to the hyperparameters this demo uses unless told otherwise; they were chosen so each
+optimizer learns the digits in the default number of epochs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .. import optim
+from .curriculum import CurriculumSampler, confidence
+from .data import Digits, load_digits, require
+from .mlp import MLP, softmax_cross_entropy
+
+__all__ = ["DEFAULTS", "OPTIMIZERS", "TrainResult", "compare", "make_optimizer", "plot_losses", "train"]
+
+# name -> (class, demo hyperparameters)
+OPTIMIZERS: dict[str, tuple[type, dict]] = {
+    "sgd": (optim.SGD, dict(lr=0.1, momentum=0.9)),
+    "adagrad": (optim.AdaGrad, dict(lr=0.05)),
+    "rmsprop": (optim.RMSProp, dict(lr=1e-3)),
+    "adadelta": (optim.AdaDelta, dict(lr=1.0)),
+    "adam": (optim.Adam, dict(lr=3e-3)),
+    "adamw": (optim.AdamW, dict(lr=3e-3, weight_decay=1e-2)),
+    "delta_bar_delta": (optim.DeltaBarDelta, dict(lr=0.05, kappa=5e-3, phi=0.3, gamma=0.7)),
+}
+
+# the defaults of ``train`` and of ``fastopt train``
+DEFAULTS = dict(optimizer="adam", epochs=10, batch_size=64, init="glorot", hidden=(128, 64), seed=0, threads=1)
+
+
+def make_optimizer(name: str, params: list, hyper: dict | None = None, backend=None):
+    """The optimizer ``name`` over ``params`` with the demo's hyperparameters updated by ``hyper``.
+    Raises ``ValueError`` for an unknown name; the class raises for bad hyperparameters."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    cls, defaults = OPTIMIZERS[name]
+    return cls(params, **{**defaults, **(hyper or {})}, backend=backend)
+
+
+@dataclass
+class TrainResult:
+    optimizer: str
+    hyper: dict
+    history: list[dict] = field(default_factory=list)  # per epoch: epoch, loss, train_accuracy, test_accuracy, seconds
+    test_accuracy: float = float("nan")
+    seconds: float = 0.0
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm shows the bar only when stderr is a terminal
+    return tqdm(total=total, desc=desc, leave=False, unit="step", file=sys.stderr,
+                disable=None if progress else True, dynamic_ncols=True)
+
+
+def train(*, optimizer: str = DEFAULTS["optimizer"], hyper: dict | None = None, epochs: int = DEFAULTS["epochs"],
+          batch_size: int = DEFAULTS["batch_size"], backend=None, init: str = DEFAULTS["init"],
+          hidden=DEFAULTS["hidden"], curriculum: bool = False, seed: int = DEFAULTS["seed"],
+          data: Digits | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
+          threads: int | None = DEFAULTS["threads"]) -> TrainResult:
+    """Train the MLP (64 → hidden... → 10, Linear → fastopt BatchNorm → ReLU per hidden layer) on
+    the digits' training split with minibatches of ``batch_size`` (the last, incomplete one of an
+    epoch is dropped), then score it on the test split. ``log`` receives one line per epoch.
+
+    ``curriculum`` draws the epochs from ``CurriculumSampler`` (hard share rising over the first
+    half of the epochs) instead of plain shuffled passes. ``seed`` fixes the initialization and
+    the order of the examples; the test split is fixed.
+
+    ``threads`` is the number of numba threads the kernels use while training (restored after;
+    None leaves numba's setting). The default is 1: this model's arrays hold at most 8,192
+    elements, where starting a parallel region costs more than the work it shares, and on a
+    loaded machine every kernel call then waits for the slowest thread.
+    """
+    import numba
+
+    previous = numba.get_num_threads()
+    if threads is not None:
+        numba.set_num_threads(threads)
+    try:
+        return _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curriculum, seed, data, log,
+                      progress)
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curriculum, seed, data, log,
+           progress) -> TrainResult:
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (batch normalization needs a variance), got {batch_size}")
+    data = load_digits() if data is None else data
+    n = len(data.y_train)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be at most the {n} training examples, got {batch_size}")
+    rng = np.random.default_rng(seed)
+    model = MLP((data.x_train.shape[1], *hidden, data.classes), rng=rng, init=init, backend=backend)
+    opt = make_optimizer(optimizer, model.params, hyper, backend)  # checks the hyperparameters first
+    if init == "lsuv":
+        model.lsuv_(data.x_train[rng.choice(n, size=min(n, 256), replace=False)], rng)
+    sampler = None
+    if curriculum:
+        scores = confidence(data.x_train, data.y_train, data.classes, backend=backend)
+        sampler = CurriculumSampler(scores, ramp_epochs=max(1, epochs // 2), rng=rng)
+
+    result = TrainResult(optimizer, {**OPTIMIZERS[optimizer][1], **(hyper or {})})
+    steps = n // batch_size
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        order = sampler.epoch(epoch) if sampler is not None else rng.permutation(n)
+        model.train()
+        loss_sum, correct = 0.0, 0
+        with _bar(steps, f"epoch {epoch + 1}/{epochs}", progress) as bar:
+            for i in range(steps):
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                logits = model.forward(data.x_train[idx])
+                loss, dlogits = softmax_cross_entropy(logits, data.y_train[idx])
+                model.backward(dlogits)
+                opt.step(model.grads)
+                loss_sum += loss
+                correct += int(np.sum(logits.argmax(axis=1) == data.y_train[idx]))
+                bar.update()
+        test_accuracy = float(np.mean(model.predict(data.x_test) == data.y_test))
+        row = dict(epoch=epoch + 1, loss=loss_sum / steps, train_accuracy=correct / (steps * batch_size),
+                   test_accuracy=test_accuracy, seconds=time.perf_counter() - t0)
+        if sampler is not None:
+            row["hard_share"] = sampler.hard_share(epoch)
+        result.history.append(row)
+        if log is not None:
+            extra = f"  hard {row['hard_share']:4.0%}" if sampler is not None else ""
+            log(f"epoch {epoch + 1:3d}/{epochs}  loss {row['loss']:.4f}  train {row['train_accuracy']:6.1%}  "
+                f"test {test_accuracy:6.1%}{extra}  ({row['seconds']:.2f} s)")
+    result.test_accuracy = result.history[-1]["test_accuracy"]
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def plot_losses(results: list[TrainResult], path: str, title: str = "fastopt: digits MLP") -> None:
+    """A PNG with each run's training loss per epoch (log scale) and its test accuracy."""
+    require("matplotlib", "plotting the loss curves")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for r in results:
+        epochs = [h["epoch"] for h in r.history]
+        loss_ax.plot(epochs, [h["loss"] for h in r.history], marker=".", label=r.optimizer)
+        acc_ax.plot(epochs, [100 * h["test_accuracy"] for h in r.history], marker=".", label=r.optimizer)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    acc_ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+
+
+def compare(names: list[str], *, output: str, log: Callable[[str], None] | None = None, **options) -> list[TrainResult]:
+    """Train once per optimizer in ``names`` (each with its demo hyperparameters and the same
+    seed, data and ``options`` of ``train``), plot the loss curves to ``output`` (PNG)."""
+    require("matplotlib", "plotting the loss curves")  # fail before training, not after
+    data = options.pop("data", None) or load_digits()
+    results = []
+    for name in names:
+        if log is not None:
+            log(f"-- {name}")
+        results.append(train(optimizer=name, data=data, log=log, **options))
+    plot_losses(results, output)
+    return results

@@ -1,12 +1,39 @@
 """Optimizer updates of the ``"numba"`` backend: fused, parallel, single-pass CPU kernels.
 
-Each host function (``sgd_step`` ... ``delta_bar_delta_step``, the backend contract of
-``fastopt.functional``) computes the per-step scalars once in float64, rounds them to the arrays'
-dtype and launches one kernel that streams the arrays once: every element of θ, g and the state
-is read once and θ and the state are written once; g is only read (L2 weight decay g + λθ is
-formed in a register). The equations are those of ``docs/algorithms.md``, in its notation.
+Each host function (``sgd_step`` ... ``delta_bar_delta_step`` and ``multi_step``, the backend
+contract of ``docs/backends.md``) computes the per-step scalars once in float64, rounds them to
+the arrays' dtype and launches one kernel over a list of tensors (``multi.py``; a single-tensor
+step is a list of one) that streams every array once: θ, g and the state are read once, θ and the
+state written once; g is only read. The equations are those of ``docs/algorithms.md``.
 
-Kernels, one per state set (the variant a configuration uses is picked on the host):
+Per element, every kernel runs the training-step extras of ``docs/backends.md`` around its
+update, in the arrays' dtype:
+
+    g ← g · grad_mul                          (exact for grad_mul = 1)
+    g ← c if g > c, −c if g < −c, else g      (c = grad_clip; NaN passes; no-op for c = ∞)
+    θ ← update(θ, g, state)                   (L2 weight decay g + λθ uses this g)
+    θ̂ ← θ̂ + w (θ − θ̂)                        (averaged variant only, θ the new parameter)
+
+so the defaults reproduce the plain update bit for bit.
+
+Structure (the loop is written once, in ``_update``, for all kernels and both variants):
+
+* ``@_update(k)`` on ``_X_update(p, g, s, i, h)``, one optimizer's element update with its
+  equations in its docstring: p and g are θᵢ and the transformed gᵢ, ``s`` the tuple of three state
+  pointers (unused ones null), ``h`` the tuple of its k host scalars; it reads and writes
+  ``s[j][i]`` and returns the new θᵢ. The decorator returns ``run(part, parts, table, offsets,
+  hyper, avg_weight)`` (named ``_X_update_run``), which walks one contiguous part of the tensor
+  list and runs the extras and the inlined element update in a simple inner loop per tensor
+  piece, started at θ's first 64-byte aligned element (``multi.aligned_split``). ``hyper`` holds
+  the k scalars, grad_mul and grad_clip. ``run`` is compiled per type of ``avg_weight``: ``None``
+  gives the plain variant, a float the averaged one; numba prunes ``if avg_weight is None`` by
+  type, so the plain variant neither branches nor touches θ̂.
+* ``_X``, the kernel: ``prange`` over the parts, each calling ``_X_update(part, ...)``, or one
+  direct call on the calling thread for a list of one part (fewer than 2·``multi.PART_MIN``
+  elements). ``@_update_kernel`` makes two lazily compiled variants of it (``.plain``,
+  ``.averaged``), each with float32 and float64 signatures, cached on disk.
+
+Kernels, one per state set (the one a configuration uses is picked on the host by ``_PLANS``):
 
     _sgd                         θ                      α = 0, both conventions
     _sgd_momentum                θ, v                   momentum, both conventions (scalars c, k)
@@ -25,14 +52,15 @@ Kernels, one per state set (the variant a configuration uses is picked on the ho
     _delta_bar_delta             θ, e, δ̄
 
 Memory traffic per element, with b the dtype's size in bytes (4 or 8): a kernel with k state
-arrays reads θ, g and the k states and writes θ and the k states, (2k + 3)·b bytes: 3b for SGD,
-5b for SGD with momentum, AdaGrad and plain RMSProp, 7b for AdaDelta, Adam, delta-bar-delta and
-RMSProp centered or with momentum, 9b for centered RMSProp with momentum and Adam with amsgrad.
+arrays reads θ, g and the k states and writes θ and the k states, (2k + 3)·b bytes (3b for SGD, 5b
+for SGD with momentum, AdaGrad and plain RMSProp, 7b for AdaDelta, Adam, delta-bar-delta and RMSProp
+centered or with momentum, 9b for centered RMSProp with momentum and Adam with amsgrad); the
+averaged variant adds 2b (θ̂ read and written).
 
 Float32 kernels compute in float32 only: every scalar arrives typed as the arrays' dtype, the
 only literal is the integer 0 in comparisons (which compiles to a float32 compare), and
-``math.sqrt`` of a float32 is a float32 square root. Divisions in the parallel loops follow IEEE
-rules (x/0 gives ±inf or NaN and raises nothing). No fastmath, so results round as written.
+``math.sqrt`` of a float32 is a float32 square root. Divisions follow IEEE rules (x/0 gives ±inf
+or NaN and raises nothing: ``error_model="numpy"``). No fastmath, so results round as written.
 """
 
 from __future__ import annotations
@@ -42,40 +70,143 @@ import math
 import numba
 import numpy as np
 from numba import prange, types
+from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from ._jit import kernel
+from .multi import (AVG, GRAD, PARAM, STATE, aligned_split, gather, next_span, part_range,
+                    parts_for, pointer)
 
 __all__ = [
     "adadelta_step",
     "adagrad_step",
     "adam_step",
     "delta_bar_delta_step",
+    "multi_step",
     "rmsprop_step",
     "sgd_step",
 ]
 
-
-def _signatures(arrays: int, scalars: int) -> list:
-    """float32 and float64 signatures of a kernel taking ``arrays`` 1-D arrays, then ``scalars``.
-
-    The second array is the gradient, typed read-only: the kernels never write it, and a caller
-    may pass a read-only gradient.
-    """
-    signatures = []
-    for dtype in (types.float32, types.float64):
-        written = types.Array(dtype, 1, "C")
-        read = types.Array(dtype, 1, "C", readonly=True)
-        signatures.append(types.void(written, read, *[written] * (arrays - 2), *[dtype] * scalars))
-    return signatures
+_element = numba.njit(inline="always", error_model="numpy")
 
 
-@numba.njit(inline="always")
+class _UpdateKernel:
+    """A tensor-list update kernel in its two variants, each compiled on first use:
+    ``plain`` (avg_weight typed None: no average) and ``averaged`` (avg_weight a float)."""
+
+    def __init__(self, shell, update):
+        self.__name__ = shell.__name__
+        self.__doc__ = shell.__doc__
+        self.update = update  # the part runner; ``update.element`` the element update
+        self.scalars = update.scalars
+        self.plain = kernel(self._signatures(averaged=False))(shell)
+        self.averaged = kernel(self._signatures(averaged=True))(shell)
+
+    @staticmethod
+    def _signatures(averaged: bool) -> list:
+        """(table, offsets, hyper, avg_weight), float32 and float64; ``hyper`` holds the update's
+        scalars, then grad_mul and grad_clip, in the arrays' dtype."""
+        signatures = []
+        for dtype in (types.float32, types.float64):
+            signatures.append(types.void(types.int64[:, ::1], types.int64[::1], dtype[::1],
+                                         dtype if averaged else types.none))
+        return signatures
+
+    @property
+    def variants(self):
+        return (self.plain, self.averaged)
+
+
+def _update_kernel(update):
+    """Declare the kernel of the part runner ``update``; it takes the update's docstring. The
+    decorated kernel runs ``update(part, parts, ...)`` over the parts, on the calling thread when
+    there is one part (no parallel region to open and join)."""
+
+    def wrap(shell):
+        shell.__doc__ = update.__doc__
+        return _UpdateKernel(shell, update)
+
+    return wrap
+
+
+@_element
 def _l2(g, p, weight_decay):
     """g + λθ, the gradient of the L2-penalized objective; g itself when λ = 0, so that λ = 0
-    never turns an infinite θ into NaN. Inlined into every kernel that takes weight decay."""
+    never turns an infinite θ into NaN."""
     if weight_decay != 0:
         return g + weight_decay * p
     return g
+
+
+@_element
+def _transformed(g, grad_mul, grad_clip):
+    """g · grad_mul clamped to ±grad_clip; NaN passes through (both comparisons are false)."""
+    g = g * grad_mul
+    if g > grad_clip:
+        g = grad_clip
+    elif g < -grad_clip:
+        g = -grad_clip
+    return g
+
+
+def _update(scalars: int):
+    """Turn an element update ``element(p, g, s, i, h) -> new θᵢ`` taking ``scalars`` host scalars
+    into the function that runs it over one part of a tensor list, ``run(part, parts, table,
+    offsets, hyper, avg_weight)``, with the extras around it. The loop is written here once for
+    every update; ``element`` is a closure constant, so numba inlines it into the loop.
+    ``run.element`` is the jitted element update, ``run.__doc__`` its docstring.
+
+    ``hyper`` is an array of the arrays' dtype: the element's scalars, then grad_mul and
+    grad_clip (an array crosses from Python to numba about 2 µs faster than a tuple of NumPy
+    scalars); it becomes the tuple ``h`` before the loop. ``avg_weight`` typed None (the plain
+    variant) prunes the average branch at compile time. (The element cannot be passed to a shared
+    ``run`` as a first-class function argument instead: numba then embeds the function object's
+    address, and the kernels could no longer be cached.)
+    """
+
+    def wrap(element):
+        update = numba.njit(inline="always", error_model="numpy")(element)
+
+        def run(part, parts, table, offsets, hyper, avg_weight):
+            h = to_fixed_tuple(hyper, scalars)
+            grad_mul = hyper[scalars]
+            grad_clip = hyper[scalars + 1]
+            lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
+            t = np.searchsorted(offsets, lo, side="right") - 1
+            while lo < hi:
+                i0, i1, lo = next_span(offsets, t, lo, hi)
+                param = pointer(table[t, PARAM], grad_mul)
+                grad = pointer(table[t, GRAD], grad_mul)
+                state = (pointer(table[t, STATE], grad_mul), pointer(table[t, STATE + 1], grad_mul),
+                         pointer(table[t, STATE + 2], grad_mul))
+                split = aligned_split(table[t, PARAM], i0, i1, grad_mul)
+                for piece in range(2):  # up to one cache line, then from θ's first aligned element
+                    j0, j1 = (i0, split) if piece == 0 else (split, i1)
+                    if avg_weight is None:
+                        for i in range(j0, j1):
+                            g = _transformed(grad[i], grad_mul, grad_clip)
+                            param[i] = update(param[i], g, state, i, h)
+                    else:
+                        avg = pointer(table[t, AVG], grad_mul)
+                        for i in range(j0, j1):
+                            g = _transformed(grad[i], grad_mul, grad_clip)
+                            p = update(param[i], g, state, i, h)
+                            param[i] = p
+                            a = avg[i]
+                            avg[i] = a + avg_weight * (p - a)
+                t += 1
+
+        # Its own name before numba sees it: numba names compiled code after the function's
+        # qualified name plus a per-process counter, so closures of one factory sharing a name,
+        # compiled in different processes and loaded from the disk cache into one, could bind to
+        # each other's code (tests/test_numba_extras.py reproduces it).
+        run.__name__ = run.__qualname__ = f"{element.__name__}_run"
+        run = numba.njit(error_model="numpy")(run)
+        run.element = update
+        run.scalars = scalars
+        run.__doc__ = element.__doc__
+        return run
+
+    return wrap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,21 +214,29 @@ def _l2(g, p, weight_decay):
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel(_signatures(2, 2))
-def _sgd(param, grad, lr, weight_decay):
+@_update(2)
+def _sgd_update(p, g, s, i, h):
     """SGD without momentum (both conventions):
 
     g ← g + λθ   (when λ ≠ 0)
     θ ← θ − εg
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        param[i] = p - lr * g
+    lr, weight_decay = h
+    return p - lr * _l2(g, p, weight_decay)
 
 
-@kernel(_signatures(3, 4))
-def _sgd_momentum(param, grad, velocity, momentum, c, k, weight_decay):
+@_update_kernel(_sgd_update)
+def _sgd(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _sgd_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _sgd_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+@_update(4)
+def _sgd_momentum_update(p, g, s, i, h):
     """SGD with momentum, both conventions through the scalars c and k:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -109,62 +248,84 @@ def _sgd_momentum(param, grad, velocity, momentum, c, k, weight_decay):
     Multiplying by ±1 and adding a negated product are exact, so each convention rounds as its
     own equations.
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        v = momentum * velocity[i] + c * g
-        velocity[i] = v
-        param[i] = p + k * v
+    momentum, c, k, weight_decay = h
+    velocity = s[0]
+    g = _l2(g, p, weight_decay)
+    v = momentum * velocity[i] + c * g
+    velocity[i] = v
+    return p + k * v
 
 
-@kernel(_signatures(3, 3))
-def _sgd_nesterov(param, grad, velocity, lr, momentum, weight_decay):
+@_update_kernel(_sgd_momentum_update)
+def _sgd_momentum(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _sgd_momentum_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _sgd_momentum_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+@_update(3)
+def _sgd_nesterov_update(p, g, s, i, h):
     """SGD with Nesterov momentum, textbook (look-ahead reparametrization):
 
     g ← g + λθ   (when λ ≠ 0)
     v ← αv − εg
     θ ← θ + αv − εg      (v the new velocity)
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        step = lr * g
-        v = momentum * velocity[i] - step
-        velocity[i] = v
-        param[i] = p + momentum * v - step
+    lr, momentum, weight_decay = h
+    velocity = s[0]
+    step = lr * _l2(g, p, weight_decay)
+    v = momentum * velocity[i] - step
+    velocity[i] = v
+    return p + momentum * v - step
 
 
-@kernel(_signatures(3, 3))
-def _sgd_nesterov_torch(param, grad, velocity, lr, momentum, weight_decay):
+@_update_kernel(_sgd_nesterov_update)
+def _sgd_nesterov(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _sgd_nesterov_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _sgd_nesterov_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+@_update(3)
+def _sgd_nesterov_torch_update(p, g, s, i, h):
     """SGD with Nesterov momentum, torch (``velocity`` holds b):
 
     g ← g + λθ   (when λ ≠ 0)
     b ← αb + g
     θ ← θ − ε(g + αb)    (b the new buffer)
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        b = momentum * velocity[i] + g
-        velocity[i] = b
-        param[i] = p - lr * (g + momentum * b)
+    lr, momentum, weight_decay = h
+    velocity = s[0]
+    g = _l2(g, p, weight_decay)
+    b = momentum * velocity[i] + g
+    velocity[i] = b
+    return p - lr * (g + momentum * b)
 
 
-def sgd_step(param, grad, velocity, *, lr, momentum, nesterov, weight_decay, convention):
-    """SGD, optionally with (Nesterov) momentum, in place; ``velocity`` is ignored when α = 0."""
-    t = param.dtype.type
-    p = param.reshape(-1)
-    g = grad.reshape(-1)
+@_update_kernel(_sgd_nesterov_torch_update)
+def _sgd_nesterov_torch(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _sgd_nesterov_torch_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _sgd_nesterov_torch_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+def _sgd_plan(*, lr, momentum, nesterov, weight_decay, convention):
     if momentum == 0:
-        _sgd(p, g, t(lr), t(weight_decay))
-        return
-    v = velocity.reshape(-1)
+        return _sgd, (), (lr, weight_decay)
     if nesterov:
         nesterov_kernel = _sgd_nesterov if convention == "textbook" else _sgd_nesterov_torch
-        nesterov_kernel(p, g, v, t(lr), t(momentum), t(weight_decay))
-        return
+        return nesterov_kernel, (0,), (lr, momentum, weight_decay)
     c, k = (-lr, 1.0) if convention == "textbook" else (1.0, -lr)
-    _sgd_momentum(p, g, v, t(momentum), t(c), t(k), t(weight_decay))
+    return _sgd_momentum, (0,), (momentum, c, k, weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,27 +333,34 @@ def sgd_step(param, grad, velocity, *, lr, momentum, nesterov, weight_decay, con
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel(_signatures(3, 3))
-def _adagrad(param, grad, accumulator, lr, eps, weight_decay):
+@_update(3)
+def _adagrad_update(p, g, s, i, h):
     """AdaGrad (both conventions):
 
     g ← g + λθ   (when λ ≠ 0)
     r ← r + g ⊙ g
     θ ← θ − εg / (δ + √r)
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        r = accumulator[i] + g * g
-        accumulator[i] = r
-        param[i] = p - lr * g / (eps + math.sqrt(r))
+    lr, eps, weight_decay = h
+    accumulator = s[0]
+    g = _l2(g, p, weight_decay)
+    r = accumulator[i] + g * g
+    accumulator[i] = r
+    return p - lr * g / (eps + math.sqrt(r))
 
 
-def adagrad_step(param, grad, accumulator, *, lr, eps, weight_decay):
-    """AdaGrad in place."""
-    t = param.dtype.type
-    _adagrad(param.reshape(-1), grad.reshape(-1), accumulator.reshape(-1),
-             t(lr), t(eps), t(weight_decay))
+@_update_kernel(_adagrad_update)
+def _adagrad(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _adagrad_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _adagrad_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+def _adagrad_plan(*, lr, eps, weight_decay):
+    return _adagrad, (0,), (lr, eps, weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +372,8 @@ def adagrad_step(param, grad, accumulator, *, lr, eps, weight_decay):
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel(_signatures(3, 6))
-def _rmsprop(param, grad, square_avg, lr, rho, one_minus_rho, eps_in, eps_out, weight_decay):
+@_update(6)
+def _rmsprop_update(p, g, s, i, h):
     """RMSProp without momentum, both conventions:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -213,18 +381,26 @@ def _rmsprop(param, grad, square_avg, lr, rho, one_minus_rho, eps_in, eps_out, w
     d = √(δ_in + r) + δ_out     (textbook √(δ + r), torch √r + δ)
     θ ← θ − εg / d
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        r = rho * square_avg[i] + one_minus_rho * g * g
-        square_avg[i] = r
-        d = math.sqrt(eps_in + r) + eps_out
-        param[i] = p - lr * g / d
+    lr, rho, one_minus_rho, eps_in, eps_out, weight_decay = h
+    square_avg = s[0]
+    g = _l2(g, p, weight_decay)
+    r = rho * square_avg[i] + one_minus_rho * g * g
+    square_avg[i] = r
+    return p - lr * g / (math.sqrt(eps_in + r) + eps_out)
 
 
-@kernel(_signatures(4, 6))
-def _rmsprop_centered(param, grad, square_avg, grad_avg, lr, rho, one_minus_rho, eps_in, eps_out,
-                      weight_decay):
+@_update_kernel(_rmsprop_update)
+def _rmsprop(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _rmsprop_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _rmsprop_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+@_update(6)
+def _rmsprop_centered_update(p, g, s, i, h):
     """Centered RMSProp without momentum, both conventions:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -233,20 +409,28 @@ def _rmsprop_centered(param, grad, square_avg, grad_avg, lr, rho, one_minus_rho,
     d = √(δ_in + r − s ⊙ s) + δ_out     (textbook √(δ + r − s⊙s), torch √(r − s⊙s) + δ)
     θ ← θ − εg / d
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        r = rho * square_avg[i] + one_minus_rho * g * g
-        s = rho * grad_avg[i] + one_minus_rho * g
-        square_avg[i] = r
-        grad_avg[i] = s
-        d = math.sqrt(eps_in + r - s * s) + eps_out
-        param[i] = p - lr * g / d
+    lr, rho, one_minus_rho, eps_in, eps_out, weight_decay = h
+    square_avg, grad_avg = s[0], s[1]
+    g = _l2(g, p, weight_decay)
+    r = rho * square_avg[i] + one_minus_rho * g * g
+    a = rho * grad_avg[i] + one_minus_rho * g
+    square_avg[i] = r
+    grad_avg[i] = a
+    return p - lr * g / (math.sqrt(eps_in + r - a * a) + eps_out)
 
 
-@kernel(_signatures(4, 8))
-def _rmsprop_momentum(param, grad, square_avg, velocity, rho, one_minus_rho, eps_in, eps_out,
-                      momentum, c, k, weight_decay):
+@_update_kernel(_rmsprop_centered_update)
+def _rmsprop_centered(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _rmsprop_centered_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _rmsprop_centered_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+@_update(8)
+def _rmsprop_momentum_update(p, g, s, i, h):
     """RMSProp with momentum, both conventions through δ_in, δ_out, c and k:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -258,20 +442,29 @@ def _rmsprop_momentum(param, grad, square_avg, velocity, rho, one_minus_rho, eps
     textbook (c = −ε, k = 1):  d = √(δ + r); u = εg/d;  v ← αv − u;       θ ← θ + v
     torch    (c = 1, k = −ε):  d = √r + δ;              b ← αb + g / d;   θ ← θ − εb
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        r = rho * square_avg[i] + one_minus_rho * g * g
-        square_avg[i] = r
-        d = math.sqrt(eps_in + r) + eps_out
-        v = momentum * velocity[i] + c * g / d
-        velocity[i] = v
-        param[i] = p + k * v
+    rho, one_minus_rho, eps_in, eps_out, momentum, c, k, weight_decay = h
+    square_avg, velocity = s[0], s[1]
+    g = _l2(g, p, weight_decay)
+    r = rho * square_avg[i] + one_minus_rho * g * g
+    square_avg[i] = r
+    d = math.sqrt(eps_in + r) + eps_out
+    v = momentum * velocity[i] + c * g / d
+    velocity[i] = v
+    return p + k * v
 
 
-@kernel(_signatures(5, 8))
-def _rmsprop_momentum_centered(param, grad, square_avg, grad_avg, velocity, rho, one_minus_rho,
-                               eps_in, eps_out, momentum, c, k, weight_decay):
+@_update_kernel(_rmsprop_momentum_update)
+def _rmsprop_momentum(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _rmsprop_momentum_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _rmsprop_momentum_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+@_update(8)
+def _rmsprop_momentum_centered_update(p, g, s, i, h):
     """Centered RMSProp with momentum, both conventions through δ_in, δ_out, c and k:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -284,22 +477,31 @@ def _rmsprop_momentum_centered(param, grad, square_avg, grad_avg, velocity, rho,
     textbook (c = −ε, k = 1):  d = √(δ + r − s⊙s); u = εg/d;  v ← αv − u;      θ ← θ + v
     torch    (c = 1, k = −ε):  d = √(r − s⊙s) + δ;            b ← αb + g / d;  θ ← θ − εb
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        r = rho * square_avg[i] + one_minus_rho * g * g
-        s = rho * grad_avg[i] + one_minus_rho * g
-        square_avg[i] = r
-        grad_avg[i] = s
-        d = math.sqrt(eps_in + r - s * s) + eps_out
-        v = momentum * velocity[i] + c * g / d
-        velocity[i] = v
-        param[i] = p + k * v
+    rho, one_minus_rho, eps_in, eps_out, momentum, c, k, weight_decay = h
+    square_avg, grad_avg, velocity = s
+    g = _l2(g, p, weight_decay)
+    r = rho * square_avg[i] + one_minus_rho * g * g
+    a = rho * grad_avg[i] + one_minus_rho * g
+    square_avg[i] = r
+    grad_avg[i] = a
+    d = math.sqrt(eps_in + r - a * a) + eps_out
+    v = momentum * velocity[i] + c * g / d
+    velocity[i] = v
+    return p + k * v
 
 
-@kernel(_signatures(4, 6))
-def _rmsprop_nesterov(param, grad, square_avg, velocity, lr, rho, one_minus_rho, eps, momentum,
-                      weight_decay):
+@_update_kernel(_rmsprop_momentum_centered_update)
+def _rmsprop_momentum_centered(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _rmsprop_momentum_centered_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _rmsprop_momentum_centered_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+@_update(6)
+def _rmsprop_nesterov_update(p, g, s, i, h):
     """RMSProp with Nesterov momentum, textbook only (look-ahead reparametrization):
 
     g ← g + λθ   (when λ ≠ 0)
@@ -308,20 +510,29 @@ def _rmsprop_nesterov(param, grad, square_avg, velocity, lr, rho, one_minus_rho,
     v ← αv − u
     θ ← θ + αv − u      (v the new velocity)
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        r = rho * square_avg[i] + one_minus_rho * g * g
-        square_avg[i] = r
-        u = lr * g / math.sqrt(eps + r)
-        v = momentum * velocity[i] - u
-        velocity[i] = v
-        param[i] = p + momentum * v - u
+    lr, rho, one_minus_rho, eps, momentum, weight_decay = h
+    square_avg, velocity = s[0], s[1]
+    g = _l2(g, p, weight_decay)
+    r = rho * square_avg[i] + one_minus_rho * g * g
+    square_avg[i] = r
+    u = lr * g / math.sqrt(eps + r)
+    v = momentum * velocity[i] - u
+    velocity[i] = v
+    return p + momentum * v - u
 
 
-@kernel(_signatures(5, 6))
-def _rmsprop_nesterov_centered(param, grad, square_avg, grad_avg, velocity, lr, rho, one_minus_rho,
-                               eps, momentum, weight_decay):
+@_update_kernel(_rmsprop_nesterov_update)
+def _rmsprop_nesterov(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _rmsprop_nesterov_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _rmsprop_nesterov_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+@_update(6)
+def _rmsprop_nesterov_centered_update(p, g, s, i, h):
     """Centered RMSProp with Nesterov momentum, textbook only (look-ahead reparametrization):
 
     g ← g + λθ   (when λ ≠ 0)
@@ -331,47 +542,45 @@ def _rmsprop_nesterov_centered(param, grad, square_avg, grad_avg, velocity, lr, 
     v ← αv − u
     θ ← θ + αv − u      (v the new velocity)
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        r = rho * square_avg[i] + one_minus_rho * g * g
-        s = rho * grad_avg[i] + one_minus_rho * g
-        square_avg[i] = r
-        grad_avg[i] = s
-        u = lr * g / math.sqrt(eps + r - s * s)
-        v = momentum * velocity[i] - u
-        velocity[i] = v
-        param[i] = p + momentum * v - u
+    lr, rho, one_minus_rho, eps, momentum, weight_decay = h
+    square_avg, grad_avg, velocity = s
+    g = _l2(g, p, weight_decay)
+    r = rho * square_avg[i] + one_minus_rho * g * g
+    a = rho * grad_avg[i] + one_minus_rho * g
+    square_avg[i] = r
+    grad_avg[i] = a
+    u = lr * g / math.sqrt(eps + r - a * a)
+    v = momentum * velocity[i] - u
+    velocity[i] = v
+    return p + momentum * v - u
 
 
-def rmsprop_step(param, grad, square_avg, grad_avg, velocity, *, lr, rho, eps, momentum, nesterov,
-                 centered, weight_decay, convention):
-    """RMSProp in place; ``grad_avg`` is ignored unless centered, ``velocity`` when α = 0.
+@_update_kernel(_rmsprop_nesterov_centered_update)
+def _rmsprop_nesterov_centered(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _rmsprop_nesterov_centered_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _rmsprop_nesterov_centered_update(part, parts, table, offsets, hyper, avg_weight)
 
-    ``nesterov`` is textbook only (the API rejects it with convention="torch").
-    """
-    t = param.dtype.type
-    p = param.reshape(-1)
-    g = grad.reshape(-1)
-    r = square_avg.reshape(-1)
-    s = (grad_avg.reshape(-1),) if centered else ()
+
+def _rmsprop_plan(*, lr, rho, eps, momentum, nesterov, centered, weight_decay, convention):
+    """``nesterov`` is textbook only (the API rejects it with convention="torch")."""
     one_minus_rho = 1.0 - rho
     eps_in, eps_out = (eps, 0.0) if convention == "textbook" else (0.0, eps)
     if momentum == 0:
         plain_kernel = _rmsprop_centered if centered else _rmsprop
-        plain_kernel(p, g, r, *s, t(lr), t(rho), t(one_minus_rho), t(eps_in), t(eps_out),
-                     t(weight_decay))
-        return
-    v = velocity.reshape(-1)
+        slots = (0, 1) if centered else (0,)
+        return plain_kernel, slots, (lr, rho, one_minus_rho, eps_in, eps_out, weight_decay)
+    slots = (0, 1, 2) if centered else (0, 2)
     if nesterov:
         nesterov_kernel = _rmsprop_nesterov_centered if centered else _rmsprop_nesterov
-        nesterov_kernel(p, g, r, *s, v, t(lr), t(rho), t(one_minus_rho), t(eps), t(momentum),
-                        t(weight_decay))
-        return
+        return nesterov_kernel, slots, (lr, rho, one_minus_rho, eps, momentum, weight_decay)
     c, k = (-lr, 1.0) if convention == "textbook" else (1.0, -lr)
     momentum_kernel = _rmsprop_momentum_centered if centered else _rmsprop_momentum
-    momentum_kernel(p, g, r, *s, v, t(rho), t(one_minus_rho), t(eps_in), t(eps_out), t(momentum),
-                    t(c), t(k), t(weight_decay))
+    return momentum_kernel, slots, (rho, one_minus_rho, eps_in, eps_out, momentum, c, k,
+                                    weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,8 +588,8 @@ def rmsprop_step(param, grad, square_avg, grad_avg, velocity, *, lr, rho, eps, m
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel(_signatures(4, 6))
-def _adadelta(param, grad, square_avg, acc_delta, lr, rho, one_minus_rho, eps, c, weight_decay):
+@_update(6)
+def _adadelta_update(p, g, s, i, h):
     """AdaDelta, both conventions through the scalar c:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -391,24 +600,31 @@ def _adadelta(param, grad, square_avg, acc_delta, lr, rho, one_minus_rho, eps, c
 
     textbook c = ε (the squared step applied to θ), torch c = 1 (the step before ε).
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        g = _l2(grad[i], p, weight_decay)
-        r = rho * square_avg[i] + one_minus_rho * g * g
-        square_avg[i] = r
-        u = acc_delta[i]
-        delta = math.sqrt(u + eps) / math.sqrt(r + eps) * g
-        param[i] = p - lr * delta
-        w = c * delta
-        acc_delta[i] = rho * u + one_minus_rho * w * w
+    lr, rho, one_minus_rho, eps, c, weight_decay = h
+    square_avg, acc_delta = s[0], s[1]
+    g = _l2(g, p, weight_decay)
+    r = rho * square_avg[i] + one_minus_rho * g * g
+    square_avg[i] = r
+    u = acc_delta[i]
+    delta = math.sqrt(u + eps) / math.sqrt(r + eps) * g
+    w = c * delta
+    acc_delta[i] = rho * u + one_minus_rho * w * w
+    return p - lr * delta
 
 
-def adadelta_step(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay, convention):
-    """AdaDelta in place."""
-    t = param.dtype.type
+@_update_kernel(_adadelta_update)
+def _adadelta(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _adadelta_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _adadelta_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+def _adadelta_plan(*, lr, rho, eps, weight_decay, convention):
     c = lr if convention == "textbook" else 1.0
-    _adadelta(param.reshape(-1), grad.reshape(-1), square_avg.reshape(-1), acc_delta.reshape(-1),
-              t(lr), t(rho), t(1.0 - rho), t(eps), t(c), t(weight_decay))
+    return _adadelta, (0, 1), (lr, rho, 1.0 - rho, eps, c, weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,9 +635,8 @@ def adadelta_step(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_de
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel(_signatures(4, 9))
-def _adam(param, grad, m, v, step_size, inv_sqrt_bc2, beta1, one_minus_beta1, beta2,
-          one_minus_beta2, eps, weight_decay, decay):
+@_update(9)
+def _adam_update(p, g, s, i, h):
     """Adam (λ = weight_decay, L2) and AdamW (decay = ελ, decoupled); the host zeroes the other:
 
     θ ← θ − ελθ                 (AdamW, when ελ ≠ 0)
@@ -430,21 +645,30 @@ def _adam(param, grad, m, v, step_size, inv_sqrt_bc2, beta1, one_minus_beta1, be
     v ← β2 v + (1 − β2) g ⊙ g
     θ ← θ − (ε / (1 − β1ᵗ)) m / (δ + √v / √(1 − β2ᵗ))
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        if decay != 0:
-            p = p - decay * p
-        g = _l2(grad[i], p, weight_decay)
-        mi = beta1 * m[i] + one_minus_beta1 * g
-        vi = beta2 * v[i] + one_minus_beta2 * g * g
-        m[i] = mi
-        v[i] = vi
-        param[i] = p - step_size * mi / (eps + math.sqrt(vi) * inv_sqrt_bc2)
+    step_size, inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay = h
+    m, v = s[0], s[1]
+    if decay != 0:
+        p = p - decay * p
+    g = _l2(g, p, l2)
+    mi = beta1 * m[i] + one_minus_beta1 * g
+    vi = beta2 * v[i] + one_minus_beta2 * g * g
+    m[i] = mi
+    v[i] = vi
+    return p - step_size * mi / (eps + math.sqrt(vi) * inv_sqrt_bc2)
 
 
-@kernel(_signatures(5, 9))
-def _adam_amsgrad(param, grad, m, v, v_max, step_size, inv_sqrt_bc2, beta1, one_minus_beta1, beta2,
-                  one_minus_beta2, eps, weight_decay, decay):
+@_update_kernel(_adam_update)
+def _adam(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _adam_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _adam_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+@_update(9)
+def _adam_amsgrad_update(p, g, s, i, h):
     """Adam / AdamW with amsgrad (λ = weight_decay, L2; decay = ελ, decoupled):
 
     θ ← θ − ελθ                 (AdamW, when ελ ≠ 0)
@@ -454,37 +678,41 @@ def _adam_amsgrad(param, grad, m, v, v_max, step_size, inv_sqrt_bc2, beta1, one_
     v_max ← max(v_max, v)       (NaN propagates, as numpy.maximum)
     θ ← θ − (ε / (1 − β1ᵗ)) m / (δ + √v_max / √(1 − β2ᵗ))
     """
-    for i in prange(param.shape[0]):
-        p = param[i]
-        if decay != 0:
-            p = p - decay * p
-        g = _l2(grad[i], p, weight_decay)
-        mi = beta1 * m[i] + one_minus_beta1 * g
-        vi = beta2 * v[i] + one_minus_beta2 * g * g
-        vmax = np.maximum(v_max[i], vi)
-        m[i] = mi
-        v[i] = vi
-        v_max[i] = vmax
-        param[i] = p - step_size * mi / (eps + math.sqrt(vmax) * inv_sqrt_bc2)
+    step_size, inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay = h
+    m, v, v_max = s
+    if decay != 0:
+        p = p - decay * p
+    g = _l2(g, p, l2)
+    mi = beta1 * m[i] + one_minus_beta1 * g
+    vi = beta2 * v[i] + one_minus_beta2 * g * g
+    vmax = np.maximum(v_max[i], vi)
+    m[i] = mi
+    v[i] = vi
+    v_max[i] = vmax
+    return p - step_size * mi / (eps + math.sqrt(vmax) * inv_sqrt_bc2)
 
 
-def adam_step(param, grad, m, v, v_max, *, step, lr, beta1, beta2, eps, weight_decay,
-              decoupled_weight_decay, amsgrad):
-    """Adam or AdamW (``decoupled_weight_decay``) in place; ``v_max`` is ignored unless amsgrad."""
-    t = param.dtype.type
+@_update_kernel(_adam_amsgrad_update)
+def _adam_amsgrad(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _adam_amsgrad_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _adam_amsgrad_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+def _adam_plan(*, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad):
     step_size = lr / (1.0 - beta1 ** step)
     inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - beta2 ** step)
     if decoupled_weight_decay:
         l2, decay = 0.0, lr * weight_decay
     else:
         l2, decay = weight_decay, 0.0
-    scalars = (t(step_size), t(inv_sqrt_bc2), t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
-               t(eps), t(l2), t(decay))
-    arrays = (param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1))
+    scalars = (step_size, inv_sqrt_bc2, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, l2, decay)
     if amsgrad:
-        _adam_amsgrad(*arrays, v_max.reshape(-1), *scalars)
-    else:
-        _adam(*arrays, *scalars)
+        return _adam_amsgrad, (0, 1, 2), scalars
+    return _adam, (0, 1), scalars
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,8 +720,8 @@ def adam_step(param, grad, m, v, v_max, *, step, lr, beta1, beta2, eps, weight_d
 # ---------------------------------------------------------------------------------------------
 
 
-@kernel(_signatures(4, 4))
-def _delta_bar_delta(param, grad, rates, delta_bar, kappa, phi, gamma, one_minus_gamma):
+@_update(4)
+def _delta_bar_delta_update(p, g, s, i, h):
     """Delta-bar-delta (textbook), in this order:
 
     θ ← θ − e ⊙ g                       (the rates before this step's change)
@@ -502,23 +730,122 @@ def _delta_bar_delta(param, grad, rates, delta_bar, kappa, phi, gamma, one_minus
                        0    otherwise   (δ̄ from the previous step)
     δ̄ ← (1 − γ) g + γ δ̄
     """
-    for i in prange(param.shape[0]):
-        g = grad[i]
-        e = rates[i]
-        db = delta_bar[i]
-        param[i] = param[i] - e * g
-        agreement = db * g
-        new_e = e
-        if agreement > 0:
-            new_e = e + kappa
-        elif agreement < 0:
-            new_e = e - phi * e
-        rates[i] = new_e
-        delta_bar[i] = one_minus_gamma * g + gamma * db
+    kappa, phi, gamma, one_minus_gamma = h
+    rates, delta_bar = s[0], s[1]
+    e = rates[i]
+    db = delta_bar[i]
+    agreement = db * g
+    new_e = e
+    if agreement > 0:
+        new_e = e + kappa
+    elif agreement < 0:
+        new_e = e - phi * e
+    rates[i] = new_e
+    delta_bar[i] = one_minus_gamma * g + gamma * db
+    return p - e * g
 
 
-def delta_bar_delta_step(param, grad, rates, delta_bar, *, kappa, phi, gamma):
-    """Delta-bar-delta in place."""
-    t = param.dtype.type
-    _delta_bar_delta(param.reshape(-1), grad.reshape(-1), rates.reshape(-1), delta_bar.reshape(-1),
-                     t(kappa), t(phi), t(gamma), t(1.0 - gamma))
+@_update_kernel(_delta_bar_delta_update)
+def _delta_bar_delta(table, offsets, hyper, avg_weight):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    if parts == 1:
+        _delta_bar_delta_update(0, 1, table, offsets, hyper, avg_weight)
+    else:
+        for part in prange(parts):
+            _delta_bar_delta_update(part, parts, table, offsets, hyper, avg_weight)
+
+
+def _delta_bar_delta_plan(*, kappa, phi, gamma):
+    return _delta_bar_delta, (0, 1), (kappa, phi, gamma, 1.0 - gamma)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host functions: the backend contract
+# ---------------------------------------------------------------------------------------------
+
+# op -> plan(**hyperparameters) -> (kernel, the state-tuple entries it uses, in its order, scalars)
+_PLANS = {
+    "sgd_step": _sgd_plan,
+    "adagrad_step": _adagrad_plan,
+    "rmsprop_step": _rmsprop_plan,
+    "adadelta_step": _adadelta_plan,
+    "adam_step": _adam_plan,
+    "delta_bar_delta_step": _delta_bar_delta_plan,
+}
+_PAD = (-1, -1, -1)
+
+
+def multi_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
+               avg_weight=0.0, **hyper):
+    """``op`` (``"adam_step"``, ...) on every tensor of the lists, in one kernel call.
+
+    ``params``, ``grads``: equal-length lists of arrays of one dtype (shapes may differ);
+    ``states``: one tuple per param in the op's state order (``None`` for unused entries);
+    ``avgs``: a list of Polyak-average arrays or ``None``. Same results, bit for bit, as calling
+    ``op`` once per tensor. Limits: see ``multi.py`` (C-contiguous, one dtype, arrays alive and
+    unmodified during the call).
+    """
+    _launch(_PLANS[op], params, grads, states, avgs, grad_mul, grad_clip, avg_weight, hyper)
+
+
+def _launch(plan, params, grads, states, avgs, grad_mul, grad_clip, avg_weight, hyper):
+    if len(params) == 0:
+        return
+    dtype = params[0].dtype
+    update, slots, scalars = plan(**hyper)
+    if grads is None or (states is None and slots):  # the table would hold null addresses
+        raise TypeError("multi_step needs grads, and states for this configuration")
+    table, offsets = gather(params, grads, states, avgs, (slots + _PAD)[:3])
+    hyper_array = np.array((*scalars, grad_mul, grad_clip), dtype)
+    if avgs is None:
+        update.plain(table, offsets, hyper_array, None)
+    else:
+        update.averaged(table, offsets, hyper_array, dtype.type(avg_weight))
+
+
+def _one(op, param, grad, state, grad_mul, grad_clip, avg, avg_weight, hyper):
+    _launch(_PLANS[op], [param], [grad], [state], None if avg is None else [avg], grad_mul,
+            grad_clip, avg_weight, hyper)
+
+
+def sgd_step(param, grad, velocity, *, grad_mul=1.0, grad_clip=math.inf, avg=None, avg_weight=0.0,
+             **hyper):
+    """SGD, optionally with (Nesterov) momentum, in place; ``velocity`` is ignored when α = 0.
+    ``hyper``: lr, momentum, nesterov, weight_decay, convention."""
+    _one("sgd_step", param, grad, (velocity,), grad_mul, grad_clip, avg, avg_weight, hyper)
+
+
+def adagrad_step(param, grad, accumulator, *, grad_mul=1.0, grad_clip=math.inf, avg=None,
+                 avg_weight=0.0, **hyper):
+    """AdaGrad in place. ``hyper``: lr, eps, weight_decay."""
+    _one("adagrad_step", param, grad, (accumulator,), grad_mul, grad_clip, avg, avg_weight, hyper)
+
+
+def rmsprop_step(param, grad, square_avg, grad_avg, velocity, *, grad_mul=1.0, grad_clip=math.inf,
+                 avg=None, avg_weight=0.0, **hyper):
+    """RMSProp in place; ``grad_avg`` is ignored unless centered, ``velocity`` when α = 0.
+    ``hyper``: lr, rho, eps, momentum, nesterov (textbook only), centered, weight_decay,
+    convention."""
+    _one("rmsprop_step", param, grad, (square_avg, grad_avg, velocity), grad_mul, grad_clip, avg,
+         avg_weight, hyper)
+
+
+def adadelta_step(param, grad, square_avg, acc_delta, *, grad_mul=1.0, grad_clip=math.inf,
+                  avg=None, avg_weight=0.0, **hyper):
+    """AdaDelta in place. ``hyper``: lr, rho, eps, weight_decay, convention."""
+    _one("adadelta_step", param, grad, (square_avg, acc_delta), grad_mul, grad_clip, avg,
+         avg_weight, hyper)
+
+
+def adam_step(param, grad, m, v, v_max, *, grad_mul=1.0, grad_clip=math.inf, avg=None,
+              avg_weight=0.0, **hyper):
+    """Adam or AdamW (``decoupled_weight_decay``) in place; ``v_max`` is ignored unless amsgrad.
+    ``hyper``: step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad."""
+    _one("adam_step", param, grad, (m, v, v_max), grad_mul, grad_clip, avg, avg_weight, hyper)
+
+
+def delta_bar_delta_step(param, grad, rates, delta_bar, *, grad_mul=1.0, grad_clip=math.inf,
+                         avg=None, avg_weight=0.0, **hyper):
+    """Delta-bar-delta in place. ``hyper``: kappa, phi, gamma."""
+    _one("delta_bar_delta_step", param, grad, (rates, delta_bar), grad_mul, grad_clip, avg,
+         avg_weight, hyper)

@@ -1,0 +1,342 @@
+"""Tensor lists: one kernel call over many arrays of one dtype.
+
+Every optimizer kernel, reduction and scaling pass of this backend runs over a *table* of tensors
+rather than over one array, so ``multi_step`` over 200 parameters is one parallel launch:
+
+    table[t] = (θ, g, θ̂, s₀, s₁, s₂)    data addresses (int64) of tensor t's arrays, 0 when unused
+    offsets[t] = n₀ + … + n₍t−1₎         int64, offsets[len] = N, the total element count
+
+The N elements of the list form one flat index space, cut into ``parts`` contiguous ranges of
+equal element count (``part_range``, ``parts_for``); a range may cover the end of one tensor,
+several whole tensors and the start of another (``next_span`` walks it). So a list of many small
+tensors and a single large tensor load-balance the same way (by elements, not by tensor), and
+each thread streams contiguous blocks of every tensor it touches with a simple inner loop. Inside
+a kernel an address becomes a typed pointer (``pointer``, an ``inttoptr``); the inner loops index
+it like an array.
+
+Building the table (``gather``) is the host overhead of a step, so it is done by a compiled
+function that reads the CPython list and tuple objects and NumPy's array structs directly
+(``id(obj)`` is the object's address in CPython): a few nanoseconds per array, against about 1 µs
+per array for ``a.__array_interface__['data'][0]`` or ``a.ctypes.data`` in Python. The field offsets
+come from the interpreter (``object.__basicsize__``, ``tuple.__basicsize__``) and NumPy's public
+``PyArrayObject_fields`` / ``PyArray_Descr`` layouts, and are checked against Python-level
+attributes of probe objects at import; if any check fails (another interpreter, another layout),
+or an array is not exactly a C-contiguous ``numpy.ndarray`` of the expected dtype, native byte
+order and size (writeable where written), the table is built in Python instead (``_gather_python``,
+which raises ``ValueError`` for invalid arrays). The compiled reader holds the GIL.
+
+Limits: one dtype per call; every array C-contiguous; θ, θ̂ and the state arrays writeable; within
+a tensor all arrays have θ's number of elements; the lists (and the arrays in them) must stay
+alive and unmodified until the call returns: the kernels hold raw addresses, not references.
+Arrays of different tensors must not overlap (the kernels run the tensors in parallel).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+__all__ = ["COLUMNS", "aligned_split", "gather", "itemsize", "next_span", "part_range", "parts_for",
+           "pointer"]
+
+PARAM, GRAD, AVG, STATE = 0, 1, 2, 3  # table columns; states are STATE, STATE + 1, STATE + 2
+COLUMNS = 6
+
+# The flat element range is cut into parts of at least PART_MIN elements, at most PARTS_MAX of
+# them; prange (static schedule) hands each thread a contiguous run of parts. The cut depends on
+# the total element count only, never on the thread count, so reductions add in the same order on
+# any number of threads (and an update never depends on the cut at all). A list of fewer than
+# 2·PART_MIN elements is one part, run on the calling thread: no parallel region to open and join
+# (which costs microseconds, and milliseconds when another process holds a core the team waits on).
+PART_MIN = 8192
+PARTS_MAX = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses inside kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@intrinsic
+def pointer(typingctx, address, like):
+    """A pointer to ``like``'s type at the integer ``address`` (indexable: ``p[i]``, ``p[i] = x``)."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Float):
+        return None
+    signature = types.CPointer(like)(address, like)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+@intrinsic
+def itemsize(typingctx, like):
+    """The size in bytes of ``like``'s type, a compile-time constant."""
+    if not isinstance(like, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        size = context.get_abi_sizeof(context.get_value_type(like))
+        return context.get_constant(types.intp, size)
+
+    return types.intp(like), codegen
+
+
+@numba.njit(inline="always")
+def aligned_split(address, i0, i1, like):
+    """The first index in [i0, i1] whose element of the array at ``address`` starts a 64-byte cache
+    line (i1 if none does). Loops run [i0, split) then [split, i1), so the vector loop's loads and
+    stores of that array (and of every array with the same offset from a line, as large NumPy
+    arrays all have) do not straddle cache lines."""
+    size = itemsize(like)
+    return min(i1, i0 + ((-(address + i0 * size)) % 64) // size)
+
+
+@numba.njit(inline="always")
+def parts_for(total):
+    """How many contiguous parts to cut ``total`` elements into (1 to PARTS_MAX)."""
+    return max(1, min(PARTS_MAX, total // PART_MIN))
+
+
+@numba.njit(inline="always")
+def part_range(part, parts, total):
+    """Flat element range [lo, hi) of range ``part`` of ``parts`` over ``total`` elements."""
+    return total * part // parts, total * (part + 1) // parts
+
+
+@numba.njit(inline="always")
+def next_span(offsets, t, lo, hi):
+    """The piece of flat range [lo, hi) inside tensor t: (i0, i1) in t's own indices (maybe
+    empty, for a 0-size tensor), and the flat position after it. Start with t the tensor holding
+    lo: ``np.searchsorted(offsets, lo, side="right") - 1``."""
+    end = min(hi, offsets[t + 1])
+    return lo - offsets[t], end - offsets[t], end
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the table
+# ---------------------------------------------------------------------------------------------
+
+_HEAD = object.__basicsize__  # PyObject header; ob_type is its last field
+_TYPE = _HEAD - 8
+_SIZE = _HEAD  # PyVarObject.ob_size
+_LIST_ITEMS = _HEAD + 8  # PyListObject.ob_item (PyObject **)
+_TUPLE_ITEMS = tuple.__basicsize__  # PyTupleObject.ob_item[], inline
+_DATA = _HEAD  # PyArrayObject_fields: data, nd, dimensions, strides, base, descr, flags
+_ND = _HEAD + 8
+_DIMS = _HEAD + 16
+_DESCR = _HEAD + 40
+_FLAGS = _HEAD + 48
+_BYTEORDER = _HEAD + 10  # PyArray_Descr: typeobj, kind, type, byteorder, flags(1.x), type_num
+_TYPE_NUM = _HEAD + 12
+_C_CONTIGUOUS, _WRITEABLE = 0x0001, 0x0400
+_NATIVE = ord("=")
+
+
+@intrinsic
+def _load_int64(typingctx, address):
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+        return builder.load(ptr)
+
+    return types.int64(address), codegen
+
+
+@intrinsic
+def _load_int32(typingctx, address):
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int32)))
+        return context.cast(builder, builder.load(ptr), types.int32, types.int64)
+
+    return types.int64(address), codegen
+
+
+@intrinsic
+def _load_int8(typingctx, address):
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int8)))
+        return context.cast(builder, builder.load(ptr), types.int8, types.int64)
+
+    return types.int64(address), codegen
+
+
+@numba.njit(inline="always")
+def _length(sequence, list_type, tuple_type):
+    """len() of a list or tuple object, or −1 for any other object."""
+    kind = _load_int64(sequence + _TYPE)
+    if kind != list_type and kind != tuple_type:
+        return -1
+    return _load_int64(sequence + _SIZE)
+
+
+@numba.njit(inline="always")
+def _item(sequence, k, list_type, tuple_type):
+    """Address of item k of a list or tuple object, or 0 (not a list or tuple, or too short)."""
+    if k >= _length(sequence, list_type, tuple_type):
+        return 0
+    if _load_int64(sequence + _TYPE) == list_type:
+        return _load_int64(_load_int64(sequence + _LIST_ITEMS) + 8 * k)
+    return _load_int64(sequence + _TUPLE_ITEMS + 8 * k)
+
+
+@numba.njit(inline="always")
+def _array_data(array, size, written, ndarray_type, type_num):
+    """Data address of an ndarray object, or 0 unless it is exactly a C-contiguous ndarray of
+    ``type_num`` in native byte order with ``size`` elements (``size`` < 0: any), writeable when
+    ``written``. Also returns its element count."""
+    if array == 0 or _load_int64(array + _TYPE) != ndarray_type:
+        return 0, 0
+    flags = _load_int32(array + _FLAGS)
+    descr = _load_int64(array + _DESCR)
+    if (flags & _C_CONTIGUOUS) == 0 or (written and (flags & _WRITEABLE) == 0):
+        return 0, 0
+    if _load_int32(descr + _TYPE_NUM) != type_num or _load_int8(descr + _BYTEORDER) != _NATIVE:
+        return 0, 0
+    n = 1
+    dims = _load_int64(array + _DIMS)
+    for k in range(_load_int32(array + _ND)):
+        n *= _load_int64(dims + 8 * k)
+    if size >= 0 and n != size:
+        return 0, 0
+    return _load_int64(array + _DATA), n
+
+
+_I64 = types.int64
+
+
+@numba.njit(types.Tuple((_I64[:, ::1], _I64[::1], types.boolean))(
+    _I64, _I64, _I64, _I64, _I64, _I64, _I64, types.boolean, _I64, _I64, _I64, _I64),
+    cache=True)
+def _gather_objects(params, grads, states, avgs, slot0, slot1, slot2, param_written, type_num,
+                    ndarray_type, list_type, tuple_type):
+    """The table and offsets from the addresses of the Python lists (0: list not given).
+
+    ``slot0..2`` are the indices into each tensor's state tuple that feed columns STATE, STATE + 1,
+    STATE + 2 (−1: unused); scalars rather than a tuple, which numba unboxes about 1 µs slower.
+    Returns ok = False as soon as an object is not what the fast path handles.
+    """
+    slots = (slot0, slot1, slot2)
+    n = max(_length(params, list_type, tuple_type), 0)
+    table = np.zeros((n, COLUMNS), np.int64)
+    offsets = np.zeros(n + 1, np.int64)
+    ok = _length(params, list_type, tuple_type) >= 0
+    for t in range(n):
+        data, size = _array_data(_item(params, t, list_type, tuple_type), -1, param_written,
+                                 ndarray_type, type_num)
+        ok = ok and data != 0
+        table[t, PARAM] = data
+        offsets[t + 1] = offsets[t] + size
+        if grads != 0:
+            data, _ = _array_data(_item(grads, t, list_type, tuple_type), size, False,
+                                  ndarray_type, type_num)
+            ok = ok and data != 0
+            table[t, GRAD] = data
+        if avgs != 0:
+            data, _ = _array_data(_item(avgs, t, list_type, tuple_type), size, True,
+                                  ndarray_type, type_num)
+            ok = ok and data != 0
+            table[t, AVG] = data
+        if states != 0:
+            state = _item(states, t, list_type, tuple_type)
+            ok = ok and state != 0
+            for j in range(3):
+                if slots[j] >= 0 and state != 0:
+                    data, _ = _array_data(_item(state, slots[j], list_type, tuple_type), size,
+                                          True, ndarray_type, type_num)
+                    ok = ok and data != 0
+                    table[t, STATE + j] = data
+        if not ok:
+            break
+    return table, offsets, ok
+
+
+def _gather_python(params, grads, states, avgs, slots, param_written, dtype):
+    """``_gather_objects`` written with Python attributes: any interpreter, ndarray subclasses;
+    raises ValueError for an array the kernels cannot take."""
+    n = len(params)
+    table = np.zeros((n, COLUMNS), np.int64)
+    offsets = np.zeros(n + 1, np.int64)
+    for t in range(n):
+        size = np.size(params[t])
+        columns = [(PARAM, params[t], param_written, f"params[{t}]")]
+        if grads is not None:
+            columns.append((GRAD, grads[t], False, f"grads[{t}]"))
+        if avgs is not None:
+            columns.append((AVG, avgs[t], True, f"avgs[{t}]"))
+        for j, slot in enumerate(slots):
+            if slot >= 0:
+                columns.append((STATE + j, states[t][slot], True, f"states[{t}][{slot}]"))
+        for column, array, written, where in columns:
+            if not isinstance(array, np.ndarray) or array.dtype != dtype:
+                raise ValueError(f"{where} must be a numpy.ndarray of dtype {dtype}, got "
+                                 f"{type(array).__name__} of dtype {getattr(array, 'dtype', None)}")
+            if not array.flags.c_contiguous or (written and not array.flags.writeable):
+                raise ValueError(f"{where} must be C-contiguous" + (" and writeable" if written else ""))
+            if array.size != size:
+                raise ValueError(f"{where} has {array.size} elements, params[{t}] has {size}")
+            table[t, column] = array.__array_interface__["data"][0]
+        offsets[t + 1] = offsets[t] + size
+    return table, offsets
+
+
+def _layout_checked() -> bool:
+    """Whether the object offsets above are right here, checked on probe objects."""
+    if sys.implementation.name != "cpython":
+        return False
+    try:
+        read64 = lambda address: ctypes.c_int64.from_address(address).value  # noqa: E731
+        read32 = lambda address: ctypes.c_int32.from_address(address).value  # noqa: E731
+        probe = np.zeros((3, 5), np.float32)[1:]
+        as_list, as_tuple = [None, probe], (None, None, probe)
+        descr = read64(id(probe) + _DESCR)
+        return all((
+            read64(id(probe) + _TYPE) == id(np.ndarray),
+            read64(id(probe) + _DATA) == probe.__array_interface__["data"][0],
+            read32(id(probe) + _ND) == 2,
+            [read64(read64(id(probe) + _DIMS) + 8 * k) for k in range(2)] == [2, 5],
+            descr == id(probe.dtype),
+            read32(descr + _TYPE_NUM) == probe.dtype.num,
+            ctypes.c_int8.from_address(descr + _BYTEORDER).value == _NATIVE,
+            read32(id(probe) + _FLAGS) & _C_CONTIGUOUS == _C_CONTIGUOUS,
+            read32(id(probe.T) + _FLAGS) & _C_CONTIGUOUS == 0,
+            read32(id(probe) + _FLAGS) & _WRITEABLE == _WRITEABLE,
+            read64(id(as_list) + _TYPE) == id(list) and read64(id(as_list) + _SIZE) == 2,
+            read64(read64(id(as_list) + _LIST_ITEMS) + 8) == id(probe),
+            read64(id(as_tuple) + _TYPE) == id(tuple) and read64(id(as_tuple) + _SIZE) == 3,
+            read64(id(as_tuple) + _TUPLE_ITEMS + 16) == id(probe),
+        ))
+    except Exception:  # noqa: BLE001 - any surprise means: do not read objects directly
+        return False
+
+
+FAST_GATHER = _layout_checked()
+_NO_SLOTS = (-1, -1, -1)
+
+
+def gather(params, grads=None, states=None, avgs=None, slots=_NO_SLOTS, *, param_written=True):
+    """(table, offsets) for lists of arrays of params[0]'s dtype; ``states`` a list of tuples
+    (or lists) whose entries ``slots`` feed the state columns. ``params`` must not be empty."""
+    dtype = params[0].dtype
+    if FAST_GATHER:
+        table, offsets, ok = _gather_objects(
+            id(params), 0 if grads is None else id(grads), 0 if states is None else id(states),
+            0 if avgs is None else id(avgs), slots[0], slots[1], slots[2], param_written, dtype.num,
+            id(np.ndarray), id(list), id(tuple))
+        if ok:
+            return table, offsets
+    return _gather_python(params, grads, states, avgs, slots, param_written, dtype)

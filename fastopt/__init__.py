@@ -5,13 +5,18 @@ Optimizer classes (``SGD``, ``AdaGrad``, ``RMSProp``, ``AdaDelta``, ``Adam``, ``
 are plain functions in ``fastopt.functional``. Batch normalization is ``batchnorm_forward``,
 ``batchnorm_backward`` and the ``BatchNorm`` layer. Every operation runs on a backend: ``"numba"``
 (parallel CPU kernels, the default for NumPy arrays) or ``"numpy"`` (the reference);
-``backends()`` says which are available here.
+``backends()`` says which are available here. Around the update, optimizers fuse gradient
+clipping, loss scaling, a non-finite policy and Polyak averaging (``fastopt.schedules`` holds
+learning-rate schedules, ``LossScaler`` dynamic loss scaling, ``clip_grad_norm_`` standalone
+clipping).
 """
 
-from . import functional
+from . import functional, schedules
 from .batchnorm import BatchNorm, batchnorm_backward, batchnorm_forward
+from .clip import clip_grad_norm_
 from .dispatch import BackendUnavailableError, backends
 from .optim import SGD, AdaDelta, AdaGrad, Adam, AdamW, DeltaBarDelta, Optimizer, RMSProp
+from .scaling import LossScaler
 
 __version__ = "0.1.0"
 
@@ -23,11 +28,14 @@ __all__ = [
     "BackendUnavailableError",
     "BatchNorm",
     "DeltaBarDelta",
+    "LossScaler",
     "Optimizer",
     "RMSProp",
     "SGD",
     "backends",
     "batchnorm_backward",
     "batchnorm_forward",
+    "clip_grad_norm_",
     "functional",
+    "schedules",
 ]

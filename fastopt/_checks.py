@@ -49,27 +49,86 @@ def check_convention(value) -> str:
     return value
 
 
-def check_array(name: str, array, *, writeable: bool) -> np.ndarray:
-    """A C-contiguous float32/float64 NumPy array (writeable when the operation writes it)."""
-    if array is None:
-        raise TypeError(f"{name} must be a numpy.ndarray, got None")
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(array).__module__}.{type(array).__name__}")
-    if array.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {array.dtype}")
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray), got strides {array.strides}")
-    if writeable and not array.flags.writeable:
+def is_device_array(array) -> bool:
+    """A CUDA device array: CuPy, numba device arrays, torch CUDA tensors, ... (anything exposing
+    ``__cuda_array_interface__``)."""
+    return not isinstance(array, np.ndarray) and hasattr(array, "__cuda_array_interface__")
+
+
+def kind_name(array) -> str:
+    return "numpy.ndarray" if isinstance(array, np.ndarray) else f"{type(array).__module__}.{type(array).__name__}"
+
+
+def shape_of(array) -> tuple:
+    if isinstance(array, np.ndarray):
+        return array.shape
+    return tuple(array.__cuda_array_interface__["shape"])
+
+
+def dtype_of(array) -> np.dtype:
+    if isinstance(array, np.ndarray):
+        return array.dtype
+    return np.dtype(array.__cuda_array_interface__["typestr"])
+
+
+def span_of(array) -> tuple[int, int]:
+    """(first byte address, size in bytes) of a C-contiguous array, host or device."""
+    if isinstance(array, np.ndarray):
+        return array.__array_interface__["data"][0], array.nbytes
+    interface = array.__cuda_array_interface__
+    return interface["data"][0], math.prod(interface["shape"]) * np.dtype(interface["typestr"]).itemsize
+
+
+def _device_facts(array) -> tuple[np.dtype, bool, bool]:
+    """(dtype, C-contiguous, writeable) of a device array, from its ``__cuda_array_interface__``."""
+    interface = array.__cuda_array_interface__
+    dtype = np.dtype(interface["typestr"])
+    shape, strides = tuple(interface["shape"]), interface.get("strides")
+    contiguous = strides is None
+    if not contiguous:  # explicit strides may still describe a C-contiguous layout
+        expected, step = [], dtype.itemsize
+        for n in reversed(shape):
+            expected.append(step)
+            step *= n
+        contiguous = all(n <= 1 or s == e for n, s, e in zip(shape, strides, reversed(expected)))
+    return dtype, contiguous, not interface["data"][1]
+
+
+def check_array(name: str, array, *, writeable: bool):
+    """A C-contiguous float32/float64 array (writeable when the operation writes it): a NumPy
+    array, or a CUDA device array (``__cuda_array_interface__``) for the GPU backends."""
+    if isinstance(array, np.ndarray):
+        dtype, contiguous, can_write = array.dtype, array.flags.c_contiguous, array.flags.writeable
+    elif is_device_array(array):
+        dtype, contiguous, can_write = _device_facts(array)
+    elif array is None:
+        raise TypeError(f"{name} must be a numpy.ndarray or a CUDA device array, got None")
+    else:
+        raise TypeError(f"{name} must be a numpy.ndarray or a CUDA device array, got {kind_name(array)}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
+    if not contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray), got strides "
+                         f"{getattr(array, 'strides', None)}")
+    if writeable and not can_write:
         raise ValueError(f"{name} must be writeable: it is updated in place")
     return array
 
 
-def check_like(name: str, array: np.ndarray, ref_name: str, ref: np.ndarray) -> None:
-    """``array`` has the shape and dtype of ``ref``."""
-    if array.shape != ref.shape:
-        raise ValueError(f"{name} must have the shape of {ref_name} {ref.shape}, got {array.shape}")
-    if array.dtype != ref.dtype:
-        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {array.dtype}")
+def check_same_kind(name: str, array, ref_name: str, ref) -> None:
+    """``array`` and ``ref`` are both host arrays or both device arrays."""
+    if isinstance(array, np.ndarray) is not isinstance(ref, np.ndarray):
+        raise TypeError(f"{name} is a {kind_name(array)} but {ref_name} is a {kind_name(ref)}: host and device "
+                        "arrays cannot be mixed in one call (fastopt never copies between them)")
+
+
+def check_like(name: str, array, ref_name: str, ref) -> None:
+    """``array`` has the shape, dtype and kind (host or device) of ``ref``."""
+    check_same_kind(name, array, ref_name, ref)
+    if shape_of(array) != shape_of(ref):
+        raise ValueError(f"{name} must have the shape of {ref_name} {shape_of(ref)}, got {shape_of(array)}")
+    if dtype_of(array) != dtype_of(ref):
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({dtype_of(ref)}), got {dtype_of(array)}")
 
 
 def check_disjoint(written: dict[str, np.ndarray | None], read: dict[str, np.ndarray | None] = {}) -> None:
@@ -80,13 +139,15 @@ def check_disjoint(written: dict[str, np.ndarray | None], read: dict[str, np.nda
     finds any overlap in O(n log n), which keeps a step over many tensors cheap.
     """
     spans = sorted(
-        (a.__array_interface__["data"][0], a.nbytes, name, is_written)
+        (*span_of(a), name, is_written)
         for is_written, arrays in ((True, written), (False, read))
         for name, a in arrays.items()
-        if a is not None and a.nbytes
+        if a is not None
     )
     reach_any = reach_written = (0, "")  # furthest end seen so far, and whose
     for start, size, name, is_written in spans:
+        if not size:
+            continue
         blocker = reach_any if is_written else reach_written
         if start < blocker[0]:
             raise ValueError(f"{name} and {blocker[1]} must not share memory (are they the same array?)")

@@ -64,7 +64,17 @@ import numbers
 import numpy as np
 
 from . import dispatch
-from ._checks import FLOAT_DTYPES, check_array, check_bool, check_disjoint, check_real
+from ._checks import (
+    FLOAT_DTYPES,
+    check_array,
+    check_bool,
+    check_disjoint,
+    check_like,
+    check_real,
+    check_same_kind,
+    dtype_of,
+    shape_of,
+)
 
 __all__ = ["BatchNorm", "batchnorm_backward", "batchnorm_forward"]
 
@@ -83,9 +93,9 @@ _UNSET = _Unset()  # ``bias`` not passed to batchnorm_backward
 
 def _check_x(name: str, x) -> np.ndarray:
     check_array(name, x, writeable=False)
-    if x.ndim < 2:
+    if len(shape_of(x)) < 2:
         raise ValueError(f"{name} must have rank >= 2 (batch and channel axes, e.g. (N, C) or (N, C, H, W)), "
-                         f"got shape {x.shape}")
+                         f"got shape {shape_of(x)}")
     return x
 
 
@@ -98,23 +108,21 @@ def _check_channel_axis(channel_axis, ndim: int) -> int:
 
 
 def _check_channels(name: str, array, x: np.ndarray, axis: int, *, writeable: bool) -> np.ndarray:
-    """A per-channel vector: shape (C,) and the dtype of x."""
+    """A per-channel vector: shape (C,), the dtype and the kind (host or device) of x."""
     check_array(name, array, writeable=writeable)
-    channels = x.shape[axis]
-    if array.shape != (channels,):
+    channels = shape_of(x)[axis]
+    if shape_of(array) != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), one value per channel of x "
-                         f"(shape {x.shape}, channel_axis={axis}), got {array.shape}")
-    if array.dtype != x.dtype:
-        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {array.dtype}")
+                         f"(shape {shape_of(x)}, channel_axis={axis}), got {shape_of(array)}")
+    check_same_kind(name, array, "x", x)
+    if dtype_of(array) != dtype_of(x):
+        raise TypeError(f"{name} must have the dtype of x ({dtype_of(x)}), got {dtype_of(array)}")
     return array
 
 
 def _check_like_x(name: str, array, x: np.ndarray, x_name: str = "x", *, writeable: bool) -> np.ndarray:
     check_array(name, array, writeable=writeable)
-    if array.shape != x.shape:
-        raise ValueError(f"{name} must have the shape of {x_name} {x.shape}, got {array.shape}")
-    if array.dtype != x.dtype:
-        raise TypeError(f"{name} must have the dtype of {x_name} ({x.dtype}), got {array.dtype}")
+    check_like(name, array, x_name, x)
     return array
 
 
@@ -137,7 +145,8 @@ def _split_out(out, names: tuple[str, str, str], x: np.ndarray, axis: int) -> tu
 
 
 def _values_per_channel(x: np.ndarray, axis: int) -> int:
-    return math.prod(x.shape[:axis] + x.shape[axis + 1:])
+    shape = shape_of(x)
+    return math.prod(shape[:axis] + shape[axis + 1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +170,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
     """
     dispatch.check_backend_name(backend)
     _check_x("x", x)
-    axis = _check_channel_axis(channel_axis, x.ndim)
+    axis = _check_channel_axis(channel_axis, len(shape_of(x)))
     training = check_bool("training", training)
     relu = check_bool("relu", relu)
     momentum = check_real("momentum", momentum, low=0.0, high=1.0)
@@ -181,9 +190,9 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
         _check_channels("running_var", running_var, x, axis, writeable=training)
     y, saved_mean, saved_invstd = _split_out(out, ("y", "saved_mean", "saved_invstd"), x, axis)
     m = _values_per_channel(x, axis)
-    if training and m == 1 and x.shape[axis] > 0:
+    if training and m == 1 and shape_of(x)[axis] > 0:
         raise ValueError(f"training needs more than 1 value per channel to compute a variance, got x of "
-                         f"shape {x.shape} (1 value per channel along channel_axis={axis})")
+                         f"shape {shape_of(x)} (1 value per channel along channel_axis={axis})")
     running = {"running_mean": running_mean, "running_var": running_var}
     written = {"y": y, "saved_mean": saved_mean, "saved_invstd": saved_invstd}
     read = {"x": x, "weight": weight, "bias": bias}
@@ -194,10 +203,10 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
     check_disjoint(written, read)
     module = dispatch.resolve(backend, x)
 
-    channels = x.shape[axis]
-    y = np.empty_like(x) if y is None else y
-    saved_mean = np.empty(channels, x.dtype) if saved_mean is None else saved_mean
-    saved_invstd = np.empty(channels, x.dtype) if saved_invstd is None else saved_invstd
+    channels = shape_of(x)[axis]
+    y = module.empty_like(x) if y is None else y
+    saved_mean = module.empty((channels,), dtype_of(x), x) if saved_mean is None else saved_mean
+    saved_invstd = module.empty((channels,), dtype_of(x), x) if saved_invstd is None else saved_invstd
     module.batchnorm_forward(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd,
                              training=training, momentum=momentum, eps=eps, channel_axis=axis, relu=relu)
     return y, saved_mean, saved_invstd
@@ -218,7 +227,7 @@ def batchnorm_backward(dy, x, weight, saved_mean, saved_invstd, *, bias=_UNSET, 
     """
     dispatch.check_backend_name(backend)
     _check_x("x", x)
-    axis = _check_channel_axis(channel_axis, x.ndim)
+    axis = _check_channel_axis(channel_axis, len(shape_of(x)))
     _check_like_x("dy", dy, x, writeable=False)
     training = check_bool("training", training)
     relu = check_bool("relu", relu)
@@ -239,10 +248,10 @@ def batchnorm_backward(dy, x, weight, saved_mean, saved_invstd, *, bias=_UNSET, 
                     "saved_invstd": saved_invstd})
     module = dispatch.resolve(backend, x)
 
-    channels = x.shape[axis]
-    dx = np.empty_like(x) if dx is None else dx
-    dweight = np.empty(channels, x.dtype) if dweight is None else dweight
-    dbias = np.empty(channels, x.dtype) if dbias is None else dbias
+    channels = shape_of(x)[axis]
+    dx = module.empty_like(x) if dx is None else dx
+    dweight = module.empty((channels,), dtype_of(x), x) if dweight is None else dweight
+    dbias = module.empty((channels,), dtype_of(x), x) if dbias is None else dbias
     module.batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias,
                               training=training, channel_axis=axis, relu=relu)
     return dx, dweight, dbias

@@ -4,10 +4,17 @@ A backend is a module exposing the operations under their public names (``adam_s
 ``batchnorm_forward``, ...) with the keyword-only signatures documented in
 ``fastopt.functional`` and ``fastopt.batchnorm``. Backends receive validated arguments only.
 
-Backend names: ``"numpy"`` (the reference), ``"numba"`` (CPU kernels); ``"numba-cuda"`` and
-``"cupy"`` are reserved for the GPU kernels. An explicitly requested backend that is unknown
-raises ``ValueError``; one that is known but unavailable raises ``BackendUnavailableError``.
-There is no silent fallback.
+Backend names: ``"numpy"`` (the reference) and ``"numba"`` (CPU kernels) work on NumPy arrays;
+``"cupy"`` (CUDA C kernels through CuPy) and ``"numba-cuda"`` (numba-cuda kernels) on CUDA device
+arrays: CuPy arrays, numba device arrays, and anything exposing ``__cuda_array_interface__``
+(torch CUDA tensors). With ``backend=None``: NumPy arrays go to ``"numba"``, CuPy arrays to
+``"cupy"``, other device arrays to ``"numba-cuda"``. An explicitly requested backend that is
+unknown raises ``ValueError``; one that is known but unavailable raises
+``BackendUnavailableError``; a host array given to a GPU backend (or the reverse) raises
+``TypeError``. There is no silent fallback and no hidden copy.
+
+A GPU backend module may define ``unavailable_reason() -> str`` ("" when usable): importing it
+works on any machine, and this says whether a CUDA device is present.
 """
 
 from __future__ import annotations
@@ -35,12 +42,14 @@ class BackendInfo:
     array_type: str
 
 
+HOST, DEVICE = "numpy.ndarray", "CUDA device array"
+
 # name -> (module to import, array type it works on, reason when it is not implemented yet)
 _MODULES: dict[str, tuple[str | None, str, str]] = {
-    "numpy": ("fastopt.reference", "numpy.ndarray", ""),
-    "numba": ("fastopt.kernels.numba_cpu", "numpy.ndarray", ""),
-    "numba-cuda": (None, "device array", "not implemented in this release"),
-    "cupy": (None, "cupy.ndarray", "not implemented in this release"),
+    "numpy": ("fastopt.reference", HOST, ""),
+    "numba": ("fastopt.kernels.numba_cpu", HOST, ""),
+    "numba-cuda": ("fastopt.kernels.numba_cuda", DEVICE, ""),
+    "cupy": ("fastopt.kernels.cupy", DEVICE, ""),
 }
 BACKEND_NAMES = tuple(_MODULES)
 
@@ -61,6 +70,9 @@ def _load(name: str) -> ModuleType:
     except ImportError as exc:
         _failed[name] = f"importing {module_name} failed: {exc}"
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {_failed[name]}") from exc
+    reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else ""
+    if reason:  # e.g. no CUDA device: checked again on the next call, a device may appear
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
     _loaded[name] = module
     return module
 
@@ -88,17 +100,30 @@ def check_backend_name(backend: str | None) -> None:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))} or None, got {backend!r}")
 
 
-def resolve(backend: str | None, array) -> ModuleType:
-    """The backend module for ``array`` (the operation's first array argument).
+def default_backend(array) -> str:
+    """The backend ``backend=None`` picks for an array of this kind."""
+    if isinstance(array, np.ndarray):
+        return "numba"
+    if type(array).__module__.split(".")[0] == "cupy":
+        return "cupy"
+    return "numba-cuda"
 
-    ``backend=None`` picks by array type: NumPy arrays go to ``"numba"``. A named backend must
-    be available and must accept the array's type.
+
+def resolve(backend: str | None, array) -> ModuleType:
+    """The backend module for ``array`` (the operation's first array argument, already checked).
+
+    ``backend=None`` picks by array kind (see the module docstring). A named backend must be
+    available and must work on the array's kind.
     """
     check_backend_name(backend)
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"arrays must be numpy.ndarray, got {type(array).__module__}.{type(array).__name__}")
-    name = "numba" if backend is None else backend
-    module = _load(name)
-    if _MODULES[name][1] != "numpy.ndarray":
-        raise TypeError(f"backend {name!r} works on {_MODULES[name][1]}, got numpy.ndarray")
-    return module
+    host = isinstance(array, np.ndarray)
+    if not host and not hasattr(array, "__cuda_array_interface__"):
+        raise TypeError(f"arrays must be numpy.ndarray or CUDA device arrays, got "
+                        f"{type(array).__module__}.{type(array).__name__}")
+    name = default_backend(array) if backend is None else backend
+    works_on = _MODULES[name][1]
+    if (works_on == HOST) != host:
+        given = HOST if host else f"a {DEVICE} ({type(array).__module__}.{type(array).__name__})"
+        raise TypeError(f"backend {name!r} works on {works_on}s, got {given}; fastopt never copies "
+                        "between host and device")
+    return _load(name)

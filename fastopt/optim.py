@@ -8,12 +8,14 @@ state bit-identical.
 
 from __future__ import annotations
 
+import math
 import numbers
+import operator
 
 import numpy as np
 
 from . import dispatch
-from ._checks import CONVENTIONS, check_array, check_disjoint, check_like, check_real
+from ._checks import CONVENTIONS, check_array, check_disjoint, check_like, check_real, check_same_kind, dtype_of, shape_of
 from .functional import SPECS
 
 __all__ = ["Optimizer", "SGD", "AdaGrad", "RMSProp", "AdaDelta", "Adam", "AdamW", "DeltaBarDelta"]
@@ -42,23 +44,101 @@ def _as_groups(params) -> list[dict]:
     return [{"params": params}]
 
 
+NONFINITE_POLICIES = ("propagate", "skip", "raise")
+
+
+def _allocation(array):
+    """The NumPy array that owns the memory ``array`` lives in, or None when that is not known
+    (memory from a buffer object or foreign code). Arrays with different owners cannot overlap."""
+    while type(array.base) is np.ndarray:
+        array = array.base
+    return array if array.base is None and array.flags.owndata else None
+
+
+def _host_float(module, value) -> float:
+    """A backend's scalar result as a Python float (on a GPU backend this waits for the device)."""
+    if isinstance(value, float):
+        return value
+    return float(module.to_numpy(value).reshape(-1)[0])
+
+
+class _Multipliers(dict):
+    """dtype -> the backend's gradient multiplier for that dtype, made on first use."""
+
+    def __init__(self, module, sumsq, max_norm, inv_scale):
+        super().__init__()
+        self._args = (module, sumsq, max_norm, inv_scale)
+
+    def __missing__(self, dtype):
+        module, sumsq, max_norm, inv_scale = self._args
+        value = self[dtype] = module.grad_multiplier(sumsq, max_norm, inv_scale, dtype)
+        return value
+
+
+def _check_options(clip_grad_norm, clip_grad_value, nonfinite, polyak) -> dict:
+    """The training-step options every optimizer takes (see ``Optimizer``)."""
+    if clip_grad_norm is not None:
+        clip_grad_norm = check_real("clip_grad_norm", clip_grad_norm, low=0.0, low_open=True)
+    if clip_grad_value is not None:
+        clip_grad_value = check_real("clip_grad_value", clip_grad_value, low=0.0, low_open=True)
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    if polyak is not None and polyak != "mean":
+        if isinstance(polyak, str):
+            raise ValueError(f"polyak must be None, 'mean' or a float alpha in [0, 1), got {polyak!r}")
+        polyak = check_real("polyak", polyak, low=0.0, high=1.0, high_open=True)
+    return dict(clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, nonfinite=nonfinite, polyak=polyak)
+
+
 class Optimizer:
     """Base class: ``param_groups`` (torch-style dicts), ``state`` (one dict per parameter, in
     group order), ``step(grads)``, ``state_dict()`` and ``load_state_dict()``.
 
+    Training-step options, keyword-only on every optimizer (equations in ``docs/algorithms.md``,
+    "Training-step extras"); each is fused into the update's single pass over the arrays:
+
+    * ``clip_grad_norm=max_norm``: scale all gradients of the step by
+      min(1, max_norm/(‖g‖ + 1e-6)), ‖g‖ the global L2 norm over every gradient of the step
+      (one extra read-only pass computes it). The caller's gradient arrays are never written.
+    * ``clip_grad_value=c``: clamp each gradient element to [−c, c] (after the norm scaling).
+    * ``nonfinite``: what a step does when a gradient holds NaN or ±Inf. ``"propagate"`` (the
+      default, as in torch: no check, no extra pass) lets them reach the parameters; ``"skip"``
+      leaves parameters, state and ``steps`` bit-identical and counts ``skipped_steps``;
+      ``"raise"`` raises ``FloatingPointError`` naming the first bad gradient, nothing modified.
+      Both share the clipping pass when clipping is on.
+    * ``polyak``: ``None``, ``"mean"`` (θ̂ = the mean of the iterates after each step) or a float
+      α in [0, 1) (θ̂ ← αθ̂ + (1 − α)θ); θ̂ starts at the parameters after the first step.
+      ``averaged_params()`` returns θ̂.
+
+    ``lr`` (in ``defaults`` or a group) may be a callable k ↦ ε (``fastopt.schedules``), called
+    with k = ``steps``, the number of applied steps so far.
+
+    Checks: the parameters are checked when the optimizer is built and whenever the param lists
+    change; each step checks every gradient of the step against its parameter. The state arrays
+    belong to the optimizer: replace them only through ``load_state_dict``.
+
     Subclasses set ``_spec`` (a key of ``fastopt.functional.SPECS``) and may override
-    ``_hyper`` (group -> keywords of the spec's check) and ``_initial_state``.
+    ``_hyper`` (group -> keywords of the spec's check) and ``_initial_value``.
     """
 
     _spec: str
+    _counters = ("step", "avg_steps")  # the state entries that are ints; all others are arrays
 
-    def __init__(self, params, defaults: dict, *, convention: str = "textbook", backend: str | None = None):
+    def __init__(self, params, defaults: dict, *, convention: str = "textbook", backend: str | None = None,
+                 clip_grad_norm=None, clip_grad_value=None, nonfinite="propagate", polyak=None):
         dispatch.check_backend_name(backend)
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        options = _check_options(clip_grad_norm, clip_grad_value, nonfinite, polyak)
         self.defaults = dict(defaults)
         self.convention = convention
         self.backend = backend
+        self.clip_grad_norm = options["clip_grad_norm"]
+        self.clip_grad_value = options["clip_grad_value"]
+        self.nonfinite = options["nonfinite"]
+        self.polyak = options["polyak"]
+        self.steps = 0  # applied steps: the k that lr schedules receive
+        self.skipped_steps = 0
         groups = _as_groups(params)
         for i, group in enumerate(groups):
             for key in group:
@@ -73,12 +153,15 @@ class Optimizer:
         flat = self._params()
         for k, p in enumerate(flat):
             check_array(f"params[{k}]", p, writeable=True)
+            check_same_kind(f"params[{k}]", p, "params[0]", flat[0])
         check_disjoint({f"params[{k}]": p for k, p in enumerate(flat)})
         if backend is not None:  # an explicitly named backend must be usable now, not at the first step
             dispatch.resolve(backend, flat[0])
         for i, group in enumerate(groups):
-            self._check_group(i, group)
+            self._check_group(i, group, 0)
         self.state: list[dict] = [{"step": 0} for _ in flat]
+        self._layout = None  # see _grads_plainly_fine
+        self._bucket_cache: dict[int, tuple] = {}  # see _buckets
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -86,25 +169,65 @@ class Optimizer:
         """The keywords of the spec's check function, read from one param group."""
         return {key: group[key] for key in self.defaults}
 
-    def _initial_state(self, name: str, param: np.ndarray, group: dict) -> np.ndarray:
-        return np.zeros_like(param)
+    def _initial_value(self, name: str, group: dict) -> float:
+        """The value a state array starts at (zeros unless the optimizer says otherwise)."""
+        return 0.0
 
     # -- machinery ---------------------------------------------------------------------------
 
     def _params(self) -> list:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _check_group(self, index: int, group: dict) -> dict:
+    def _check_group(self, index: int, group: dict, k: int) -> dict:
+        """The group's validated backend keywords, with a schedule ``lr`` evaluated at step k."""
         try:
-            return SPECS[self._spec].check(**self._hyper(group), convention=self.convention)
+            hyper = self._hyper(group)
+            if callable(hyper.get("lr")):
+                lr = hyper["lr"](k)
+                try:
+                    hyper["lr"] = check_real("lr", lr, low=0.0)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"the lr schedule returned a bad value at k={k}: {exc}") from None
+            return SPECS[self._spec].check(**hyper, convention=self.convention)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"param group {index}: {exc}") from None
         except KeyError as exc:
             raise ValueError(f"param group {index} lacks hyperparameter {exc}") from None
 
-    def step(self, grads) -> None:
-        """Update every parameter in place from ``grads``, aligned with the parameters in group
-        order. Everything is checked before anything is written."""
+    def _selected(self, groups) -> list[int]:
+        if groups is None:
+            return list(range(len(self.param_groups)))
+        if isinstance(groups, (str, bytes)) or not hasattr(groups, "__iter__"):
+            raise TypeError(f"groups must be a list of param-group indices or None, got {type(groups).__name__}")
+        selected = list(groups)
+        if not selected:
+            raise ValueError("groups must name at least one param group, got an empty list")
+        for i in selected:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise TypeError(f"groups must hold int indices, got {type(i).__name__} {i!r}")
+            if not 0 <= i < len(self.param_groups):
+                raise ValueError(f"groups holds {i}, but the optimizer has param groups 0..{len(self.param_groups) - 1}")
+        if len(set(selected)) != len(selected):
+            raise ValueError(f"groups must not repeat an index, got {selected}")
+        return sorted(int(i) for i in selected)
+
+    def _avg_weight(self, avg_steps: int) -> float:
+        """w in θ̂ ← θ̂ + w(θ − θ̂) for the ``avg_steps``-th averaged iterate (1 on the first)."""
+        if avg_steps == 1:
+            return 1.0
+        if self.polyak == "mean":
+            return 1.0 / avg_steps
+        return 1.0 - self.polyak
+
+    def step(self, grads, *, grad_scale=None, groups=None) -> None:
+        """Update the parameters in place from ``grads``, aligned with the parameters in group
+        order. Everything is checked before anything is written.
+
+        ``grad_scale=s`` divides every gradient by s inside the fused pass (loss scaling; the
+        norm for ``clip_grad_norm`` is that of the unscaled gradients). ``groups=[i, ...]`` updates
+        only those param groups (block coordinate descent); the gradients of the other groups are
+        ignored and may be ``None``, and their parameters and state are not touched.
+        """
         spec = SPECS[self._spec]
         params = self._params()
         if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
@@ -116,47 +239,180 @@ class Optimizer:
                 f"the param groups now hold {len(params)} params but the state was made for {len(self.state)}; "
                 "build a new optimizer to change the parameters"
             )
-        written, read, plan = {}, {}, []
-        k = 0
-        for i, group in enumerate(self.param_groups):
-            hyper = self._check_group(i, group)
-            used = spec.uses(hyper)
-            for param in group["params"]:
-                grad = grads[k]
-                check_array(f"params[{k}]", param, writeable=True)
-                check_array(f"grads[{k}]", grad, writeable=False)
-                check_like(f"grads[{k}]", grad, f"params[{k}]", param)
-                written[f"params[{k}]"] = param
-                read[f"grads[{k}]"] = grad
-                for name in spec.state:
-                    if name in self.state[k]:
-                        written[f"state[{k}][{name!r}]"] = self.state[k][name]
-                plan.append((k, param, grad, group, hyper, used))
-                k += 1
-        check_disjoint(written, read)
+        selected = self._selected(groups)
+        inv_scale = 1.0
+        if grad_scale is not None:
+            inv_scale = 1.0 / check_real("grad_scale", grad_scale, low=0.0, low_open=True)
+            if not math.isfinite(inv_scale) or inv_scale == 0.0:
+                raise ValueError(f"grad_scale must have a finite nonzero reciprocal, got {grad_scale!r}")
+        first = [0]
+        for group in self.param_groups:
+            first.append(first[-1] + len(group["params"]))
+        plan = []
+        for i in selected:
+            hyper = self._check_group(i, self.param_groups[i], self.steps)
+            plan.append((i, self.param_groups[i], hyper, spec.uses(hyper)))
+        stepped = [k for i in selected for k in range(first[i], first[i + 1])]
+        if not self._grads_plainly_fine(params, grads, stepped):
+            self._check_arrays(spec, params, grads, stepped)
         module = dispatch.resolve(self.backend, params[0])
-        kernel = getattr(module, spec.kernel)
-        for k, param, grad, group, hyper, used in plan:
-            state = self.state[k]
+        grad_mul = inv_scale
+        if self.clip_grad_norm is not None or self.nonfinite != "propagate":
+            sumsq = module.grad_sumsq([grads[k] for k in stepped])
+            if self.nonfinite != "propagate" and not math.isfinite(_host_float(module, sumsq)):
+                if self.nonfinite == "skip":
+                    self.skipped_steps += 1
+                    return
+                bad = next(k for k in stepped if not math.isfinite(_host_float(module, module.grad_sumsq([grads[k]]))))
+                raise FloatingPointError(f"grads[{bad}] contains NaN or Inf (nonfinite='raise'); nothing was updated")
+            if self.clip_grad_norm is not None:
+                grad_mul = _Multipliers(module, sumsq, self.clip_grad_norm, inv_scale)
+        grad_clip = math.inf if self.clip_grad_value is None else self.clip_grad_value
+        for i, group, hyper, used in plan:
+            self._update_group(module, spec, i, group, range(first[i], first[i + 1]), params, grads, hyper, used,
+                               grad_mul, grad_clip)
+        self.steps += 1
+
+    def _check_arrays(self, spec, params, grads, stepped) -> None:
+        """Every check of the step's arrays, with the error messages of ``fastopt._checks``."""
+        written, read = {}, {}
+        for k in stepped:
+            param, grad = params[k], grads[k]
+            check_array(f"params[{k}]", param, writeable=True)
+            check_array(f"grads[{k}]", grad, writeable=False)
+            check_like(f"grads[{k}]", grad, f"params[{k}]", param)
+            read[f"grads[{k}]"] = grad
+        for k, param in enumerate(params):
+            written[f"params[{k}]"] = param
+            for name, value in self.state[k].items():
+                if name not in self._counters:
+                    written[f"state[{k}][{name!r}]"] = value
+        check_disjoint(written, read)
+
+    def _grads_plainly_fine(self, params, grads, stepped) -> bool:
+        """A fast test that passes only when ``_check_arrays`` would: NumPy gradients alike their
+        parameters, each in a memory allocation of its own that no parameter or state array
+        uses. False sends the step through the full checks (which then raise, or pass)."""
+        layout = self._layout
+        if layout is None or len(layout[0]) != len(params) or not all(map(operator.is_, params, layout[0])):
+            layout = self._layout = self._make_layout(params)
+        if layout[1] is None:
+            return False
+        written_allocations = layout[1]
+        ndarray = np.ndarray
+        for k in stepped:
+            g, p = grads[k], params[k]
+            if type(g) is not ndarray or g.dtype != p.dtype or g.shape != p.shape:
+                return False
+            flags = g.flags
+            if not flags.c_contiguous:
+                return False
+            root = (g if flags.owndata else None) if g.base is None else _allocation(g)
+            if root is None or id(root) in written_allocations:
+                return False
+        return True
+
+    def _make_layout(self, params):
+        """(params, ids of the allocations that params and state live in, or None when some is
+        unknown), rebuilt when the parameters or the state arrays change. The parameters are
+        checked again here: the layout is what lets later steps skip those checks."""
+        written = {}
+        for k, p in enumerate(params):
+            check_array(f"params[{k}]", p, writeable=True)
+            check_same_kind(f"params[{k}]", p, "params[0]", params[0])
+            written[f"params[{k}]"] = p
+            for name, value in self.state[k].items():
+                if name not in self._counters:
+                    written[f"state[{k}][{name!r}]"] = value
+        check_disjoint(written)
+        allocations = set()
+        for k, param in enumerate(params):
+            arrays = [param, *(v for name, v in self.state[k].items() if name not in self._counters)]
+            for array in arrays:
+                root = _allocation(array) if type(array) is np.ndarray else None
+                if root is None:
+                    return (list(params), None)
+                allocations.add(id(root))
+        return (list(params), allocations)
+
+    def _update_group(self, module, spec, i, group, indices, params, grads, hyper, used, grad_mul, grad_clip):
+        """One fused pass per tensor, batched: tensors that share dtype, step and averaging count go
+        to the backend's ``multi_step`` together."""
+        for ks, dtype, plist, states, avgs in self._buckets(module, spec, i, group, indices, params, used):
+            first = self.state[ks[0]]
+            keywords = dict(hyper)
+            if spec.step_count:
+                keywords["step"] = first["step"] + 1
+            keywords["grad_mul"] = grad_mul if isinstance(grad_mul, float) else grad_mul[dtype]
+            keywords["grad_clip"] = grad_clip
+            if avgs is not None:
+                keywords["avg_weight"] = self._avg_weight(first["avg_steps"] + 1)
+            if len(ks) == 1:
+                getattr(module, spec.kernel)(plist[0], grads[ks[0]], *states[0],
+                                             avg=None if avgs is None else avgs[0], **keywords)
+            else:
+                module.multi_step(spec.kernel, plist, [grads[k] for k in ks], states, avgs, **keywords)
+            for k in ks:
+                state = self.state[k]
+                state["step"] += 1
+                if avgs is not None:
+                    state["avg_steps"] += 1
+
+    def _buckets(self, module, spec, i, group, indices, params, used) -> list:
+        """The group's tensors bucketed by (dtype, step, avg_steps), with their state arrays
+        (created here on first use). Cached until the layout changes: tensors of a bucket are
+        always stepped together, so their counts stay equal."""
+        cached = self._bucket_cache.get(i)
+        members = [params[k] for k in indices]
+        if (cached is not None and cached[0] == used and len(cached[1]) == len(members)
+                and all(map(operator.is_, members, cached[1]))):
+            return cached[2]
+        keyed: dict[tuple, list[int]] = {}
+        for k in indices:
+            param, state = params[k], self.state[k]
             for name in used:
                 if name not in state:
-                    state[name] = self._initial_state(name, param, group)
-            extra = {"step": state["step"] + 1} if spec.step_count else {}
-            kernel(param, grad, *(state.get(name) for name in spec.state), **hyper, **extra)
-            state["step"] += 1
+                    value = self._initial_value(name, group)
+                    state[name] = module.zeros_like(param) if value == 0.0 else module.full_like(param, value)
+            if self.polyak is not None and "avg" not in state:
+                # θ̂ starts at the first averaged iterate; a zero start makes the first lerp exact
+                state["avg"] = module.zeros_like(param)
+                state["avg_steps"] = 0
+            keyed.setdefault((dtype_of(param), state["step"], state.get("avg_steps", 0)), []).append(k)
+        buckets = [
+            (ks, key[0], [params[k] for k in ks],
+             [tuple(self.state[k].get(name) for name in spec.state) for k in ks],
+             [self.state[k]["avg"] for k in ks] if self.polyak is not None else None)
+            for key, ks in keyed.items()
+        ]
+        self._layout = None  # state arrays may be new: the next step rebuilds the layout
+        self._bucket_cache[i] = (used, members, buckets)
+        return buckets
+
+    def averaged_params(self) -> list:
+        """The Polyak averages θ̂, one per parameter in group order (the parameter itself for one
+        that has not been stepped yet). Requires ``polyak``."""
+        if self.polyak is None:
+            raise RuntimeError("averaged_params() needs polyak averaging: build the optimizer with polyak='mean' or a float alpha")
+        return [state.get("avg", param) for state, param in zip(self.state, self._params())]
 
     def state_dict(self) -> dict:
-        """A copy of the hyperparameters and state; ``load_state_dict`` restores it exactly."""
+        """A copy of the hyperparameters and state; ``load_state_dict`` restores it exactly.
+
+        State arrays are NumPy copies, also for parameters on a GPU (copied to the host, which
+        waits for the device)."""
+        module = dispatch.resolve(self.backend, self._params()[0])
         groups, k = [], 0
         for group in self.param_groups:
             n = len(group["params"])
             groups.append({**{key: group[key] for key in self.defaults}, "params": list(range(k, k + n))})
             k += n
         state = {
-            k: {name: (value.copy() if isinstance(value, np.ndarray) else value) for name, value in s.items()}
+            k: {name: (value if name in self._counters else module.to_numpy(value)) for name, value in s.items()}
             for k, s in enumerate(self.state)
         }
         return {"optimizer": type(self).__name__, "convention": self.convention,
+                "steps": self.steps, "skipped_steps": self.skipped_steps,
                 "param_groups": groups, "state": state}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -168,6 +424,11 @@ class Optimizer:
             raise ValueError(f"state_dict is for {state_dict['optimizer']}, not {type(self).__name__}")
         if state_dict.get("convention", self.convention) != self.convention:
             raise ValueError(f"state_dict has convention {state_dict['convention']!r}, this optimizer {self.convention!r}")
+        steps = state_dict.get("steps", 0)
+        skipped = state_dict.get("skipped_steps", 0)
+        for name, value in (("steps", steps), ("skipped_steps", skipped)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"state_dict[{name!r}] must be an int >= 0, got {value!r}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}")
@@ -180,9 +441,10 @@ class Optimizer:
             if unknown:
                 raise ValueError(f"state_dict param group {i} has unknown keys {sorted(unknown)}")
             new_group = {**group, **{key: saved[key] for key in self.defaults if key in saved}}
-            self._check_group(i, new_group)
+            self._check_group(i, new_group, steps)
             new_groups.append(new_group)
         params = self._params()
+        module = dispatch.resolve(self.backend, params[0])
         saved_state = state_dict["state"]
         if set(saved_state) - set(range(len(params))):
             raise ValueError(f"state_dict state has entries for params that do not exist: {sorted(set(saved_state) - set(range(len(params))))}")
@@ -193,18 +455,31 @@ class Optimizer:
             if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
                 raise ValueError(f"state_dict state[{k}]['step'] must be an int >= 0, got {step!r}")
             restored = {"step": int(step)}
+            if "avg" in entry:
+                avg_steps = entry.get("avg_steps")
+                if isinstance(avg_steps, bool) or not isinstance(avg_steps, numbers.Integral) or avg_steps < 0:
+                    raise ValueError(f"state_dict state[{k}]['avg_steps'] must be an int >= 0, got {avg_steps!r}")
+                restored["avg_steps"] = int(avg_steps)
+            elif "avg_steps" in entry:
+                raise ValueError(f"state_dict state[{k}] has 'avg_steps' but no 'avg'")
             for name, value in entry.items():
-                if name == "step":
+                if name in ("step", "avg_steps"):
                     continue
-                if name not in spec.state:
+                if name not in (*spec.state, "avg"):
                     raise ValueError(f"state_dict state[{k}] has unknown entry {name!r}; expected {spec.state}")
                 if not isinstance(value, np.ndarray):
                     raise TypeError(f"state_dict state[{k}][{name!r}] must be a numpy.ndarray, got {type(value).__name__}")
-                check_like(f"state_dict state[{k}][{name!r}]", value, f"params[{k}]", param)
-                restored[name] = np.array(value, order="C", copy=True)
+                if shape_of(value) != shape_of(param) or dtype_of(value) != dtype_of(param):
+                    raise ValueError(f"state_dict state[{k}][{name!r}] must have the shape and dtype of params[{k}] "
+                                     f"({shape_of(param)}, {dtype_of(param)}), got ({value.shape}, {value.dtype})")
+                restored[name] = module.from_numpy(np.ascontiguousarray(value), param)
             new_state.append(restored)
         self.param_groups = new_groups
         self.state = new_state
+        self._layout = None
+        self._bucket_cache = {}
+        self.steps = int(steps)
+        self.skipped_steps = int(skipped)
 
 
 class SGD(Optimizer):
@@ -217,9 +492,9 @@ class SGD(Optimizer):
     _spec = "sgd"
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, *,
-                 convention="textbook", backend=None):
+                 convention="textbook", backend=None, **options):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
-                         convention=convention, backend=backend)
+                         convention=convention, backend=backend, **options)
 
 
 class AdaGrad(Optimizer):
@@ -228,16 +503,16 @@ class AdaGrad(Optimizer):
     _spec = "adagrad"
 
     def __init__(self, params, lr, eps=1e-7, initial_accumulator_value=0.0, weight_decay=0.0, *,
-                 convention="textbook", backend=None):
+                 convention="textbook", backend=None, **options):
         super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value,
-                                      weight_decay=weight_decay), convention=convention, backend=backend)
+                                      weight_decay=weight_decay), convention=convention, backend=backend, **options)
 
     def _hyper(self, group):
         check_real("initial_accumulator_value", group["initial_accumulator_value"], low=0.0)
         return {key: group[key] for key in ("lr", "eps", "weight_decay")}
 
-    def _initial_state(self, name, param, group):
-        return np.full_like(param, group["initial_accumulator_value"])
+    def _initial_value(self, name, group):
+        return float(group["initial_accumulator_value"])
 
 
 class RMSProp(Optimizer):
@@ -250,10 +525,10 @@ class RMSProp(Optimizer):
     _spec = "rmsprop"
 
     def __init__(self, params, lr, rho=0.9, eps=1e-6, momentum=0.0, nesterov=False, centered=False,
-                 weight_decay=0.0, *, convention="textbook", backend=None):
+                 weight_decay=0.0, *, convention="textbook", backend=None, **options):
         super().__init__(params, dict(lr=lr, rho=rho, eps=eps, momentum=momentum, nesterov=nesterov,
                                       centered=centered, weight_decay=weight_decay),
-                         convention=convention, backend=backend)
+                         convention=convention, backend=backend, **options)
 
 
 class AdaDelta(Optimizer):
@@ -263,9 +538,9 @@ class AdaDelta(Optimizer):
     _spec = "adadelta"
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, convention="textbook",
-                 backend=None):
+                 backend=None, **options):
         super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay),
-                         convention=convention, backend=backend)
+                         convention=convention, backend=backend, **options)
 
 
 class Adam(Optimizer):
@@ -275,9 +550,9 @@ class Adam(Optimizer):
     _spec = "adam"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 convention="textbook", backend=None):
+                 convention="textbook", backend=None, **options):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad),
-                         convention=convention, backend=backend)
+                         convention=convention, backend=backend, **options)
 
     def _hyper(self, group):
         betas = group["betas"]
@@ -293,9 +568,9 @@ class AdamW(Adam):
     _spec = "adamw"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 convention="textbook", backend=None):
+                 convention="textbook", backend=None, **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         convention=convention, backend=backend)
+                         convention=convention, backend=backend, **options)
 
 
 class DeltaBarDelta(Optimizer):
@@ -308,15 +583,16 @@ class DeltaBarDelta(Optimizer):
 
     _spec = "delta_bar_delta"
 
-    def __init__(self, params, lr, kappa, phi, gamma, *, convention="textbook", backend=None):
+    def __init__(self, params, lr, kappa, phi, gamma, *, convention="textbook", backend=None, **options):
         super().__init__(params, dict(lr=lr, kappa=kappa, phi=phi, gamma=gamma),
-                         convention=convention, backend=backend)
+                         convention=convention, backend=backend, **options)
 
     def _hyper(self, group):
+        if callable(group["lr"]):
+            raise TypeError("lr must be a real number for DeltaBarDelta: it is only the initial per-element "
+                            "rate, so a schedule cannot apply")
         check_real("lr", group["lr"], low=0.0)
         return {key: group[key] for key in ("kappa", "phi", "gamma")}
 
-    def _initial_state(self, name, param, group):
-        if name == "rates":
-            return np.full_like(param, group["lr"])
-        return np.zeros_like(param)
+    def _initial_value(self, name, group):
+        return float(group["lr"]) if name == "rates" else 0.0

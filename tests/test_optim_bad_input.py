@@ -41,7 +41,7 @@ STEP_CASES = {
     "too few grads": (lambda g, p: g[:1], ValueError, "grads must have one array per param"),
     "too many grads": (lambda g, p: g + [g[0]], ValueError, "grads must have one array per param"),
     "grads not a list": (lambda g, p: g[0], TypeError, "grads must be a list"),
-    "None grad": (lambda g, p: [g[0], None], TypeError, r"grads\[1\] must be a numpy.ndarray, got None"),
+    "None grad": (lambda g, p: [g[0], None], TypeError, r"grads\[1\] must be a numpy.ndarray or a CUDA device array, got None"),
     "list grad": (lambda g, p: [g[0], g[1].tolist()], TypeError, r"grads\[1\] must be a numpy.ndarray"),
     "shape mismatch": (lambda g, p: [g[0], g[1].reshape(3, 2)], ValueError, r"grads\[1\] must have the shape"),
     "dtype mismatch": (lambda g, p: [g[0], g[1].astype(np.float32)], TypeError, r"grads\[1\] must have the dtype"),

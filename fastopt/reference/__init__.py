@@ -2,18 +2,34 @@
 
 Written straight from the equations in ``docs/algorithms.md`` with plain NumPy expressions. It
 shares no code with the kernels, so comparing a kernel with it means something. It is a real
-backend: ``backend="numpy"`` runs it, in place, in the arrays' own dtype.
+backend: ``backend="numpy"`` runs it, in place, in the arrays' own dtype. The update functions
+take the training-step extras of ``docs/backends.md`` (``grad_mul``, ``grad_clip``, ``avg``,
+``avg_weight``) through ``extras.with_step_extras``.
 """
 
+from . import optim as _optim
 from .batchnorm import batchnorm_backward, batchnorm_forward
-from .optim import (
-    adadelta_step,
-    adagrad_step,
-    adam_step,
-    delta_bar_delta_step,
-    rmsprop_step,
-    sgd_step,
+from .extras import (
+    empty,
+    empty_like,
+    from_numpy,
+    full_like,
+    grad_multiplier,
+    grad_sumsq,
+    multi_step,
+    owns,
+    scale_grads_,
+    to_numpy,
+    with_step_extras,
+    zeros_like,
 )
+
+sgd_step = with_step_extras(_optim.sgd_step)
+adagrad_step = with_step_extras(_optim.adagrad_step)
+rmsprop_step = with_step_extras(_optim.rmsprop_step)
+adadelta_step = with_step_extras(_optim.adadelta_step)
+adam_step = with_step_extras(_optim.adam_step)
+delta_bar_delta_step = with_step_extras(_optim.delta_bar_delta_step)
 
 __all__ = [
     "adadelta_step",
@@ -22,6 +38,17 @@ __all__ = [
     "batchnorm_backward",
     "batchnorm_forward",
     "delta_bar_delta_step",
+    "empty",
+    "empty_like",
+    "from_numpy",
+    "full_like",
+    "grad_multiplier",
+    "grad_sumsq",
+    "multi_step",
+    "owns",
     "rmsprop_step",
+    "scale_grads_",
     "sgd_step",
+    "to_numpy",
+    "zeros_like",
 ]

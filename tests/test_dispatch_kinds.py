@@ -1,0 +1,96 @@
+"""Array kinds at the API boundary: host vs device arrays, default backends, no hidden copies.
+
+A device array here is a stand-in object exposing ``__cuda_array_interface__`` (what CuPy arrays,
+numba device arrays and torch CUDA tensors expose); nothing dereferences its pointer, because every
+check below fails before a kernel could run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import dispatch, functional
+
+
+class FakeDeviceArray:
+    """The interface of a C-contiguous CUDA array, with a made-up device pointer."""
+
+    _next_pointer = 1 << 40
+
+    def __init__(self, shape, dtype=np.float32, strides=None, readonly=False):
+        dtype = np.dtype(dtype)
+        self.__cuda_array_interface__ = {
+            "shape": tuple(shape), "typestr": dtype.str, "data": (FakeDeviceArray._next_pointer, readonly),
+            "strides": strides, "version": 3,
+        }
+        FakeDeviceArray._next_pointer += 1 << 20
+
+
+def test_default_backend_by_kind():
+    assert dispatch.default_backend(np.zeros(2)) == "numba"
+    assert dispatch.default_backend(FakeDeviceArray((2,))) == "numba-cuda"
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_host_backend_refuses_a_device_array(backend):
+    with pytest.raises(TypeError, match=f"backend '{backend}' works on numpy.ndarrays, got a CUDA device array"):
+        functional.sgd_step(FakeDeviceArray((3,)), FakeDeviceArray((3,)), lr=0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cupy", "numba-cuda"])
+def test_gpu_backend_refuses_a_host_array(backend):
+    param = np.zeros(3)
+    with pytest.raises(TypeError, match=f"backend '{backend}' works on CUDA device arrays, got numpy.ndarray; "
+                                        "fastopt never copies"):
+        functional.sgd_step(param, np.ones(3), lr=0.1, backend=backend)
+    assert (param == 0).all()
+
+
+def test_mixing_host_and_device_arrays_is_refused_before_anything_runs():
+    param = np.zeros(3)
+    with pytest.raises(TypeError, match=r"grad is a .*FakeDeviceArray but param is a numpy.ndarray: host and device "
+                                        "arrays cannot be mixed"):
+        functional.sgd_step(param, FakeDeviceArray((3,), np.float64), lr=0.1)
+    with pytest.raises(TypeError, match="cannot be mixed"):
+        fastopt.SGD([FakeDeviceArray((3,)), np.zeros(3, np.float32)], lr=0.1)
+    opt = fastopt.SGD([param], lr=0.1)
+    with pytest.raises(TypeError, match=r"grads\[0\] is a .*FakeDeviceArray but params\[0\] is a numpy.ndarray"):
+        opt.step([FakeDeviceArray((3,), np.float64)])
+    assert (param == 0).all()
+
+
+def test_batchnorm_refuses_mixed_kinds():
+    x = np.ones((4, 3))
+    with pytest.raises(TypeError, match=r"weight is a .*FakeDeviceArray but x is a numpy.ndarray"):
+        fastopt.batchnorm_forward(x, FakeDeviceArray((3,), np.float64), None, None, None)
+
+
+@pytest.mark.parametrize("interface, error, match", [
+    (dict(shape=(3,), dtype=np.int32), TypeError, "dtype float32 or float64, got int32"),
+    (dict(shape=(2, 3), strides=(4, 8)), ValueError, "must be C-contiguous"),
+    (dict(shape=(3,), readonly=True), ValueError, "must be writeable"),
+])
+def test_device_array_facts_are_checked(interface, error, match):
+    with pytest.raises(error, match=match):
+        functional.sgd_step(FakeDeviceArray(**interface), FakeDeviceArray((3,)), lr=0.1)
+
+
+def test_explicit_c_strides_count_as_contiguous_and_overlap_is_found():
+    a = FakeDeviceArray((2, 3), strides=(12, 4))
+    same = FakeDeviceArray((2, 3))
+    same.__cuda_array_interface__ = dict(a.__cuda_array_interface__)  # same memory as a
+    with pytest.raises(ValueError, match="must not share memory"):
+        functional.sgd_step(a, FakeDeviceArray((2, 3)), same, lr=0.1, momentum=0.9)
+
+
+def test_a_gpu_backend_without_a_device_is_unavailable_with_a_reason():
+    report = fastopt.backends()
+    if report["cupy"].available and report["numba-cuda"].available:
+        pytest.skip("both GPU backends are available on this machine")
+    for name in ("cupy", "numba-cuda"):
+        if not report[name].available:
+            assert report[name].reason
+            with pytest.raises(fastopt.BackendUnavailableError, match=name):
+                functional.sgd_step(FakeDeviceArray((3,)), FakeDeviceArray((3,)), lr=0.1, backend=name)

@@ -1,1 +1,65 @@
-"""(being written)"""
+"""The ``"numba-cuda"`` backend: CUDA kernels compiled with numba-cuda.
+
+Implements the backend contract of ``docs/backends.md`` on CUDA device arrays (numba device arrays,
+CuPy arrays, torch CUDA tensors, anything exposing ``__cuda_array_interface__``): the optimizer
+updates with the training-step extras (``optim``), tensor lists in one launch (``multi_step``),
+the gradient reductions (``reduce``) and batch normalization (``batchnorm``).
+
+Importing needs no GPU: kernels compile on first use (``_jit.KERNELS``), and ``unavailable_reason()``
+says whether a CUDA device is usable. Under numba-cuda's simulator (``NUMBA_ENABLE_CUDASIM=1``) the
+same kernels run as Python threads; the package then adds the ``cuda.shfl_down_sync`` the simulator
+lacks (``_simulator``). No function synchronizes with the host or copies between host and device,
+except ``to_numpy`` and ``from_numpy``, whose job that is.
+"""
+
+from ._jit import SIMULATOR as _SIMULATOR
+
+if _SIMULATOR:
+    from ._simulator import install as _install_simulator_shuffle
+
+    _install_simulator_shuffle()
+
+from ._arrays import (  # noqa: E402
+    empty,
+    empty_like,
+    from_numpy,
+    full_like,
+    owns,
+    to_numpy,
+    unavailable_reason,
+    zeros_like,
+)
+from .batchnorm import batchnorm_backward, batchnorm_forward  # noqa: E402
+from .optim import (  # noqa: E402
+    adadelta_step,
+    adagrad_step,
+    adam_step,
+    delta_bar_delta_step,
+    multi_step,
+    rmsprop_step,
+    sgd_step,
+)
+from .reduce import grad_multiplier, grad_sumsq, scale_grads_  # noqa: E402
+
+__all__ = [
+    "adadelta_step",
+    "adagrad_step",
+    "adam_step",
+    "batchnorm_backward",
+    "batchnorm_forward",
+    "delta_bar_delta_step",
+    "empty",
+    "empty_like",
+    "from_numpy",
+    "full_like",
+    "grad_multiplier",
+    "grad_sumsq",
+    "multi_step",
+    "owns",
+    "rmsprop_step",
+    "scale_grads_",
+    "sgd_step",
+    "to_numpy",
+    "unavailable_reason",
+    "zeros_like",
+]

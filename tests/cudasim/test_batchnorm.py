@@ -1,0 +1,132 @@
+"""Batch normalization forward and backward on the simulator, against the float64 reference.
+
+Shapes cover ranks 2 to 4 in both layouts (channel axis 1 and last, plus a middle axis), channels
+that fill several channels-last lanes (C > 32), and channels with enough values to be split over
+several blocks (so the partials are merged across blocks). Each shape runs a covering set of
+(training, relu, affine, dtype) combinations rather than the full product: the simulator runs
+every CUDA thread as a Python thread.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import fastopt.kernels.numba_cuda as backend
+import fastopt.reference as reference
+
+from .helpers import bn_case, bn_compare, device, host, run_batchnorm
+
+SHAPES = [
+    ((7, 3), 1),            # rank 2, channels last (inner = 1), one block per channel group
+    ((4, 2, 40), 1),        # rank 3, channel first, two splits per channel
+    ((2, 4, 25, 3), 3),     # rank 4, channels last (NHWC), three splits per channel
+    ((2, 3, 4, 6), 1),      # rank 4, channel first (NCHW)
+]
+# fewer combinations each
+MORE_SHAPES = [
+    ((150, 5), 1),          # rank 2, channels last, several rows per thread and three splits
+    ((4, 50, 3), 2),        # rank 3, channels last
+    ((2, 4, 3, 5), 2),      # rank 4, channel axis in the middle
+]
+WIDE_SHAPE = ((5, 36), 1)   # more channels than a block's 32 lanes (two channel groups)
+# (training, relu, affine, dtype): every value of each option appears with both dtypes
+COMBOS = [
+    (True, False, True, np.float32),
+    (True, True, False, np.float64),
+    (False, True, True, np.float64),
+    (False, False, False, np.float32),
+]
+SOME_COMBOS = [COMBOS[0], COMBOS[2]]
+
+
+def shape_id(case):
+    shape, axis = case
+    return "x".join(map(str, shape)) + f"-axis{axis}"
+
+
+def combo_id(combo):
+    training, relu, affine, dtype = combo
+    return "-".join(["train" if training else "eval", "relu" if relu else "linear",
+                     "affine" if affine else "plain", np.dtype(dtype).name])
+
+
+_TABLE = ([(s, c) for s in SHAPES for c in COMBOS] + [(s, c) for s in MORE_SHAPES for c in SOME_COMBOS]
+          + [(WIDE_SHAPE, COMBOS[1])])
+
+
+@pytest.mark.parametrize("case_shape, combo", _TABLE, ids=[f"{shape_id(s)}-{combo_id(c)}" for s, c in _TABLE])
+def test_batchnorm_matches_reference(case_shape, combo, rng):
+    shape, axis = case_shape
+    training, relu, affine, dtype = combo
+    case = bn_case(rng, shape, axis, dtype, relu=relu, affine=affine)
+    ref = run_batchnorm(reference, case, np.float64, training=training, relu=relu, axis=axis, on_device=False)
+    got = run_batchnorm(backend, case, dtype, training=training, relu=relu, axis=axis)
+    bn_compare(got, ref, case, dtype, relu=relu, axis=axis)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_training_without_running_statistics(dtype, rng):
+    case = bn_case(rng, (4, 3, 10), 1, dtype, relu=False)
+    ref = run_batchnorm(reference, case, np.float64, training=True, relu=False, axis=1, on_device=False,
+                        running=False)
+    got = run_batchnorm(backend, case, dtype, training=True, relu=False, axis=1, running=False)
+    bn_compare(got, ref, case, dtype, relu=False, axis=1)
+
+
+def test_large_mean_float32_channel_keeps_its_accuracy(rng):
+    """μ = hi + lo: a float32 channel at 1e4 ± 1 normalizes as accurately as one at 0."""
+    case = bn_case(rng, (40, 4, 3), 1, np.float32, relu=False, offset_scale=1e4)
+    ref = run_batchnorm(reference, case, np.float64, training=True, relu=False, axis=1, on_device=False)
+    got = run_batchnorm(backend, case, np.float32, training=True, relu=False, axis=1)
+    bn_compare(got, ref, case, np.float32, relu=False, axis=1, keys=["y", "saved_mean", "saved_invstd",
+                                                                       "running_mean", "running_var"])
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_constant_channel_gives_beta(axis, rng):
+    shape = (6, 2, 9) if axis == 1 else (6, 9, 2)
+    x = np.full(shape, 3.25)
+    case = dict(x=x, weight=np.array([2.0, -1.0]), bias=np.array([0.5, -0.25]), running_mean=np.zeros(2),
+                running_var=np.ones(2), dy=rng.standard_normal(shape))
+    got = run_batchnorm(backend, case, np.float32, training=True, relu=False, axis=axis)
+    np.testing.assert_array_equal(got["saved_mean"], np.float32([3.25, 3.25]))
+    np.testing.assert_array_equal(got["saved_invstd"], np.float32(1 / np.sqrt(1e-5)) * np.ones(2, np.float32))
+    beta = case["bias"].reshape((1, 2, 1) if axis == 1 else (1, 1, 2))
+    np.testing.assert_array_equal(got["y"], np.broadcast_to(beta, shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch(training, rng):
+    """m = 0: training leaves the running statistics alone and saves NaN; eval saves the running
+    ones; backward's parameter gradients are 0."""
+    case = bn_case(rng, (0, 3), 1, np.float64, relu=False)
+    got = run_batchnorm(backend, case, np.float64, training=training, relu=False, axis=1)
+    assert got["y"].shape == (0, 3) and got["dx"].shape == (0, 3)
+    np.testing.assert_array_equal(got["running_mean"], case["running_mean"])
+    np.testing.assert_array_equal(got["running_var"], case["running_var"])
+    if training:
+        assert np.isnan(got["saved_mean"]).all() and np.isnan(got["saved_invstd"]).all()
+    else:
+        np.testing.assert_array_equal(got["saved_mean"], case["running_mean"])
+    np.testing.assert_array_equal(got["dweight"], 0.0)
+    np.testing.assert_array_equal(got["dbias"], 0.0)
+
+
+def test_no_channels_writes_nothing_and_does_not_fail():
+    x = device(np.empty((4, 0)))
+    empty = device(np.empty(0))
+    backend.batchnorm_forward(x, None, None, None, None, device(np.empty((4, 0))), empty, empty,
+                              training=True, momentum=0.1, eps=1e-5, channel_axis=1, relu=False)
+    backend.batchnorm_backward(x, x, None, None, empty, empty, device(np.empty((4, 0))), empty, empty,
+                               training=True, channel_axis=1, relu=False)
+
+
+def test_eval_forward_saves_the_running_statistics(rng):
+    case = bn_case(rng, (5, 4, 6), 1, np.float64, relu=False)
+    got = run_batchnorm(backend, case, np.float64, training=False, relu=False, axis=1)
+    np.testing.assert_array_equal(got["saved_mean"], case["running_mean"])
+    np.testing.assert_allclose(got["saved_invstd"], 1 / np.sqrt(case["running_var"] + 1e-5), rtol=1e-15)
+    assert math.isfinite(host(device(got["y"])).sum())

@@ -1,0 +1,111 @@
+"""Every numba-cuda kernel compiles to PTX for sm_90, and float32 kernels compute in float32.
+
+No GPU is needed: ``numba.cuda.compile_ptx`` runs NVVM from the pip packages (numba-cuda[cu12]).
+Kernels are enumerated from the backend's registry (``_jit.KERNELS``: every variant, each dtype it
+exists for). A float64 literal or scalar in a float32 kernel would show up as ``.f64`` registers or
+instructions (``cvt.f32.f64``, ``add.f64``, …) in its PTX. The kernels whose module docstrings say
+they accumulate in float64 on purpose (``Kernel.float64`` gives the reason) are exempt, and are
+checked to really contain float64 arithmetic, so the exemption list stays exact.
+
+numba-cuda compiles a kernel's device functions for "the current device"; without a GPU there is
+none, so these tests report compute capability 9.0 for it (the kernels themselves are compiled for
+``cc=(9, 0)`` explicitly).
+"""
+
+from __future__ import annotations
+
+import os
+import types as pytypes
+
+import pytest
+
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("compile_ptx needs the real numba-cuda target, not the simulator (NUMBA_ENABLE_CUDASIM=1)",
+                allow_module_level=True)
+
+import numba  # noqa: E402
+from numba import cuda  # noqa: E402
+
+from fastopt.kernels.numba_cuda._jit import KERNELS  # noqa: E402
+
+CC = (9, 0)
+CASES = [(name, dt) for name, k in KERNELS.items() for dt in k.dtypes]
+
+
+def _nvvm_or_skip():
+    try:
+        from numba.cuda.cudadrv import nvvm
+
+        nvvm.NVVM()
+    except Exception as exc:  # noqa: BLE001 - any failure to load NVVM
+        pytest.skip(f"NVVM is not available ({type(exc).__name__}: {exc}); install numba-cuda[cu12]")
+
+
+@pytest.fixture(scope="module")
+def device_for_device_functions():
+    """Device functions compile for the current device; give them cc 9.0 when there is no GPU."""
+    _nvvm_or_skip()
+    if cuda.is_available():
+        yield
+        return
+    import numba.cuda.dispatcher as dispatcher
+
+    original = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=CC)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = original
+
+
+def compile_ptx(py_func, signature) -> str:
+    ptx, _ = cuda.compile_ptx(py_func, signature, cc=CC)
+    return ptx
+
+
+def float64_lines(ptx: str) -> list[str]:
+    return [line.strip() for line in ptx.splitlines() if ".f64" in line]
+
+
+def test_every_kernel_is_registered():
+    names = set(KERNELS)
+    assert len([n for n in names if n.startswith("optim.")]) == 30  # 15 variants, one tensor and a list
+    assert {"batchnorm.stats_partial", "batchnorm.stats_finalize", "batchnorm.eval_coefficients",
+            "batchnorm.normalize", "batchnorm.grad_partial", "batchnorm.grad_finalize",
+            "batchnorm.input_grad", "reduce.sumsq_partial", "reduce.sumsq_total", "reduce.multiplier",
+            "reduce.scale", "reduce.convert", "arrays.fill"} <= names
+
+
+@pytest.mark.parametrize("name, dtype", CASES, ids=[f"{n}-{d}" for n, d in CASES])
+def test_kernel_compiles_and_float32_computes_in_float32(name, dtype, device_for_device_functions):
+    kernel = KERNELS[name]
+    ptx = compile_ptx(kernel.py_func, kernel.signature(dtype))
+    assert ".entry" in ptx and ".target sm_90" in ptx
+    if dtype != numba.float32:
+        return
+    lines = float64_lines(ptx)
+    if kernel.float64 is None:
+        assert ".f32" in ptx, f"{name}: no float32 arithmetic at all"
+        assert not lines, f"{name}: float64 in the float32 kernel: {lines[:5]}"
+    else:
+        assert lines, f"{name} is exempt ({kernel.float64}) but its float32 PTX has no float64"
+
+
+def test_the_check_catches_a_float64_literal(device_for_device_functions):
+    """The inspection is not vacuous: a float32 kernel with a Python float literal has .f64."""
+
+    def promoted(x):
+        i = cuda.grid(1)
+        if i < x.shape[0]:
+            x[i] = x[i] * 0.1 + 1e-8
+
+    def clean(x):
+        i = cuda.grid(1)
+        if i < x.shape[0]:
+            x[i] = x[i] * x[i]
+
+    signature = numba.void(numba.float32[::1])
+    assert float64_lines(compile_ptx(promoted, signature))
+    assert not float64_lines(compile_ptx(clean, signature))

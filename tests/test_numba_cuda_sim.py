@@ -1,0 +1,41 @@
+"""Run the numba-cuda simulator suite (tests/cudasim) in a subprocess with NUMBA_ENABLE_CUDASIM=1.
+
+numba reads NUMBA_ENABLE_CUDASIM once, when numba.cuda is first imported, so the suite needs a
+fresh interpreter. This test passes only if that run passes and actually ran tests (pytest's exit
+code 5, "no tests collected", is a failure here, and so is a run whose summary counts no passes).
+When this process already has the simulator on, the suite was collected here directly and is not
+run a second time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
+                    reason="NUMBA_ENABLE_CUDASIM=1 is set: tests/cudasim runs in this process already")
+def test_simulator_suite_passes():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+         str(ROOT / "tests" / "cudasim")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    output = result.stdout + result.stderr
+    tail = output[-6000:]
+    assert result.returncode != 5, f"the simulator suite collected no tests:\n{tail}"
+    assert result.returncode == 0, f"the simulator suite failed (exit code {result.returncode}):\n{tail}"
+    summary = [line for line in output.splitlines() if re.search(r"\d+ passed", line)]
+    assert summary, f"no pytest summary with passed tests in the output:\n{tail}"
+    passed = int(re.search(r"(\d+) passed", summary[-1]).group(1))
+    assert passed > 0, summary[-1]
+    assert "skipped" not in summary[-1], f"tests were skipped under the simulator: {summary[-1]}"

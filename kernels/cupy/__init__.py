@@ -1,1 +1,73 @@
-"""(being written)"""
+"""The ``"cupy"`` backend: fused CUDA C kernels compiled with NVRTC through ``cupy.RawModule``.
+
+Implements the backend contract of ``docs/backends.md`` on GPU arrays: CuPy arrays, or any object
+exposing ``__cuda_array_interface__`` (torch CUDA tensors, numba device arrays), used in place
+without copies; outputs the backend allocates are of the kind of the inputs. Every operation
+launches asynchronously on the current stream (torch's for torch tensors, CuPy's otherwise) and
+never synchronizes with the host.
+
+Layout:
+
+* ``common.cuh``, ``optim.cu``, ``reduce.cu``, ``batchnorm.cu``: the kernels (templates over
+  float and double), each file's header comment states its equations and design;
+* ``_sources``: what is compiled (generated preamble, layout checks, name expressions, options),
+  which ``tests/test_cuda_sources.py`` compiles with NVRTC anywhere;
+* ``_loader``: one ``cupy.RawModule`` per (device, module), compiled on first use, never at import;
+* ``_device``: pointers, kinds, allocation and streams of the arrays;
+* ``optim``, ``reduce``, ``batchnorm``: the host functions (per-step scalars, grids, launches).
+
+Importing works on any machine: CuPy is imported on first use, nothing is compiled or allocated
+at import, and ``unavailable_reason()`` says why the backend cannot run here ("" when it can: CuPy
+installed and a CUDA device usable), which ``fastopt.dispatch`` reports.
+
+Numerics: float32 kernels compute in float32 (no ``.f64`` instruction in their PTX, checked by
+``tests/test_cuda_sources.py``), except the reductions that accumulate in float64 by design
+(``_sources.FLOAT64_BY_DESIGN``). No FMA contraction (``--fmad=false``). CuPy compiles every
+RawModule with ``-ftz=true``: float32 subnormals are flushed to zero (float64 is not affected),
+unlike NumPy and the CPU backend.
+"""
+
+from ._device import (
+    empty,
+    empty_like,
+    from_numpy,
+    full_like,
+    owns,
+    to_numpy,
+    unavailable_reason,
+    zeros_like,
+)
+from .batchnorm import batchnorm_backward, batchnorm_forward
+from .optim import (
+    adadelta_step,
+    adagrad_step,
+    adam_step,
+    delta_bar_delta_step,
+    multi_step,
+    rmsprop_step,
+    sgd_step,
+)
+from .reduce import grad_multiplier, grad_sumsq, scale_grads_
+
+__all__ = [
+    "adadelta_step",
+    "adagrad_step",
+    "adam_step",
+    "batchnorm_backward",
+    "batchnorm_forward",
+    "delta_bar_delta_step",
+    "empty",
+    "empty_like",
+    "from_numpy",
+    "full_like",
+    "grad_multiplier",
+    "grad_sumsq",
+    "multi_step",
+    "owns",
+    "rmsprop_step",
+    "scale_grads_",
+    "sgd_step",
+    "to_numpy",
+    "unavailable_reason",
+    "zeros_like",
+]

@@ -1,0 +1,249 @@
+"""What the ``"cupy"`` backend compiles: its CUDA C sources, compile options and kernel table.
+
+Standard library and NumPy only, no CuPy: ``tests/test_cuda_sources.py`` compiles with NVRTC
+exactly what the loader compiles, on machines with neither CuPy nor a GPU.
+
+A module's translation unit is::
+
+    preamble()  +  common.cuh  +  <module>.cu  +  layout_checks(<module>)
+
+The preamble is short and generated: the constants the host also uses (threads per block, the
+byte budget of a tensor list). The layout checks are ``static_assert``s generated from the tables
+below, so a struct the host packs (an update's scalars, a tensor list) and its C++ declaration
+cannot drift apart without the module failing to compile.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "BLOCK",
+    "COMPILE_OPTIONS",
+    "CUPY_ADDED_OPTIONS",
+    "DTYPES",
+    "FLOAT64_BY_DESIGN",
+    "LIST_BYTES",
+    "MODULES",
+    "UPDATES",
+    "VEC_BYTES",
+    "Update",
+    "bn_kernel",
+    "is_aligned",
+    "layout_checks",
+    "list_capacity",
+    "list_dtype",
+    "name_expressions",
+    "preamble",
+    "reduce_kernel",
+    "scalars_dtype",
+    "source",
+    "update_kernel",
+    "vector_width",
+]
+
+BLOCK = 256  # threads per block of every kernel (FO_BLOCK)
+LIST_BYTES = 3584  # bytes of a tensor list passed by value (FO_LIST_BYTES), within the 4 KiB
+#                    kernel-parameter limit together with the update's scalars and the extras
+VEC_BYTES = 16  # the vectorized paths move 16 bytes per load: float4 / double2
+
+# NumPy dtype -> (C++ type, elements per 16-byte vector)
+DTYPES = {np.dtype(np.float32): ("float", 4), np.dtype(np.float64): ("double", 2)}
+_CTYPES = tuple(ctype for ctype, _ in DTYPES.values())
+_WIDTH = {ctype: width for ctype, width in DTYPES.values()}
+
+# Our options. --fmad=false: no contraction of a·b + c into an FMA, so each expression rounds as
+# written, like the CPU backend (fma() is called explicitly where wanted). The others are NVRTC's
+# defaults, written out: IEEE division and square root.
+COMPILE_OPTIONS = ("--std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true")
+
+# What cupy.RawModule adds to every compilation (CuPy 13/14, cupy/cuda/compiler.py): -ftz=true
+# (float subnormals flushed to zero, in inputs and results of float arithmetic; double is not
+# affected) and -default-device. The NVRTC test compiles with them too, so it checks the code
+# CuPy runs.
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+MODULES = {"optim": "optim.cu", "reduce": "reduce.cu", "batchnorm": "batchnorm.cu"}
+_HEADER = "common.cuh"
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer updates
+
+
+class Update(NamedTuple):
+    """One update variant: its C++ struct (optim.cu), state arrays, and scalars in struct order."""
+
+    struct: str
+    states: int
+    scalars: tuple[str, ...]
+
+
+# The variants of kernels/numba_cpu/optim.py, by the same names (without the underscore).
+UPDATES: dict[str, Update] = {
+    "sgd": Update("Sgd", 0, ("lr", "weight_decay")),
+    "sgd_momentum": Update("SgdMomentum", 1, ("momentum", "c", "k", "weight_decay")),
+    "sgd_nesterov": Update("SgdNesterov", 1, ("lr", "momentum", "weight_decay")),
+    "sgd_nesterov_torch": Update("SgdNesterovTorch", 1, ("lr", "momentum", "weight_decay")),
+    "adagrad": Update("Adagrad", 1, ("lr", "eps", "weight_decay")),
+    "rmsprop": Update("Rmsprop", 1, ("lr", "rho", "one_minus_rho", "eps_in", "eps_out", "weight_decay")),
+    "rmsprop_centered": Update("RmspropCentered", 2,
+                               ("lr", "rho", "one_minus_rho", "eps_in", "eps_out", "weight_decay")),
+    "rmsprop_momentum": Update("RmspropMomentum", 2, ("rho", "one_minus_rho", "eps_in", "eps_out", "momentum",
+                                                      "c", "k", "weight_decay")),
+    "rmsprop_momentum_centered": Update("RmspropMomentumCentered", 3,
+                                        ("rho", "one_minus_rho", "eps_in", "eps_out", "momentum", "c", "k",
+                                         "weight_decay")),
+    "rmsprop_nesterov": Update("RmspropNesterov", 2,
+                               ("lr", "rho", "one_minus_rho", "eps", "momentum", "weight_decay")),
+    "rmsprop_nesterov_centered": Update("RmspropNesterovCentered", 3,
+                                        ("lr", "rho", "one_minus_rho", "eps", "momentum", "weight_decay")),
+    "adadelta": Update("Adadelta", 2, ("lr", "rho", "one_minus_rho", "eps", "c", "weight_decay")),
+    "adam": Update("Adam", 2, ("step_size", "inv_sqrt_bc2", "beta1", "one_minus_beta1", "beta2",
+                               "one_minus_beta2", "eps", "weight_decay", "decay")),
+    "adam_amsgrad": Update("AdamAmsgrad", 3, ("step_size", "inv_sqrt_bc2", "beta1", "one_minus_beta1", "beta2",
+                                              "one_minus_beta2", "eps", "weight_decay", "decay")),
+    "delta_bar_delta": Update("DeltaBarDelta", 2, ("kappa", "phi", "gamma", "one_minus_gamma")),
+}
+
+
+def _ctype(dtype) -> str:
+    return DTYPES[np.dtype(dtype)][0]
+
+
+def update_kernel(variant: str, dtype, width: int | None) -> str:
+    """Name expression of an update kernel: ``width`` 1 or the vector width (single tensor), or
+    None for the tensor-list kernel."""
+    op = f"fo::{UPDATES[variant].struct}<{_ctype(dtype)}>"
+    return f"fo::multi_update<{op}>" if width is None else f"fo::update<{op}, {width}>"
+
+
+def scalars_dtype(variant: str, dtype) -> np.dtype:
+    """The update's scalars as a NumPy struct: one field of ``dtype`` per scalar, in struct order."""
+    return np.dtype([(name, np.dtype(dtype)) for name in UPDATES[variant].scalars])
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor lists (common.cuh: TensorList<T, D>)
+
+
+def list_capacity(slots: int) -> int:
+    """Tensors per TensorList<T, slots> (``slots`` pointers per tensor, plus n and nvec)."""
+    return (LIST_BYTES - 8) // (8 * slots + 16)
+
+
+def list_dtype(slots: int) -> np.dtype:
+    """TensorList<T, slots> as a NumPy struct: T* ptr[cap][slots]; i64 n[cap], nvec[cap]; i64 count."""
+    cap = list_capacity(slots)
+    return np.dtype([("ptr", np.uint64, (cap, slots)), ("n", np.int64, (cap,)), ("nvec", np.int64, (cap,)),
+                     ("count", np.int64)])
+
+
+def _list_slots() -> list[int]:
+    """Every D of a TensorList<T, D> the kernels take: 1 (reductions), states + 3 (updates)."""
+    return sorted({1} | {u.states + 3 for u in UPDATES.values()})
+
+
+# ---------------------------------------------------------------------------------------------
+# reductions and batch normalization
+
+
+def reduce_kernel(name: str, dtype=None) -> str:
+    """``sumsq_partial``, ``grad_multiplier``, ``scale_list`` (per dtype) or ``sum_partials``."""
+    return f"fo::{name}" if dtype is None else f"fo::{name}<{_ctype(dtype)}>"
+
+
+def bn_kernel(name: str, dtype, width: int | None = None) -> str:
+    """A batch-norm kernel; ``width`` for the elementwise passes (1 or the vector width)."""
+    args = _ctype(dtype) if width is None else f"{_ctype(dtype)}, {width}"
+    return f"fo::{name}<{args}>"
+
+
+_BN_REDUCTIONS = ("bn_stats_cf", "bn_stats_cl", "bn_finalize", "bn_eval_coefficients", "bn_grad_reduce_cf",
+                  "bn_grad_reduce_cl", "bn_grad_finalize")
+_BN_ELEMENTWISE = ("bn_normalize_cf", "bn_normalize_cl", "bn_input_grad_cf", "bn_input_grad_cl")
+
+
+def name_expressions(module: str) -> tuple[str, ...]:
+    """Every kernel of ``module``, as the loader looks it up (one instantiation per dtype and width)."""
+    names = []
+    for dtype, (_, width) in DTYPES.items():
+        if module == "optim":
+            for variant in UPDATES:
+                names += [update_kernel(variant, dtype, 1), update_kernel(variant, dtype, width),
+                          update_kernel(variant, dtype, None)]
+        elif module == "reduce":
+            names += [reduce_kernel(k, dtype) for k in ("sumsq_partial", "grad_multiplier", "scale_list")]
+        elif module == "batchnorm":
+            names += [bn_kernel(k, dtype) for k in _BN_REDUCTIONS]
+            names += [bn_kernel(k, dtype, w) for k in _BN_ELEMENTWISE for w in (1, width)]
+            names.append(bn_kernel("fill", dtype))
+        else:
+            raise KeyError(module)
+    if module == "reduce":
+        names.append(reduce_kernel("sum_partials"))
+    return tuple(names)
+
+
+# float instantiations that compute in double on purpose (the float64 accumulation of the
+# contract); every other float kernel must compile to PTX without a single .f64 instruction.
+FLOAT64_BY_DESIGN = frozenset(
+    [reduce_kernel("sumsq_partial", np.float32), reduce_kernel("grad_multiplier", np.float32),
+     reduce_kernel("sum_partials")]
+    + [bn_kernel(k, np.float32) for k in _BN_REDUCTIONS]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# the translation units
+
+
+def preamble() -> str:
+    return (
+        "// generated by fastopt.kernels.cupy._sources\n"
+        f"#define FO_BLOCK {BLOCK}\n"
+        f"#define FO_LIST_BYTES {LIST_BYTES}\n"
+    )
+
+
+def layout_checks(module: str) -> str:
+    """``static_assert``s that the C++ structs have the layout the host packs."""
+    lines = ["// generated by fastopt.kernels.cupy._sources: the host's layouts"]
+    for ctype in _CTYPES:
+        if module in ("optim", "reduce"):
+            for slots in _list_slots() if module == "optim" else [1]:
+                size = list_dtype(slots).itemsize
+                lines.append(f"static_assert(sizeof(fo::TensorList<{ctype}, {slots}>) == {size}, "
+                             f"\"TensorList<{ctype}, {slots}> != _sources.list_dtype({slots})\");")
+        if module == "optim":
+            for update in UPDATES.values():
+                struct = f"fo::{update.struct}<{ctype}>"
+                k = len(update.scalars)
+                values = ", ".join(str(i) for i in range(k))
+                lines.append(f"static_assert(sizeof({struct}) == {k} * sizeof({ctype}), "
+                             f"\"{struct}: {k} scalars\");")
+                lines.append(f"static_assert({struct}::states == {update.states}, \"{struct}: states\");")
+                for i, name in enumerate(update.scalars):
+                    lines.append(f"static_assert({struct}{{{values}}}.{name} == {i}, "
+                                 f"\"{struct}: scalar {i} is {name}\");")
+    return "\n".join(lines) + "\n"
+
+
+def _read(name: str) -> str:
+    return importlib.resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def source(module: str) -> str:
+    """The full translation unit of ``module`` ("optim", "reduce", "batchnorm")."""
+    return "\n".join([preamble(), _read(_HEADER), _read(MODULES[module]), layout_checks(module)])
+
+
+def vector_width(dtype) -> int:
+    return DTYPES[np.dtype(dtype)][1]
+
+
+def is_aligned(pointer: int) -> bool:
+    return pointer % VEC_BYTES == 0

@@ -1,0 +1,103 @@
+"""Cold start: the first-ever compile time of every CPU kernel.
+
+A fresh Python process with ``NUMBA_CACHE_DIR`` pointing at an empty temporary directory imports
+``fastopt.kernels.numba_cpu``, finds every kernel in its modules (the objects the house decorator
+``fastopt.kernels.numba_cpu._jit.kernel`` makes) and compiles all their declared signatures, timing
+each module. A second process with the same, now filled, cache directory measures the start a user
+sees from the second run on (loading from numba's on-disk cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+__all__ = ["measure"]
+
+PACKAGE = "fastopt.kernels.numba_cpu"
+
+_SCRIPT = r"""
+import importlib, json, pkgutil, sys, time
+
+def is_kernel(obj):
+    return all(hasattr(type(obj), a) or hasattr(obj, a) for a in ("compiled", "signatures", "py_func")) \
+        and not isinstance(obj, type)
+
+def kernels_in(obj, package, seen, depth=0):
+    # the house kernels, also inside the package's own wrapper objects (e.g. a kernel's variants)
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if is_kernel(obj):
+        yield obj
+        return
+    if depth >= 2:
+        return
+    if isinstance(obj, (list, tuple)):
+        values = obj
+    elif type(obj).__module__.startswith(package) and hasattr(obj, "__dict__") and not isinstance(obj, type):
+        values = list(vars(obj).values()) + [getattr(obj, "variants", ())]
+    else:
+        return
+    for value in values:
+        yield from kernels_in(value, package, seen, depth + 1)
+
+t0 = time.perf_counter()
+import numba
+t1 = time.perf_counter()
+package = importlib.import_module(sys.argv[1])
+t2 = time.perf_counter()
+modules = {}
+seen = set()
+for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+    start = time.perf_counter()
+    module = importlib.import_module(package.__name__ + "." + info.name)  # may compile eager kernels
+    imported = time.perf_counter()
+    kernels = signatures = 0
+    for obj in list(vars(module).values()):
+        if type(obj).__module__ != module.__name__ and not is_kernel(obj):
+            continue
+        for k in kernels_in(obj, package.__name__, seen):
+            k.compiled  # compiles (or loads from the cache) every declared signature
+            kernels += 1
+            signatures += len(k.signatures)
+    done = time.perf_counter()
+    if kernels or done - start > 0.05:
+        modules[info.name] = dict(kernels=kernels, signatures=signatures, seconds=done - start,
+                                  import_seconds=imported - start)
+print(json.dumps(dict(import_numba_s=t1 - t0, import_kernels_s=t2 - t1, modules=modules,
+                      compile_s=sum(m["seconds"] for m in modules.values()))))
+"""
+
+
+def _run(cache_dir: str, package: str, timeout: float, path: str | None) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, package], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the compile subprocess failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(package: str = PACKAGE, *, timeout: float = 1800.0, path: str | None = None) -> dict:
+    """First-ever compile (empty cache) and cached start of every kernel of ``package`` (the CPU
+    kernels by default), each in a new process; ``path`` is prepended to its ``PYTHONPATH``."""
+    with tempfile.TemporaryDirectory(prefix="fastopt-numba-cache-") as cache_dir:
+        cold = _run(cache_dir, package, timeout, path)
+        warm = _run(cache_dir, package, timeout, path)
+    return dict(
+        package=package,
+        method="each in a new process; NUMBA_CACHE_DIR an empty temporary directory, then the same one filled",
+        kernels=sum(m["kernels"] for m in cold["modules"].values()),
+        signatures=sum(m["signatures"] for m in cold["modules"].values()),
+        first_compile_s=cold["compile_s"],
+        cached_load_s=warm["compile_s"],
+        import_numba_s=cold["import_numba_s"],
+        import_kernels_s=cold["import_kernels_s"],  # importing the package (kernels declared eagerly compile here)
+        modules=cold["modules"],
+    )

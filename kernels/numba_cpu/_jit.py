@@ -31,10 +31,8 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
         except ImportError:
             numba.config.THREADING_LAYER = "default"
 
-# One lock for compiling and for serialized calls: a kernel compiling in one thread while another
-# thread launches on the workqueue layer can deadlock inside numba (its compiler lock against its
-# thread-pool start-up lock), so under workqueue neither happens while the other does.
-_compile_lock = _call_lock = threading.RLock()
+_compile_lock = threading.Lock()
+_call_lock = threading.Lock()
 _serialize: bool | None = None  # unknown until the first parallel launch has picked a layer
 
 
@@ -68,10 +66,11 @@ class _Kernel:
 
     def __call__(self, *args):
         global _serialize
+        compiled = self.compiled
         if _serialize is False:
-            return self.compiled(*args)
+            return compiled(*args)
         with _call_lock:
-            result = self.compiled(*args)
+            result = compiled(*args)
             if _serialize is None and self.parallel:
                 _serialize = numba.threading_layer() == "workqueue"
             return result

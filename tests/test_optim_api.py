@@ -209,8 +209,11 @@ def test_concurrent_steps_from_threads_match_serial_runs(rng):
 def test_workqueue_threading_layer_falls_back_to_serialized_calls(tmp_path):
     """With numba's workqueue layer (no thread-safe layer installed, or forced by the user), the
     kernels serialize instead of letting workqueue abort the process on concurrent launches."""
-    script = tmp_path / "concurrent.py"
+    # Not "concurrent.py": the script's folder comes first on sys.path, and that name would shadow
+    # the standard library's concurrent package (numba's first compile imports concurrent.futures).
+    script = tmp_path / "workqueue_threads.py"
     script.write_text(
+        "import faulthandler; faulthandler.dump_traceback_later(240, exit=True)\n"
         "import threading, numba, numpy as np, fastopt\n"
         "from fastopt.kernels.numba_cpu._jit import calls_serialized\n"
         "def run(seed):\n"
@@ -224,6 +227,6 @@ def test_workqueue_threading_layer_falls_back_to_serialized_calls(tmp_path):
         "print(numba.threading_layer(), calls_serialized())\n"
     )
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["workqueue", "True"]

@@ -49,10 +49,24 @@ def check_convention(value) -> str:
     return value
 
 
+def _simulated(array) -> bool:
+    """A device array of numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1): a numba device array
+    without ``__cuda_array_interface__``, whose "device" memory is a host ndarray."""
+    return getattr(array, "__cuda_ndarray__", False) and type(array).__module__.startswith("numba.cuda.simulator")
+
+
 def is_device_array(array) -> bool:
     """A CUDA device array: CuPy, numba device arrays, torch CUDA tensors, ... (anything exposing
-    ``__cuda_array_interface__``)."""
-    return not isinstance(array, np.ndarray) and hasattr(array, "__cuda_array_interface__")
+    ``__cuda_array_interface__``), and the device arrays of numba's CUDA simulator."""
+    return not isinstance(array, np.ndarray) and (hasattr(array, "__cuda_array_interface__") or _simulated(array))
+
+
+def _interface(array) -> dict:
+    """A device array's ``__cuda_array_interface__``; for a simulated one, the same description of
+    the host memory behind it."""
+    if _simulated(array):
+        return array._ary.__array_interface__
+    return array.__cuda_array_interface__
 
 
 def kind_name(array) -> str:
@@ -62,26 +76,26 @@ def kind_name(array) -> str:
 def shape_of(array) -> tuple:
     if isinstance(array, np.ndarray):
         return array.shape
-    return tuple(array.__cuda_array_interface__["shape"])
+    return tuple(_interface(array)["shape"])
 
 
 def dtype_of(array) -> np.dtype:
     if isinstance(array, np.ndarray):
         return array.dtype
-    return np.dtype(array.__cuda_array_interface__["typestr"])
+    return np.dtype(_interface(array)["typestr"])
 
 
 def span_of(array) -> tuple[int, int]:
     """(first byte address, size in bytes) of a C-contiguous array, host or device."""
     if isinstance(array, np.ndarray):
         return array.__array_interface__["data"][0], array.nbytes
-    interface = array.__cuda_array_interface__
+    interface = _interface(array)
     return interface["data"][0], math.prod(interface["shape"]) * np.dtype(interface["typestr"]).itemsize
 
 
 def _device_facts(array) -> tuple[np.dtype, bool, bool]:
     """(dtype, C-contiguous, writeable) of a device array, from its ``__cuda_array_interface__``."""
-    interface = array.__cuda_array_interface__
+    interface = _interface(array)
     dtype = np.dtype(interface["typestr"])
     shape, strides = tuple(interface["shape"]), interface.get("strides")
     contiguous = strides is None

@@ -276,6 +276,10 @@ class BatchNorm:
     training-mode forward, with constant statistics after an eval-mode one), returns dx and writes
     ``grad_weight``/``grad_bias``. It uses the current ``weight`` and ``bias``, so call it before the
     optimizer step. Both take ``out=`` for a preallocated result.
+
+    The layer's arrays are NumPy arrays, unless ``backend`` names a GPU backend: ``"numba-cuda"``
+    allocates numba device arrays and ``"cupy"`` CuPy arrays, on the current CUDA device, and the
+    layer then takes device arrays. ``state_dict`` returns NumPy copies either way.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, channel_axis=1, relu=False,
@@ -302,18 +306,20 @@ class BatchNorm:
         self.dtype = dtype
         self.backend = backend
         self.training = True
+        self._device = dispatch.allocating_module(backend)  # None: the arrays are NumPy arrays
+        place = (lambda host: host) if self._device is None else self._device.from_numpy
         c = self.num_features
-        self.weight = np.ones(c, dtype) if self.affine else None
-        self.bias = np.zeros(c, dtype) if self.affine else None
-        self.grad_weight = np.zeros(c, dtype) if self.affine else None
-        self.grad_bias = np.zeros(c, dtype) if self.affine else None
-        self.running_mean = np.zeros(c, dtype)
-        self.running_var = np.ones(c, dtype)
+        self.weight = place(np.ones(c, dtype)) if self.affine else None
+        self.bias = place(np.zeros(c, dtype)) if self.affine else None
+        self.grad_weight = place(np.zeros(c, dtype)) if self.affine else None
+        self.grad_bias = place(np.zeros(c, dtype)) if self.affine else None
+        self.running_mean = place(np.zeros(c, dtype))
+        self.running_var = place(np.ones(c, dtype))
         self.num_batches_tracked = 0
-        self._saved_mean = np.empty(c, dtype)
-        self._saved_invstd = np.empty(c, dtype)
+        self._saved_mean = place(np.empty(c, dtype))
+        self._saved_invstd = place(np.empty(c, dtype))
         # backward writes dγ and dβ somewhere even without affine parameters
-        self._grad_scratch = None if self.affine else (np.empty(c, dtype), np.empty(c, dtype))
+        self._grad_scratch = None if self.affine else (place(np.empty(c, dtype)), place(np.empty(c, dtype)))
         self._forward_input = None  # (x, training) of the latest forward
 
     def __repr__(self):
@@ -366,13 +372,15 @@ class BatchNorm:
         return dx
 
     def state_dict(self) -> dict:
-        """Copies of the layer's state, under torch's names (``weight``/``bias`` only when affine)."""
+        """NumPy copies of the layer's state, under torch's names (``weight``/``bias`` only when
+        affine); on a GPU backend this waits for the device."""
+        copy = (lambda array: array.copy()) if self._device is None else self._device.to_numpy
         state = {}
         if self.affine:
-            state["weight"] = self.weight.copy()
-            state["bias"] = self.bias.copy()
-        state["running_mean"] = self.running_mean.copy()
-        state["running_var"] = self.running_var.copy()
+            state["weight"] = copy(self.weight)
+            state["bias"] = copy(self.bias)
+        state["running_mean"] = copy(self.running_mean)
+        state["running_var"] = copy(self.running_var)
         state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
 
@@ -408,5 +416,8 @@ class BatchNorm:
                 raise ValueError(f"state['num_batches_tracked'] must be a non-negative integer, got {state['num_batches_tracked']!r}")
             tracked = int(count)
         for key, value in values.items():
-            np.copyto(targets[key], value, casting="unsafe")
+            if self._device is None:
+                np.copyto(targets[key], value, casting="unsafe")
+            else:
+                self._device.copy_from_numpy(targets[key], value.astype(self.dtype))
         self.num_batches_tracked = tracked

@@ -25,6 +25,8 @@ from types import ModuleType
 
 import numpy as np
 
+from ._checks import is_device_array
+
 __all__ = ["BACKEND_NAMES", "BackendInfo", "BackendUnavailableError", "backends", "resolve"]
 
 
@@ -77,6 +79,16 @@ def _load(name: str) -> ModuleType:
     return module
 
 
+def allocating_module(backend: str | None) -> ModuleType | None:
+    """The module that allocates an object's own arrays for ``backend``: a GPU backend's (its
+    arrays on the current CUDA device; ``BackendUnavailableError`` when it cannot run here), or
+    None for NumPy arrays (``backend`` None or a CPU backend)."""
+    check_backend_name(backend)
+    if backend is None or _MODULES[backend][1] == HOST:
+        return None
+    return _load(backend)
+
+
 def backends() -> dict[str, BackendInfo]:
     """Report every backend fastopt knows, whether it is available here, and why not."""
     report = {}
@@ -117,7 +129,7 @@ def resolve(backend: str | None, array) -> ModuleType:
     """
     check_backend_name(backend)
     host = isinstance(array, np.ndarray)
-    if not host and not hasattr(array, "__cuda_array_interface__"):
+    if not host and not is_device_array(array):
         raise TypeError(f"arrays must be numpy.ndarray or CUDA device arrays, got "
                         f"{type(array).__module__}.{type(array).__name__}")
     name = default_backend(array) if backend is None else backend

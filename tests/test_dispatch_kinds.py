@@ -94,3 +94,35 @@ def test_a_gpu_backend_without_a_device_is_unavailable_with_a_reason():
             assert report[name].reason
             with pytest.raises(fastopt.BackendUnavailableError, match=name):
                 functional.sgd_step(FakeDeviceArray((3,)), FakeDeviceArray((3,)), lr=0.1, backend=name)
+    for name in ("cupy", "numba-cuda"):
+        if not report[name].available:
+            with pytest.raises(fastopt.BackendUnavailableError, match=name):
+                fastopt.BatchNorm(4, backend=name)  # the layer allocates on the device up front
+
+
+def test_clip_grad_norm_refuses_mixed_kinds_before_anything_changes():
+    grad = np.full(3, 10.0)
+    with pytest.raises(TypeError, match=r"grads\[1\] is a .*FakeDeviceArray but grads\[0\] is a numpy.ndarray"):
+        fastopt.clip_grad_norm_([grad, FakeDeviceArray((3,), np.float64)], 1.0)
+    assert (grad == 10.0).all()
+
+
+@pytest.mark.parametrize("name", dispatch.BACKEND_NAMES)
+def test_every_backend_module_provides_the_array_helpers(name):
+    """The helpers docs/backends.md lists for every backend module (the GPU modules import without
+    a GPU or CuPy)."""
+    import importlib
+
+    module = importlib.import_module(dispatch._MODULES[name][0])
+    helpers = ["owns", "zeros_like", "full_like", "empty_like", "empty", "to_numpy", "from_numpy", "copy_from_numpy"]
+    missing = [h for h in helpers if not callable(getattr(module, h, None))]
+    assert not missing, f"{name} lacks {missing}"
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_host_backends_copy_from_numpy_in_place(name):
+    module = dispatch._load(name)
+    target = np.zeros(4, np.float32)
+    module.copy_from_numpy(target, np.arange(4.0))
+    np.testing.assert_array_equal(target, np.arange(4.0, dtype=np.float32))
+    assert isinstance(module.from_numpy(np.ones(2)), np.ndarray)

@@ -10,6 +10,7 @@ take the training-step extras of ``docs/backends.md`` (``grad_mul``, ``grad_clip
 from . import optim as _optim
 from .batchnorm import batchnorm_backward, batchnorm_forward
 from .extras import (
+    copy_from_numpy,
     empty,
     empty_like,
     from_numpy,
@@ -37,6 +38,7 @@ __all__ = [
     "adam_step",
     "batchnorm_backward",
     "batchnorm_forward",
+    "copy_from_numpy",
     "delta_bar_delta_step",
     "empty",
     "empty_like",

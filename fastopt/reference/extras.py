@@ -22,6 +22,7 @@ import numpy as np
 __all__ = [
     "empty",
     "empty_like",
+    "copy_from_numpy",
     "from_numpy",
     "full_like",
     "grad_multiplier",
@@ -59,9 +60,14 @@ def to_numpy(array):
     return np.array(array, copy=True)
 
 
-def from_numpy(host, like):
+def from_numpy(host, like=None):
     """A copy of the host array ``host`` of the kind of ``like`` (here: a NumPy copy)."""
     return np.array(host, order="C", copy=True)
+
+
+def copy_from_numpy(array, host):
+    """Write the host array ``host`` (same shape) into ``array`` in place."""
+    np.copyto(array, host, casting="same_kind")
 
 
 def _transformed_grad(grad, grad_mul, grad_clip):

@@ -28,6 +28,7 @@ unlike NumPy and the CPU backend.
 """
 
 from ._device import (
+    copy_from_numpy,
     empty,
     empty_like,
     from_numpy,
@@ -50,6 +51,7 @@ from .optim import (
 from .reduce import grad_multiplier, grad_sumsq, scale_grads_
 
 __all__ = [
+    "copy_from_numpy",
     "adadelta_step",
     "adagrad_step",
     "adam_step",

@@ -34,6 +34,7 @@ import numpy as np
 
 __all__ = [
     "Place",
+    "copy_from_numpy",
     "dtype_of",
     "empty",
     "empty_like",
@@ -229,9 +230,12 @@ def to_numpy(array) -> np.ndarray:
         return cupy.asnumpy(cupy.asarray(array))
 
 
-def from_numpy(host, like):
-    """A device copy of the NumPy array ``host``, of the kind (and device) of ``like``."""
+def from_numpy(host, like=None):
+    """A device copy of the NumPy array ``host``, of the kind (and device) of ``like``; a CuPy
+    array on the current device when ``like`` is None."""
     host = np.ascontiguousarray(host)
+    if like is None:
+        return _cupy().asarray(host)
     k = kind(like)
     if k == "torch":
         import torch
@@ -245,6 +249,15 @@ def from_numpy(host, like):
 
         return cuda.as_cuda_array(copy, sync=False)
     return copy
+
+
+def copy_from_numpy(array, host) -> None:
+    """Write the host array ``host`` (``array``'s shape) into ``array`` in place (synchronous)."""
+    cupy = _cupy()
+    host = np.ascontiguousarray(host, dtype_of(array))
+    with cupy.cuda.Device(device_of(array)):
+        view = array if kind(array) == "cupy" else cupy.asarray(array)  # a view, through the interface
+        view.set(host.reshape(view.shape))
 
 
 _usable = False

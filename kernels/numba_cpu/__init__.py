@@ -21,6 +21,7 @@ from .optim import (
 from .reduce import grad_multiplier, grad_sumsq, scale_grads_
 
 __all__ = [
+    "copy_from_numpy",
     "adadelta_step",
     "adagrad_step",
     "adam_step",
@@ -68,6 +69,11 @@ def to_numpy(array):
     return np.array(array, copy=True)
 
 
-def from_numpy(host, like):
+def from_numpy(host, like=None):
     """A C-contiguous copy of the host array ``host`` (this backend's arrays are NumPy arrays)."""
     return np.array(host, order="C", copy=True)
+
+
+def copy_from_numpy(array, host):
+    """Write the host array ``host`` (same shape) into ``array`` in place."""
+    np.copyto(array, host, casting="same_kind")

@@ -20,6 +20,7 @@ if _SIMULATOR:
     _install_simulator_shuffle()
 
 from ._arrays import (  # noqa: E402
+    copy_from_numpy,
     empty,
     empty_like,
     from_numpy,
@@ -42,6 +43,7 @@ from .optim import (  # noqa: E402
 from .reduce import grad_multiplier, grad_sumsq, scale_grads_  # noqa: E402
 
 __all__ = [
+    "copy_from_numpy",
     "adadelta_step",
     "adagrad_step",
     "adam_step",

@@ -32,6 +32,7 @@ from numba import cuda, types
 from ._jit import SIMULATOR, THREADS, blocks_for, kernel
 
 __all__ = [
+    "copy_from_numpy",
     "address",
     "as_numpy_dtype",
     "dtype_of",
@@ -229,8 +230,9 @@ def to_numpy(array) -> np.ndarray:
     return cuda.as_cuda_array(array).copy_to_host()
 
 
-def from_numpy(host, like):
-    """A device copy of the NumPy array ``host``, of the kind (and device) of ``like``."""
+def from_numpy(host, like=None):
+    """A device copy of the NumPy array ``host``, of the kind (and device) of ``like``; a numba
+    device array on the current device when ``like`` is None."""
     host = np.ascontiguousarray(host)
     kind = _kind(like)
     if kind == "cupy":
@@ -243,6 +245,11 @@ def from_numpy(host, like):
 
         return torch.from_numpy(host.copy()).to(like.device)
     return cuda.to_device(host)
+
+
+def copy_from_numpy(array, host) -> None:
+    """Write the host array ``host`` (``array``'s shape) into ``array`` in place (synchronous)."""
+    flat(array).copy_to_device(np.ascontiguousarray(host, dtype_of(array)).reshape(-1))
 
 
 _unavailable: str | None = None

@@ -29,3 +29,10 @@ def rng(request):
 
 def torch_or_skip():
     return pytest.importorskip("torch", reason="torch is not installed; parity with torch cannot be checked")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` run first (a stable sort keeps the rest in order), so that in a
+    parallel run (``-n auto``) the other workers share the short tests meanwhile instead of one
+    worker starting a long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -76,6 +76,7 @@ def test_json_document_of_a_small_run(tmp_path, capsys):
         assert row["median_ms"] == pytest.approx(float(np.median(samples["kernel"])))
 
 
+@pytest.mark.long
 def test_every_row_runs_on_small_sizes(tmp_path, capsys):
     """Each row (optimizers, batch norm, many tensors, training step) is verified or skipped with a reason."""
     code, doc, out = run_json(tmp_path, [], capsys)

@@ -32,6 +32,7 @@ def test_the_simulator_suite_has_files():
 
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
                     reason="NUMBA_ENABLE_CUDASIM=1 is set: tests/cudasim runs in this process already")
+@pytest.mark.long
 @pytest.mark.parametrize("name", SIMULATOR_FILES)
 def test_simulator_suite_passes(name):
     """One subprocess per file, so that a parallel test run (pytest -n) spreads them."""

@@ -556,3 +556,50 @@ def test_numba_device_arrays_are_accepted(backend, rng):
 
 
 _ = TOLERANCE  # the dtype-keyed tolerances assert_close uses
+
+
+@gpu
+def test_copy_from_numpy_and_native_from_numpy(backend, cp):
+    a = cp.zeros((2, 3), np.float32)
+    backend.copy_from_numpy(a, np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(host(a), np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    native = backend.from_numpy(np.ones(3))
+    assert isinstance(native, cp.ndarray) and (host(native) == 1.0).all()
+
+
+@gpu
+def test_public_api_on_cupy_arrays(backend, cp, rng):
+    """The optimizer with the extras, clip_grad_norm_ and the BatchNorm layer, through the public
+    API on CuPy arrays, against the same calls on float64 NumPy arrays with backend='numpy'."""
+    import fastopt
+
+    start = [rng.standard_normal(s) for s in [(1000,), (3, 5), (0,)]]
+    params = [cp.asarray(p.astype(np.float32)) for p in start]
+    expected = [p.copy() for p in start]
+    options = dict(lr=1e-2, weight_decay=0.01, clip_grad_norm=1.0, polyak=0.9, nonfinite="skip")
+    opt, ref = fastopt.AdamW(params, **options), fastopt.AdamW(expected, **options, backend="numpy")
+    for t in range(3):
+        grads = [(3.0 * rng.standard_normal(p.shape)).astype(np.float32) for p in start]
+        if t == 1:
+            grads[0][5] = np.nan  # skipped, bit for bit
+        opt.step([cp.asarray(g) for g in grads])
+        ref.step([g.astype(np.float64) for g in grads])
+    assert (opt.steps, opt.skipped_steps) == (ref.steps, ref.skipped_steps) == (2, 1)
+    for actual, wanted in zip(params + opt.averaged_params(), expected + ref.averaged_params()):
+        np.testing.assert_allclose(host(actual), wanted, rtol=2e-5, atol=2e-6)
+    grads = [cp.asarray(rng.standard_normal(5).astype(np.float32) * 10)]
+    norm = fastopt.clip_grad_norm_(grads, 1.0)
+    assert isinstance(norm, float) and abs(float(cp.linalg.norm(grads[0])) - 1.0) < 1e-5
+
+    layer = fastopt.BatchNorm(3, backend="cupy")
+    layer_ref = fastopt.BatchNorm(3, dtype=np.float64, backend="numpy")
+    assert isinstance(layer.weight, cp.ndarray)
+    x = (rng.standard_normal((8, 3, 6)) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, y_ref = layer(cp.asarray(x)), layer_ref(x.astype(np.float64))
+    dx, dx_ref = layer.backward(cp.asarray(dy)), layer_ref.backward(dy.astype(np.float64))
+    np.testing.assert_allclose(host(y), y_ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(host(dx), dx_ref, rtol=2e-5, atol=2e-5)
+    weight = layer.weight
+    layer.load_state_dict({**layer.state_dict(), "running_var": np.full(3, 2.0)})
+    assert layer.weight is weight and (host(layer.running_var) == 2.0).all()

@@ -22,6 +22,7 @@ import fastopt.reference as reference  # noqa: E402
 from fastopt import functional  # noqa: E402
 
 from conftest import assert_close  # noqa: E402
+from cudasim import test_api as api  # noqa: E402  (the public-API tests, run here on the GPU)
 from cudasim.helpers import bn_case, bn_compare, device, host, run_batchnorm, step_and_compare  # noqa: E402
 from optim_cases import CASES, case_id, initial_state  # noqa: E402
 
@@ -210,3 +211,34 @@ def test_other_array_kinds_stay_of_their_kind(rng):
 
 def test_available():
     assert backend.unavailable_reason() == "" and cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# the public API (tests/cudasim/test_api.py's tests, on numba device arrays on the GPU)
+
+
+@pytest.mark.parametrize("options", api.OPTIONS, ids=api.options_id)
+@pytest.mark.parametrize("case", api.OPTIMIZERS, ids=api.optimizer_id)
+def test_public_api_optimizer_step_with_extras(case, options, rng):
+    api.test_optimizer_step_with_extras_matches_the_reference(case, options, rng)
+
+
+@pytest.mark.parametrize("name", ["test_skip_leaves_everything_and_later_steps_ignore_the_bad_one",
+                                  "test_raise_names_the_bad_tensor_and_changes_nothing",
+                                  "test_groups_update_only_the_named_groups",
+                                  "test_host_and_device_arrays_cannot_be_mixed_and_nothing_changes",
+                                  "test_loss_scaler_backs_off_on_overflow_and_divides_by_the_scale",
+                                  "test_batchnorm_layer_on_the_device_trains_with_an_optimizer"])
+def test_public_api(name, rng):
+    getattr(api, name)(rng)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_public_api_clip_grad_norm(dtype, rng):
+    api.test_clip_grad_norm_rewrites_device_gradients_and_returns_the_norm(dtype, rng)
+
+
+@pytest.mark.parametrize("channel_axis", [1, -1], ids=["channel-first", "channels-last"])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_public_api_batchnorm_functions(channel_axis, relu, rng):
+    api.test_batchnorm_functions_match_the_reference(channel_axis, relu, rng)

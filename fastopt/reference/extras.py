@@ -20,9 +20,9 @@ import math
 import numpy as np
 
 __all__ = [
+    "copy_from_numpy",
     "empty",
     "empty_like",
-    "copy_from_numpy",
     "from_numpy",
     "full_like",
     "grad_multiplier",

@@ -21,12 +21,12 @@ from .optim import (
 from .reduce import grad_multiplier, grad_sumsq, scale_grads_
 
 __all__ = [
-    "copy_from_numpy",
     "adadelta_step",
     "adagrad_step",
     "adam_step",
     "batchnorm_backward",
     "batchnorm_forward",
+    "copy_from_numpy",
     "delta_bar_delta_step",
     "empty",
     "empty_like",

@@ -32,9 +32,9 @@ from numba import cuda, types
 from ._jit import SIMULATOR, THREADS, blocks_for, kernel
 
 __all__ = [
-    "copy_from_numpy",
     "address",
     "as_numpy_dtype",
+    "copy_from_numpy",
     "dtype_of",
     "empty",
     "empty_like",

@@ -31,6 +31,19 @@ CASES = [
 ]
 
 
+# The optimizer classes as the extras tests build them: (class name, hyperparameters), one per
+# algorithm family.
+OPTIMIZER_CLASSES = [
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("AdaGrad", dict(lr=0.1, initial_accumulator_value=0.1)),
+    ("RMSProp", dict(lr=0.01, momentum=0.5, centered=True)),
+    ("AdaDelta", dict(lr=0.5, weight_decay=0.01)),
+    ("Adam", dict(lr=1e-2, weight_decay=0.01, amsgrad=True)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
+    ("DeltaBarDelta", dict(lr=0.01, kappa=1e-3, phi=0.1, gamma=0.7)),
+]
+
+
 def case_id(case) -> str:
     name, hyper = case
     return name + "".join(f"-{k}={v}" for k, v in hyper.items())

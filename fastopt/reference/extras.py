@@ -19,6 +19,17 @@ import math
 
 import numpy as np
 
+from .._host_arrays import (
+    copy_from_numpy,
+    empty,
+    empty_like,
+    from_numpy,
+    full_like,
+    owns,
+    to_numpy,
+    zeros_like,
+)
+
 __all__ = [
     "copy_from_numpy",
     "empty",
@@ -34,40 +45,6 @@ __all__ = [
     "with_step_extras",
     "zeros_like",
 ]
-
-
-def owns(array) -> bool:
-    return isinstance(array, np.ndarray)
-
-
-def zeros_like(array):
-    return np.zeros_like(array)
-
-
-def full_like(array, value):
-    return np.full_like(array, value)
-
-
-def empty_like(array):
-    return np.empty_like(array)
-
-
-def empty(shape, dtype, like):
-    return np.empty(shape, dtype)
-
-
-def to_numpy(array):
-    return np.array(array, copy=True)
-
-
-def from_numpy(host, like=None):
-    """A copy of the host array ``host`` of the kind of ``like`` (here: a NumPy copy)."""
-    return np.array(host, order="C", copy=True)
-
-
-def copy_from_numpy(array, host):
-    """Write the host array ``host`` (same shape) into ``array`` in place."""
-    np.copyto(array, host, casting="same_kind")
 
 
 def _transformed_grad(grad, grad_mul, grad_clip):

@@ -15,20 +15,12 @@ from numba import cuda
 
 import fastopt
 from conftest import TOLERANCE
+from optim_cases import OPTIMIZER_CLASSES as OPTIMIZERS
 
 from .helpers import device, host
 
 SHAPES = [(40,), (3, 5), (1,), (0,)]  # several tensors (the tensor-list path), one empty
 
-OPTIMIZERS = [
-    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
-    ("AdaGrad", dict(lr=0.1, initial_accumulator_value=0.1)),
-    ("RMSProp", dict(lr=0.01, momentum=0.5, centered=True)),
-    ("AdaDelta", dict(lr=0.5, weight_decay=0.01)),
-    ("Adam", dict(lr=1e-2, weight_decay=0.01, amsgrad=True)),
-    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
-    ("DeltaBarDelta", dict(lr=0.01, kappa=1e-3, phi=0.1, gamma=0.7)),
-]
 # each set fused into the update; "scale" is passed as step(grad_scale=...)
 OPTIONS = [
     dict(clip_grad_norm=1.5, polyak="mean", scale=8.0),

@@ -47,14 +47,6 @@ def _as_groups(params) -> list[dict]:
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
 
-def _allocation(array):
-    """The NumPy array that owns the memory ``array`` lives in, or None when that is not known
-    (memory from a buffer object or foreign code). Arrays with different owners cannot overlap."""
-    while type(array.base) is np.ndarray:
-        array = array.base
-    return array if array.base is None and array.flags.owndata else None
-
-
 def _host_float(module, value) -> float:
     """A backend's scalar result as a Python float (on a GPU backend this waits for the device)."""
     if isinstance(value, float):
@@ -252,12 +244,13 @@ class Optimizer:
         for i in selected:
             hyper = self._check_group(i, self.param_groups[i], self.steps)
             plan.append((i, self.param_groups[i], hyper, spec.uses(hyper)))
-        stepped = [k for i in selected for k in range(first[i], first[i + 1])]
-        if not self._grads_plainly_fine(params, grads, stepped):
-            self._check_arrays(spec, params, grads, stepped)
+        ranges = [(first[i], first[i + 1]) for i in selected]
+        if not self._grads_plainly_fine(params, grads, ranges):
+            self._check_arrays(spec, params, grads, [k for lo, hi in ranges for k in range(lo, hi)])
         module = dispatch.resolve(self.backend, params[0])
         grad_mul = inv_scale
         if self.clip_grad_norm is not None or self.nonfinite != "propagate":
+            stepped = [k for lo, hi in ranges for k in range(lo, hi)]
             sumsq = module.grad_sumsq([grads[k] for k in stepped])
             if self.nonfinite != "propagate" and not math.isfinite(_host_float(module, sumsq)):
                 if self.nonfinite == "skip":
@@ -289,33 +282,24 @@ class Optimizer:
                     written[f"state[{k}][{name!r}]"] = value
         check_disjoint(written, read)
 
-    def _grads_plainly_fine(self, params, grads, stepped) -> bool:
-        """A fast test that passes only when ``_check_arrays`` would: NumPy gradients alike their
-        parameters, each in a memory allocation of its own that no parameter or state array
-        uses. False sends the step through the full checks (which then raise, or pass)."""
+    def _grads_plainly_fine(self, params, grads, ranges) -> bool:
+        """A fast test that passes only when ``_check_arrays`` would: for every k in the index
+        ``ranges``, grads[k] a NumPy array alike params[k] whose bytes meet no parameter or state
+        array (compiled, a few ns per gradient: ``grads_match``). False sends the step through the
+        full checks (which then raise, or pass)."""
         layout = self._layout
         if layout is None or len(layout[0]) != len(params) or not all(map(operator.is_, params, layout[0])):
             layout = self._layout = self._make_layout(params)
         if layout[1] is None:
             return False
-        written_allocations = layout[1]
-        ndarray = np.ndarray
-        for k in stepped:
-            g, p = grads[k], params[k]
-            if type(g) is not ndarray or g.dtype != p.dtype or g.shape != p.shape:
-                return False
-            flags = g.flags
-            if not flags.c_contiguous:
-                return False
-            root = (g if flags.owndata else None) if g.base is None else _allocation(g)
-            if root is None or id(root) in written_allocations:
-                return False
-        return True
+        grads_match, intervals = layout[1]
+        return all(grads_match(params, grads, lo, hi, intervals) for lo, hi in ranges)
 
     def _make_layout(self, params):
-        """(params, ids of the allocations that params and state live in, or None when some is
-        unknown), rebuilt when the parameters or the state arrays change. The parameters are
-        checked again here: the layout is what lets later steps skip those checks."""
+        """(params, (``grads_match``, the sorted byte intervals of the parameter and state arrays),
+        or None when some is not a NumPy array), rebuilt when the parameters or the state arrays
+        change. The parameters are checked again here: the layout is what lets later steps skip
+        those checks."""
         written = {}
         for k, p in enumerate(params):
             check_array(f"params[{k}]", p, writeable=True)
@@ -325,15 +309,14 @@ class Optimizer:
                 if name not in self._counters:
                     written[f"state[{k}][{name!r}]"] = value
         check_disjoint(written)
-        allocations = set()
-        for k, param in enumerate(params):
-            arrays = [param, *(v for name, v in self.state[k].items() if name not in self._counters)]
-            for array in arrays:
-                root = _allocation(array) if type(array) is np.ndarray else None
-                if root is None:
-                    return (list(params), None)
-                allocations.add(id(root))
-        return (list(params), allocations)
+        arrays = [a for a in written.values() if a is not None]
+        if not all(type(a) is np.ndarray for a in arrays):
+            return (list(params), None)
+        try:  # the compiled object reader loads with the "numba" backend, not with fastopt
+            from .kernels.numba_cpu.multi import grads_match, written_intervals
+        except ImportError:
+            return (list(params), None)
+        return (list(params), (grads_match, written_intervals(arrays)))
 
     def _update_group(self, module, spec, i, group, indices, params, grads, hyper, used, grad_mul, grad_clip):
         """One fused pass per tensor, batched: tensors that share dtype, step and averaging count go

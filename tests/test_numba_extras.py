@@ -23,6 +23,7 @@ import pytest
 import fastopt.kernels.numba_cpu as numba_backend
 import fastopt.reference as reference
 from fastopt import functional
+from fastopt._checks import check_array, check_disjoint, check_like
 from fastopt.kernels.numba_cpu import multi, optim as optim_kernels
 
 from conftest import assert_close
@@ -282,6 +283,76 @@ def test_gather_rejects_what_the_kernels_cannot_take():
         multi.gather([read_only], [p])
     with pytest.raises(ValueError, match="dtype"):
         multi.gather([p], [p.astype(">f4")])
+
+
+def _full_checks_pass(params, grads, written) -> bool:
+    """What ``grads_match`` stands in for: the API's checks of a step's gradients."""
+    try:
+        for k, (p, g) in enumerate(zip(params, grads)):
+            check_array(f"grads[{k}]", g, writeable=False)
+            check_like(f"grads[{k}]", g, f"params[{k}]", p)
+        check_disjoint({f"w{k}": a for k, a in enumerate(written)},
+                       {f"grads[{k}]": g for k, g in enumerate(grads)})
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def test_grads_match_agrees_with_the_full_checks(rng):
+    """The compiled fast test of a step's gradients passes exactly where the full checks pass,
+    except for ndarray subclasses, which it leaves to the full checks; the caller's lists and
+    arrays are left as they were."""
+
+    class Sub(np.ndarray):
+        pass
+
+    buffer = np.zeros(64, np.float32)
+    params = [buffer[:12].reshape(3, 4), np.zeros(5, np.float32), np.zeros(0, np.float32)]
+    state = [buffer[40:52], np.zeros(5, np.float32)]
+    written = params + state
+    intervals = multi.written_intervals(written)
+    good = [np.ones((3, 4), np.float32), np.ones(5, np.float32), np.ones(0, np.float32)]
+    cases = {
+        "fresh arrays": good,
+        "a tuple, the same arrays": tuple(good),
+        "same buffer, between param and state": [buffer[20:32].reshape(3, 4), good[1], good[2]],
+        "same buffer, right after the state": [buffer[52:64].reshape(3, 4), good[1], good[2]],
+        "a 0-size gradient anywhere in a written buffer": [good[0], good[1], buffer[3:3]],
+        "grad is a param": [params[0], good[1], good[2]],
+        "grad overlaps a param's last element": [buffer[11:23].reshape(3, 4), good[1], good[2]],
+        "grad overlaps a state's first element": [buffer[29:41].reshape(3, 4), good[1], good[2]],
+        "grad is a state array": [good[0], state[1], good[2]],
+        "other shape, same size": [np.ones(12, np.float32), good[1], good[2]],
+        "other shape": [good[0], np.ones(6, np.float32), good[2]],
+        "other rank": [good[0], np.ones((5, 1), np.float32), good[2]],
+        "float64": [good[0], np.ones(5), good[2]],
+        "big-endian": [good[0], np.ones(5, ">f4"), good[2]],
+        "not C-contiguous": [np.ones((4, 3), np.float32).T, good[1], good[2]],
+        "an ndarray subclass": [good[0].view(Sub), good[1], good[2]],
+        "None": [good[0], None, good[2]],
+        "a list": [good[0], [1.0] * 5, good[2]],
+        "too short": good[:2],
+    }
+    for name, grads in cases.items():
+        before = [None if g is None else np.array(g, copy=True) for g in grads]
+        full = len(grads) == len(params) and _full_checks_pass(params, grads, written)
+        expected = full and name != "an ndarray subclass"
+        assert multi.grads_match(params, grads, 0, len(params), intervals) is expected, name
+        assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(before, grads)), name
+    assert _full_checks_pass(params, cases["an ndarray subclass"], written)
+    assert multi.grads_match(params, good, 1, 1, intervals)  # an empty range checks nothing
+    bad = [params[0], good[1], good[2]]
+    assert multi.grads_match(params, bad, 1, 3, intervals)  # only [lo, hi) is looked at
+    assert not multi.grads_match(params, bad, 0, 3, intervals)
+
+
+def test_grads_match_says_no_without_the_object_reader(monkeypatch):
+    """Where the compiled reader is not active, the fast test never passes (the full checks run)."""
+    params = [np.zeros(3, np.float32)]
+    intervals = multi.written_intervals(params)
+    assert multi.grads_match(params, [np.ones(3, np.float32)], 0, 1, intervals)
+    monkeypatch.setattr(multi, "FAST_GATHER", False)
+    assert not multi.grads_match(params, [np.ones(3, np.float32)], 0, 1, intervals)
 
 
 def test_multi_step_refuses_missing_lists_instead_of_reading_address_zero():

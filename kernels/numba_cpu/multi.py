@@ -25,6 +25,10 @@ or an array is not exactly a C-contiguous ``numpy.ndarray`` of the expected dtyp
 order and size (writeable where written), the table is built in Python instead (``_gather_python``,
 which raises ``ValueError`` for invalid arrays). The compiled reader holds the GIL.
 
+The same reader gives the optimizers their per-step test of the gradients (``grads_match``: each
+gradient a plain C-contiguous ndarray alike its parameter, its bytes outside the parameters' and
+state's sorted intervals), a few nanoseconds per gradient instead of about 0.3 µs in Python.
+
 Limits: one dtype per call; every array C-contiguous; θ, θ̂ and the state arrays writeable; within
 a tensor all arrays have θ's number of elements; the lists (and the arrays in them) must stay
 alive and unmodified until the call returns: the kernels hold raw addresses, not references.
@@ -41,8 +45,8 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["COLUMNS", "aligned_split", "gather", "itemsize", "next_span", "part_range", "parts_for",
-           "pointer"]
+__all__ = ["COLUMNS", "aligned_split", "gather", "grads_match", "itemsize", "next_span", "part_range",
+           "parts_for", "pointer", "written_intervals"]
 
 PARAM, GRAD, AVG, STATE = 0, 1, 2, 3  # table columns; states are STATE, STATE + 1, STATE + 2
 COLUMNS = 6
@@ -326,6 +330,68 @@ def _layout_checked() -> bool:
 
 FAST_GATHER = _layout_checked()
 _NO_SLOTS = (-1, -1, -1)
+
+
+_FLOAT32, _FLOAT64 = np.dtype(np.float32).num, np.dtype(np.float64).num
+
+
+@numba.njit(types.boolean(_I64, _I64, _I64, _I64, _I64[::1], _I64[::1], _I64, _I64, _I64),
+            cache=True)
+def _grads_match_objects(params, grads, lo, hi, starts, ends, ndarray_type, list_type, tuple_type):
+    """``grads_match`` on the objects' addresses."""
+    for k in range(lo, hi):
+        param = _item(params, k, list_type, tuple_type)
+        grad = _item(grads, k, list_type, tuple_type)
+        if param == 0 or grad == 0 or _load_int64(param + _TYPE) != ndarray_type:
+            return False
+        if _load_int64(grad + _TYPE) != ndarray_type or (_load_int32(grad + _FLAGS) & _C_CONTIGUOUS) == 0:
+            return False
+        descr = _load_int64(grad + _DESCR)
+        type_num = _load_int32(descr + _TYPE_NUM)
+        if type_num != _load_int32(_load_int64(param + _DESCR) + _TYPE_NUM):
+            return False
+        if (type_num != _FLOAT32 and type_num != _FLOAT64) or _load_int8(descr + _BYTEORDER) != _NATIVE:
+            return False
+        nd = _load_int32(grad + _ND)
+        if nd != _load_int32(param + _ND):
+            return False
+        grad_dims, param_dims = _load_int64(grad + _DIMS), _load_int64(param + _DIMS)
+        n = 1
+        for j in range(nd):
+            size = _load_int64(grad_dims + 8 * j)
+            if size != _load_int64(param_dims + 8 * j):
+                return False
+            n *= size
+        if n == 0:
+            continue
+        start = _load_int64(grad + _DATA)
+        end = start + n * (4 if type_num == _FLOAT32 else 8)
+        below = np.searchsorted(starts, end) - 1  # the last written interval starting before end
+        if below >= 0 and ends[below] > start:
+            return False
+    return True
+
+
+def written_intervals(arrays) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the byte intervals of ``arrays`` (C-contiguous NumPy arrays that do not
+    overlap, as ``check_disjoint`` makes sure), sorted, for ``grads_match``; empty arrays left out."""
+    spans = sorted((a.__array_interface__["data"][0], a.nbytes) for a in arrays if a.size)
+    starts = np.array([start for start, _ in spans], np.int64)
+    ends = np.array([start + size for start, size in spans], np.int64)
+    return starts, ends
+
+
+def grads_match(params, grads, lo, hi, intervals) -> bool:
+    """Whether, for every k in [lo, hi), ``grads[k]`` is exactly a C-contiguous ``numpy.ndarray``
+    with ``params[k]``'s shape and float dtype (native byte order), and its bytes meet none of
+    ``intervals`` (from ``written_intervals``: the parameters' and state's). ``params[k]`` must be a
+    NumPy array. A few nanoseconds per gradient, read from the objects as ``gather`` does; False
+    also when that reader is not available here, or when ``params``/``grads`` are not lists or
+    tuples: the caller then runs its full checks, which name the problem."""
+    if not FAST_GATHER:
+        return False
+    return _grads_match_objects(id(params), id(grads), lo, hi, intervals[0], intervals[1],
+                                id(np.ndarray), id(list), id(tuple))
 
 
 def gather(params, grads=None, states=None, avgs=None, slots=_NO_SLOTS, *, param_written=True):

@@ -20,7 +20,8 @@ import pytest
 
 from fastopt import benchmark
 from fastopt.benchmark import cli, coldstart, traffic
-from fastopt.benchmark.timing import IdleGate, sample_interleaved
+from fastopt.benchmark.cases import SMALL_CALLS_PER_SAMPLE
+from fastopt.benchmark.timing import IdleGate, repeated, sample_interleaved
 from fastopt.benchmark.verify import VerificationError, compare
 
 BASE = ["--small", "--no-cold-start", "--no-torch", "--repeats", "1", "--reference-repeats", "1"]
@@ -90,6 +91,13 @@ def test_every_row_runs_on_small_sizes(tmp_path, capsys):
     assert many["adam-resnet50-161-tensors"]["tensors"] == 161
     assert many["adam-resnet50-161-tensors"]["ratio_to_baseline"] == pytest.approx(
         many["adam-resnet50-161-tensors"]["median_ms"] / many["adam-resnet50-161-tensors"]["baseline_ms"])
+    # the cache-resident row: blocks of back-to-back steps, and single steps after the STREAM kernel
+    small = many["adam-200x1000"]
+    assert small["calls_per_sample"] == SMALL_CALLS_PER_SAMPLE > 1 and small["cold_ms"] > 0
+    assert "steps back to back" in small["note"] and "cold" in small["note"]
+    assert len(small["samples_ms"]["cold"]) == len(small["samples_ms"]["kernel"]) == small["repeats"]
+    others = [r for r in doc["rows"] if r.get("verified") and r["name"] != "adam-200x1000"]
+    assert others and all(r["calls_per_sample"] == 1 and "cold_ms" not in r for r in others)
 
 
 def test_training_step_row_is_skipped_with_its_reason_or_verified(tmp_path, capsys):
@@ -279,6 +287,22 @@ def test_sample_interleaved_calls_each_contestant_warmup_plus_repeats_times():
     assert calls[:3] == ["a", "b", "c"]  # warm-up first
     assert calls.count("a") == 4 and calls.count("c") == 2
     assert calls[3:6] == ["a", "b", "c"] and calls[6:8] == ["b", "a"]  # the order rotates per round
+
+
+def test_setups_run_untimed_right_before_each_timed_call_of_their_contestant():
+    calls = []
+    contestants = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    sample_interleaved(contestants, {"a": 2, "b": 2}, warmup=1, setups={"b": lambda: calls.append("flush")})
+    assert calls[:2] == ["a", "b"]  # no setup for warm-up calls
+    assert calls[2:] == ["a", "flush", "b", "flush", "b", "a"]
+
+
+def test_repeated_calls_back_to_back():
+    calls = []
+    repeated(lambda: calls.append(1), 3)()
+    assert len(calls) == 3
+    once = lambda: None  # noqa: E731
+    assert repeated(once, 1) is once
 
 
 def test_idle_gate_counts_rounds_and_never_blocks_past_its_patience():

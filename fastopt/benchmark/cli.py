@@ -21,7 +21,7 @@ import numpy as np
 
 from . import report
 from .cases import Settings, Skip, all_cases
-from .timing import STREAM_FORMULA, IdleGate, Stream, median, sample_interleaved
+from .timing import STREAM_FORMULA, IdleGate, Stream, median, repeated, sample_interleaved
 from .verify import VerificationError
 
 __all__ = ["add_arguments", "main", "run"]
@@ -206,16 +206,22 @@ def run(args: argparse.Namespace) -> int:
             except VerificationError as exc:  # torch is a comparison, not the specification
                 prepared.torch, prepared.torch_reason = None, f"torch disagrees, not timed: {exc}"
         _progress(f"{tag}: matches {checked}; timing")
-        contestants = {"kernel": prepared.run, "bandwidth": stream}
+        calls = prepared.calls_per_sample
+        contestants = {"kernel": repeated(prepared.run, calls), "bandwidth": stream}
         counts = {"kernel": repeats, "bandwidth": repeats}
         if prepared.reference is not None and args.backend != "numpy":
-            contestants["reference"], counts["reference"] = prepared.reference, ref_repeats
+            contestants["reference"], counts["reference"] = repeated(prepared.reference, calls), ref_repeats
         if prepared.torch is not None:
-            contestants["torch"], counts["torch"] = prepared.torch, repeats
+            contestants["torch"], counts["torch"] = repeated(prepared.torch, calls), repeats
         if prepared.baseline is not None:
-            contestants["baseline"], counts["baseline"] = prepared.baseline, repeats
+            contestants["baseline"], counts["baseline"] = repeated(prepared.baseline, calls), repeats
+        if prepared.time_cold:
+            contestants["cold"], counts["cold"] = prepared.run, repeats
         idle_before = (gate.rounds, gate.idle_rounds) if gate else None
-        samples = sample_interleaved(contestants, counts, warmup=1, before_round=gate)
+        samples = sample_interleaved(contestants, counts, warmup=1, before_round=gate,
+                                     setups={"cold": stream})
+        samples = {name: [t / calls for t in values] if name not in ("bandwidth", "cold") else values
+                   for name, values in samples.items()}
         if gate:
             row["idle_rounds"] = gate.idle_rounds - idle_before[1]
         seconds = median(samples["kernel"])
@@ -237,6 +243,13 @@ def run(args: argparse.Namespace) -> int:
             t = median(samples["baseline"])
             row.update(baseline=prepared.baseline_label, baseline_ms=t * 1e3, ratio_to_baseline=seconds / t)
             row["note"] = f"{seconds / t:.2f}× the step over {prepared.baseline_label}"
+        row["calls_per_sample"] = calls
+        if calls > 1:
+            row["note"] = (f"mean of {calls} steps back to back; " + row.get("note", "")).rstrip("; ")
+        if "cold" in samples:
+            t = median(samples["cold"])
+            row["cold_ms"] = t * 1e3
+            row["note"] = row.get("note", "") + f"; cold (a step right after the STREAM kernel): {t * 1e6:.0f} µs"
         row["samples_ms"] = {name: [t * 1e3 for t in values] for name, values in samples.items()}
         _progress(f"{tag}: {seconds * 1e3:.3f} ms, {row['pct_of_bandwidth']:.0f}% of {bandwidth:.1f} GB/s")
         del prepared, contestants

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-__all__ = ["STREAM_FORMULA", "IdleGate", "median", "sample_interleaved", "stream_in_place", "Stream"]
+__all__ = ["STREAM_FORMULA", "IdleGate", "median", "repeated", "sample_interleaved", "stream_in_place", "Stream"]
 
 STREAM_FORMULA = "a[i] += s·b[i]: read a, read b, write a (in place) = 3 × itemsize"
 
@@ -104,14 +104,30 @@ class IdleGate:
                 return
 
 
+def repeated(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    """``fn`` called ``calls`` times back to back, as one contestant (divide its times by ``calls``)."""
+    if calls == 1:
+        return fn
+
+    def block() -> None:
+        for _ in range(calls):
+            fn()
+
+    return block
+
+
 def sample_interleaved(contestants: dict[str, Callable[[], object]], repeats: dict[str, int],
-                       warmup: int = 1, before_round: Callable[[], object] | None = None) -> dict[str, list[float]]:
+                       warmup: int = 1, before_round: Callable[[], object] | None = None,
+                       setups: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
     """Wall times (seconds) of each contestant: ``warmup`` untimed calls each, then rounds in which
     every contestant still short of its ``repeats`` runs once, in an order that rotates per round.
 
-    ``before_round`` (e.g. an ``IdleGate``) runs before each round, outside the timings. The garbage
-    collector is off while timing (as ``timeit`` does).
+    ``before_round`` (e.g. an ``IdleGate``) runs before each round, outside the timings;
+    ``setups[name]`` (e.g. the STREAM kernel, to evict the caches) right before each timed call of
+    that contestant, outside its timing. The garbage collector is off while timing (as ``timeit``
+    does).
     """
+    setups = setups or {}
     names = list(contestants)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(warmup):
@@ -127,6 +143,8 @@ def sample_interleaved(contestants: dict[str, Callable[[], object]], repeats: di
             k = r % len(names)
             for name in names[k:] + names[:k]:
                 if len(samples[name]) < repeats.get(name, 0):
+                    if name in setups:
+                        setups[name]()
                     t0 = time.perf_counter()
                     contestants[name]()
                     samples[name].append(time.perf_counter() - t0)

@@ -762,7 +762,7 @@ def _stats_channels_last(x, chunks, shifted, part_mean, part_m2, scratch):
 
 
 @kernel(_sigs("void(float64[:, ::1], float64[:, ::1], int64, int64, int64, int64, float64, float64, "
-              "{t}[::1], {t}[::1], boolean, float64[:, ::1])"))
+              "{t}[::1], {t}[::1], boolean, float64[:, ::1])"), parallel=False)
 def _merge_statistics(part_mean, part_m2, groups, pieces, outer, inner, eps, momentum, running_mean, running_var,
                       update_running, stats):
     """Merge the task partials per channel (Chan), update the running statistics, write
@@ -771,28 +771,37 @@ def _merge_statistics(part_mean, part_m2, groups, pieces, outer, inner, eps, mom
     running_mean ← (1 − α)·running_mean + α·μ;  running_var ← (1 − α)·running_var + α·M2/(m − 1).
     Chunk k held the values ``_chunk_values(k, groups, pieces, outer, inner)`` of each channel
     (channels-last: rows k·outer//chunks to (k + 1)·outer//chunks, i.e. pieces = inner = 1).
+    A chunk's share of the values, and so the weights of its update, is the same for every
+    channel: they are computed once per chunk, and the channels (contiguous in the partials) are
+    the inner loop, each one's chain of updates in chunk order. Serial: it is tiny next to a pass.
     """
     chunks, channels = part_mean.shape
-    for c in prange(channels):
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for k in range(chunks):
-            e0, e1 = _chunk_values(k, groups, pieces, outer, inner)
-            nb = float(e1 - e0)  # the task's share of the m values
-            if nb == 0.0:
-                continue
-            total = count + nb
-            delta = part_mean[k, c] - mean
-            mean += delta * (nb / total)
-            m2 += part_m2[k, c] + delta * delta * (count * nb / total)
-            count = total
-        var = m2 / count
-        stats[0, c] = mean
-        stats[1, c] = 1.0 / math.sqrt(var + eps)
+    mean = stats[0]
+    m2 = stats[1]  # M2 until the last loop turns it into invstd
+    for c in range(channels):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    count = 0.0
+    for k in range(chunks):
+        e0, e1 = _chunk_values(k, groups, pieces, outer, inner)
+        nb = float(e1 - e0)  # the task's share of the m values
+        if nb == 0.0:
+            continue
+        total = count + nb
+        weight = nb / total
+        cross = count * nb / total
+        chunk_mean = part_mean[k]
+        chunk_m2 = part_m2[k]
+        for c in range(channels):
+            delta = chunk_mean[c] - mean[c]
+            mean[c] += delta * weight
+            m2[c] += chunk_m2[c] + delta * delta * cross
+        count = total
+    for c in range(channels):
         if update_running:
-            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean
-            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (m2 / (count - 1.0))
+            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
+            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (m2[c] / (count - 1.0))
+        m2[c] = 1.0 / math.sqrt(m2[c] / count + eps)
 
 
 @kernel(_sigs("void({t}[::1], {t}[::1], float64, float64[:, ::1])"), parallel=False)

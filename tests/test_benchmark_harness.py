@@ -316,6 +316,15 @@ def test_idle_gate_counts_rounds_and_never_blocks_past_its_patience():
     assert impatient.rounds == 1 and impatient.idle_rounds == 0
 
 
+def test_idle_gate_runs_its_wake_call_after_each_wait():
+    events = []
+    gate = IdleGate(patience=0.0, threshold=2.0, wake=lambda: events.append("wake"), wake_calls=2)
+    gate._wait = lambda: events.append("wait")
+    gate()
+    gate()
+    assert events == ["wait", "wake", "wake"] * 2 and gate.rounds == 2
+
+
 def test_cold_start_compiles_every_kernel_of_a_package_in_fresh_processes(tmp_path):
     package = tmp_path / "fake_kernels"
     package.mkdir()

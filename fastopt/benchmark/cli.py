@@ -171,9 +171,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.wait_idle < 0:
         return _error(f"--wait-idle must be >= 0, got {args.wait_idle}")
-    gate = IdleGate(args.wait_idle) if args.wait_idle > 0 else None
     stream = Stream(settings.n, dtype)
     stream()  # compile (or load) before any row
+    gate = IdleGate(args.wait_idle, wake=stream) if args.wait_idle > 0 else None
     rows, stream_samples, failures = [], [], 0
     for index, case in enumerate(chosen, 1):
         tag = f"[{index}/{len(chosen)}] {case.name}"

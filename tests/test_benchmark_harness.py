@@ -21,7 +21,8 @@ import pytest
 from fastopt import benchmark
 from fastopt.benchmark import cli, coldstart, traffic
 from fastopt.benchmark.cases import SMALL_CALLS_PER_SAMPLE
-from fastopt.benchmark.timing import IdleGate, repeated, sample_interleaved
+from fastopt.benchmark import Stream
+from fastopt.benchmark.timing import IdleGate, repeated, sample_interleaved, torch_wake
 from fastopt.benchmark.verify import VerificationError, compare
 
 BASE = ["--small", "--no-cold-start", "--no-torch", "--repeats", "1", "--reference-repeats", "1"]
@@ -314,6 +315,46 @@ def test_idle_gate_counts_rounds_and_never_blocks_past_its_patience():
     impatient = IdleGate(patience=0.0, threshold=-1.0)  # never idle: gives up at once
     impatient()
     assert impatient.rounds == 1 and impatient.idle_rounds == 0
+
+
+def test_parallel_contestants_get_an_untimed_call_of_their_runtime_first(tmp_path, capsys, monkeypatch):
+    """The kernel, the STREAM kernel and the baseline start each timed call with a small parallel
+    numba call; the single-threaded reference gets none; the cold step gets the full STREAM kernel."""
+    seen = []
+
+    def spy(contestants, repeats, warmup=1, before_round=None, setups=None):
+        seen.append((set(contestants), dict(setups or {})))
+        return sample_interleaved(contestants, repeats, warmup, before_round, setups)
+
+    monkeypatch.setattr(cli, "sample_interleaved", spy)
+    code, _, _ = run_json(tmp_path, ["--op", "adam,adam-200x1000"], capsys)
+    assert code == 0 and len(seen) == 2
+    for names, setups in seen:
+        assert {"kernel", "bandwidth", "reference"} <= names
+        small, full = setups["kernel"], setups["cold"]
+        assert isinstance(small, Stream) and small is not full and small.n == min(1 << 16, full.n)
+        assert setups["bandwidth"] is small and setups["baseline"] is small and "reference" not in setups
+    assert "cold" in seen[1][0] and "baseline" in seen[1][0]
+
+
+def test_torch_wake_is_an_in_place_add_in_torchs_pool():
+    calls = []
+
+    class FakeTensor:
+        def add_(self, value):
+            calls.append(value)
+            return self
+
+    class FakeTorch:
+        @staticmethod
+        def zeros(n):
+            calls.append(n)
+            return FakeTensor()
+
+    wake = torch_wake(FakeTorch)
+    wake()
+    wake()
+    assert calls == [1 << 20, 0.0, 0.0]
 
 
 def test_idle_gate_runs_its_wake_call_after_each_wait():

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import report
 from .cases import Settings, Skip, all_cases
-from .timing import STREAM_FORMULA, IdleGate, Stream, median, repeated, sample_interleaved
+from .timing import STREAM_FORMULA, IdleGate, Stream, median, repeated, sample_interleaved, torch_wake
 from .verify import VerificationError
 
 __all__ = ["add_arguments", "main", "run"]
@@ -173,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--wait-idle must be >= 0, got {args.wait_idle}")
     stream = Stream(settings.n, dtype)
     stream()  # compile (or load) before any row
+    wake = Stream(min(1 << 16, settings.n), dtype)  # gets the threads running: see timing's docstring
+    setups = {"kernel": wake, "bandwidth": wake, "baseline": wake, "cold": stream}
+    if settings.torch is not None:
+        setups["torch"] = torch_wake(settings.torch)
     gate = IdleGate(args.wait_idle, wake=stream) if args.wait_idle > 0 else None
     rows, stream_samples, failures = [], [], 0
     for index, case in enumerate(chosen, 1):
@@ -218,8 +222,7 @@ def run(args: argparse.Namespace) -> int:
         if prepared.time_cold:
             contestants["cold"], counts["cold"] = prepared.run, repeats
         idle_before = (gate.rounds, gate.idle_rounds) if gate else None
-        samples = sample_interleaved(contestants, counts, warmup=1, before_round=gate,
-                                     setups={"cold": stream})
+        samples = sample_interleaved(contestants, counts, warmup=1, before_round=gate, setups=setups)
         samples = {name: [t / calls for t in values] if name not in ("bandwidth", "cold") else values
                    for name, values in samples.items()}
         if gate:

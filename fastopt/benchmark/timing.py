@@ -6,6 +6,11 @@ host moves the memory bandwidth), so every row of a benchmark is timed by one ca
 bandwidth kernel, torch, the NumPy reference) runs once, in an order that rotates from round to
 round. A drift then hits all contestants alike, and the ratios of their medians (speed-up over
 torch, % of the bandwidth) are far steadier than the medians themselves.
+
+A contestant also changes the machine for the next one: after the single-threaded NumPy reference
+the idle virtual CPU has been descheduled and the next parallel call waits for it, and torch's
+OpenMP threads spin for a while after each parallel region. So each parallel contestant gets, right
+before each timed call and untimed, a small parallel call of its own runtime (``setups``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-__all__ = ["STREAM_FORMULA", "IdleGate", "median", "repeated", "sample_interleaved", "stream_in_place", "Stream"]
+__all__ = ["STREAM_FORMULA", "IdleGate", "median", "repeated", "sample_interleaved", "stream_in_place", "Stream",
+           "torch_wake"]
 
 STREAM_FORMULA = "a[i] += s·b[i]: read a, read b, write a (in place) = 3 × itemsize"
 
@@ -51,6 +57,14 @@ class Stream:
 
     def gbps(self, seconds: float) -> float:
         return self.bytes / seconds / 1e9
+
+
+def torch_wake(torch) -> Callable[[], object]:
+    """A small parallel call in torch's thread pool (an in-place add over 2**20 float32 values,
+    above torch's grain size, so every thread takes part): run untimed before each timed torch
+    call, as ``Stream(2**16)`` is before numba's (see ``sample_interleaved``'s ``setups``)."""
+    buffer = torch.zeros(1 << 20)
+    return lambda: buffer.add_(0.0)
 
 
 def median(samples) -> float:

@@ -393,6 +393,22 @@ def test_cold_start_compiles_every_kernel_of_a_package_in_fresh_processes(tmp_pa
     assert result["kernels"] == 4 and result["signatures"] == 5
     assert result["modules"]["ops"]["kernels"] == 4
     assert result["first_compile_s"] >= 0 and result["cached_load_s"] >= 0
+    assert result["import_and_first_adam_step_s"] is None  # only for fastopt's own kernels
+
+
+def test_first_step_runs_import_and_one_adam_step_in_a_new_process():
+    """The script fails unless the step updated its parameter (numba's default cache, as a user's)."""
+    assert coldstart.first_step() > 0
+
+
+def test_the_cold_start_line_reports_the_first_step():
+    doc = {"meta": dict(dtype="float32", backend="numba", threads=2, threading_layer="omp", repeats=1,
+                        reference_repeats=1),
+           "bandwidth": dict(bytes_per_element=12, elements=1, median_gbps=1.0), "rows": [],
+           "cold_start": dict(kernels=1, signatures=2, first_compile_s=3.0, cached_load_s=0.5,
+                              import_numba_s=0.1, import_kernels_s=0.2, modules={"optim": dict(seconds=3.0)},
+                              import_and_first_adam_step_s=0.4)}
+    assert "`import fastopt` and the first Adam step take 0.40 s in a new process" in benchmark.report.markdown(doc)
 
 
 def test_a_case_builds_and_verifies_on_its_own():

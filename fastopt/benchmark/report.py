@@ -75,7 +75,10 @@ def markdown(doc: dict) -> str:
                       f"({modules}); "
                       f"loading them from the cache takes {cold['cached_load_s']:.2f} s; import numba "
                       f"{cold['import_numba_s']:.2f} s, import fastopt.kernels.numba_cpu "
-                      f"{cold.get('import_kernels_s', 0.0):.2f} s (first time)."]
+                      f"{cold.get('import_kernels_s', 0.0):.2f} s (first time)"
+                      + (f"; with the filled cache, `import fastopt` and the first Adam step take "
+                         f"{cold['import_and_first_adam_step_s']:.2f} s in a new process."
+                         if cold.get("import_and_first_adam_step_s") is not None else ".")]
     elif cold and cold.get("skipped"):
         lines += ["", f"Cold start: skipped ({cold['skipped']})."]
     elif cold and cold.get("error"):

@@ -341,30 +341,20 @@ def _grads_match_objects(params, grads, lo, hi, starts, ends, ndarray_type, list
     """``grads_match`` on the objects' addresses."""
     for k in range(lo, hi):
         param = _item(params, k, list_type, tuple_type)
+        if param == 0 or _load_int64(param + _TYPE) != ndarray_type:
+            return False
+        type_num = _load_int32(_load_int64(param + _DESCR) + _TYPE_NUM)
         grad = _item(grads, k, list_type, tuple_type)
-        if param == 0 or grad == 0 or _load_int64(param + _TYPE) != ndarray_type:
-            return False
-        if _load_int64(grad + _TYPE) != ndarray_type or (_load_int32(grad + _FLAGS) & _C_CONTIGUOUS) == 0:
-            return False
-        descr = _load_int64(grad + _DESCR)
-        type_num = _load_int32(descr + _TYPE_NUM)
-        if type_num != _load_int32(_load_int64(param + _DESCR) + _TYPE_NUM):
-            return False
-        if (type_num != _FLOAT32 and type_num != _FLOAT64) or _load_int8(descr + _BYTEORDER) != _NATIVE:
-            return False
-        nd = _load_int32(grad + _ND)
-        if nd != _load_int32(param + _ND):
+        start, n = _array_data(grad, -1, False, ndarray_type, type_num)
+        nd = _load_int32(param + _ND)
+        if start == 0 or (type_num != _FLOAT32 and type_num != _FLOAT64) or _load_int32(grad + _ND) != nd:
             return False
         grad_dims, param_dims = _load_int64(grad + _DIMS), _load_int64(param + _DIMS)
-        n = 1
         for j in range(nd):
-            size = _load_int64(grad_dims + 8 * j)
-            if size != _load_int64(param_dims + 8 * j):
+            if _load_int64(grad_dims + 8 * j) != _load_int64(param_dims + 8 * j):
                 return False
-            n *= size
         if n == 0:
             continue
-        start = _load_int64(grad + _DATA)
         end = start + n * (4 if type_num == _FLOAT32 else 8)
         below = np.searchsorted(starts, end) - 1  # the last written interval starting before end
         if below >= 0 and ends[below] > start:

@@ -1,0 +1,36 @@
+"""The hyperparameter sweep of ``tests/sweep.py`` on the ``"numba-cuda"`` backend, under the
+simulator: every optimizer variant, both dtypes, through the functional API and the optimizer
+classes with the per-element training-step extras (value clipping, a Polyak EMA), on small device
+arrays and three steps. The simulator runs each CUDA thread as a Python thread, which makes the
+norm's block reduction cost seconds a step: ``clip_grad_norm`` at non-default values is swept on
+the host backends, and its reduction on this backend is checked in ``test_reduce.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sweep import VARIANTS, case_id, run_functional, run_optimizer
+
+from .helpers import device, host
+
+DTYPES = [np.float32, np.float64]
+DTYPE_IDS = ["float32", "float64"]
+# more than the simulated grid's 3 x 64 threads, so the grid-stride loops turn; three tensors in two
+# groups for the tensor-list kernel
+SHAPE = (211,)
+GROUP_SHAPES = [[(37,)], [(2, 100), (1,)]]
+STEPS = 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=case_id)
+def test_functional_sweep(variant, dtype):
+    run_functional(variant, "numba-cuda", dtype, shape=SHAPE, steps=STEPS, to_dev=device, to_host=host)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=case_id)
+def test_optimizer_sweep_with_extras(variant, dtype):
+    run_optimizer(variant, "numba-cuda", dtype, extras=("clip_grad_value", "polyak"), to_dev=device, to_host=host,
+                  group_shapes=GROUP_SHAPES, steps=STEPS)

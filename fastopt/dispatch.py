@@ -14,12 +14,15 @@ unknown raises ``ValueError``; one that is known but unavailable raises
 ``TypeError``. There is no silent fallback and no hidden copy.
 
 A GPU backend module may define ``unavailable_reason() -> str`` ("" when usable): importing it
-works on any machine, and this says whether a CUDA device is present.
+works on any machine, and this says whether a CUDA device is present. A backend that cannot be
+imported because the package it is built on is missing (numba-cuda) is reported as not installed,
+with the pip command.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -55,6 +58,13 @@ _MODULES: dict[str, tuple[str | None, str, str]] = {
 }
 BACKEND_NAMES = tuple(_MODULES)
 
+# name -> (the package the backend is built on, its top-level module, how to install it). When importing
+# the backend fails and that module is not installed, the reason names the package: numba has a
+# ``numba.cuda`` of its own without numba-cuda, so the import then fails on some missing name instead.
+_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "numba-cuda": ("numba-cuda", "numba_cuda", "pip install 'numba-cuda[cu12]'"),
+}
+
 _loaded: dict[str, ModuleType] = {}
 _failed: dict[str, str] = {}
 
@@ -70,13 +80,26 @@ def _load(name: str) -> ModuleType:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        _failed[name] = f"importing {module_name} failed: {exc}"
+        _failed[name] = _not_installed(name) or f"importing {module_name} failed: {exc}"
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {_failed[name]}") from exc
     reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else ""
     if reason:  # e.g. no CUDA device: checked again on the next call, a device may appear
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
     _loaded[name] = module
     return module
+
+
+def _not_installed(name: str) -> str:
+    """Why backend ``name`` cannot be imported when the package it is built on is not installed
+    (its module cannot be found), else ""."""
+    if name not in _PACKAGES:
+        return ""
+    package, module, install = _PACKAGES[name]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return "" if found else f"{package} is not installed (no module named {module!r}); {install}"
 
 
 def allocating_module(backend: str | None) -> ModuleType | None:

@@ -107,6 +107,38 @@ def test_info_reports_versions_backends_threads_cache_gpu():
     assert re.search(r"^GPU\s+\S", out, re.M)
 
 
+# numba alone: the import system finds no numba_cuda, and numba.cuda is numba's own (numba-cuda's
+# redirector is taken off the import path), as on a machine where numba-cuda was never installed
+_WITHOUT_NUMBA_CUDA = """
+import importlib.abc, importlib.machinery, sys
+
+class PathFinderWithoutNumbaCuda(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "numba_cuda":
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+    def invalidate_caches(self):
+        importlib.machinery.PathFinder.invalidate_caches()
+
+sys.meta_path[:] = [PathFinderWithoutNumbaCuda() if finder is importlib.machinery.PathFinder else finder
+                    for finder in sys.meta_path if type(finder).__module__ != "_numba_cuda_redirector"]
+from fastopt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_info_without_numba_cuda_says_it_is_not_installed_and_how_to_install_it():
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_NUMBA_CUDA, "info"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("  numba-cuda "))
+    assert re.search(r"unavailable: numba-cuda is not installed \(.*\); pip install 'numba-cuda\[cu12\]'$", line), line
+    assert "importing" not in line and "cgutils" not in line, line  # not the import error it causes
+    gpu = next(line for line in proc.stdout.splitlines() if line.startswith("GPU "))
+    assert "numba-cuda finds" not in gpu, gpu  # numba's own numba.cuda is not numba-cuda
+
+
 # ---------------------------------------------------------------------------------------------
 # verify
 
@@ -227,7 +259,10 @@ def test_train_learns_and_reports_test_accuracy():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"^epoch\s+1/2\s+loss \d+\.\d+\s+train\s+[\d.]+%\s+test\s+[\d.]+%", proc.stdout, re.M)
     assert re.search(r"^epoch\s+2/2", proc.stdout, re.M)
-    assert proc.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+    *_, times, last = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"compile \d+\.\d\d s, train \d+\.\d\d s \(compile: .*numba's cache; train: the epochs "
+                        r"alone\)", times), times  # the compile and train times apart, each explained
+    assert last.startswith("test accuracy: ")
     accuracy = float(ACCURACY.search(proc.stdout).group(1))
     assert accuracy > 80.0  # chance is 10%
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal
@@ -292,8 +327,10 @@ def test_compare_writes_a_png_and_a_table(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = proc.stdout[proc.stdout.index("optimizer  "):]
-    for name in ("adam", "sgd"):
-        assert re.search(rf"^{name}\s+.*\s+\d+\.\d{{4}}\s+\d+\.\d%\s+\d+\.\d+s$", table, re.M), table
+    assert re.match(r"optimizer\s+hyperparameters\s+final loss\s+test accuracy\s+compile\s+train\n", table), table
+    for name in ("adam", "sgd"):  # compile and train times in columns of their own
+        assert re.search(rf"^{name}\s+.*\s+\d+\.\d{{4}}\s+\d+\.\d%\s+\d+\.\d\ds\s+\d+\.\d\ds$", table, re.M), table
+    assert re.search(r"^\(compile: the first call of each kernel.*; train: the epochs alone; .*\)$", table, re.M)
     assert f"loss curves written to {png}" in proc.stdout
 
 

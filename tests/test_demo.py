@@ -3,6 +3,11 @@ model, the curriculum sampler's documented order, and a short training run that 
 
 from __future__ import annotations
 
+import importlib
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -207,6 +212,62 @@ def test_training_is_reproducible(digits):
     a = train(epochs=1, data=digits, seed=5)
     b = train(epochs=1, data=digits, seed=5)
     assert a.history[0]["loss"] == b.history[0]["loss"]
+
+
+def test_the_warm_up_changes_nothing_in_the_run(digits, monkeypatch):
+    """The warm-up trains a throwaway model: the run is the same without it."""
+    train_module = importlib.import_module("fastopt.demo.train")  # ``fastopt.demo.train`` is the function
+    warm = train(optimizer="adagrad", epochs=2, data=digits, seed=6, curriculum=True)
+    monkeypatch.setattr(train_module, "_warm_up", lambda *args, **kwargs: 0.0)
+    cold = train(optimizer="adagrad", epochs=2, data=digits, seed=6, curriculum=True)
+    assert [h["loss"] for h in warm.history] == [h["loss"] for h in cold.history]
+    assert warm.test_accuracy == cold.test_accuracy
+
+
+# Counts numba's compiler-lock events (taken to compile a kernel or to load it from the disk cache)
+# before, during and after ``train``'s warm-up, in a fresh process where no kernel has run yet.
+_COUNT_FIRST_CALLS = """
+import importlib, json, sys
+from numba.core import event
+from fastopt.demo import load_digits
+train_module = importlib.import_module("fastopt.demo.train")
+phase, counts = ["before"], {"before": 0, "warm-up": 0, "after": 0}
+
+class Count(event.Listener):
+    def on_start(self, event):
+        counts[phase[0]] += 1
+
+    def on_end(self, event):
+        pass
+
+warm_up = train_module._warm_up
+
+def marked(*args, **kwargs):
+    phase[0] = "warm-up"
+    try:
+        return warm_up(*args, **kwargs)
+    finally:
+        phase[0] = "after"
+
+train_module._warm_up = marked
+data = load_digits()
+with event.install_listener("numba:compiler_lock", Count()):
+    train_module.train(epochs=2, hidden=(16,), data=data, **json.loads(sys.argv[1]))
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.parametrize("options", [dict(optimizer="adagrad"), dict(optimizer="sgd", init="lsuv", curriculum=True)],
+                         ids=["adagrad", "sgd-lsuv-curriculum"])
+def test_every_kernel_is_ready_before_the_training_clock_starts(options):
+    """``compile_seconds`` holds every kernel's first call, ``seconds`` none: after the warm-up,
+    numba compiles (or loads from its cache) nothing, and the warm-up did the compiling."""
+    proc = subprocess.run([sys.executable, "-c", _COUNT_FIRST_CALLS, json.dumps(options)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["warm-up"] > 0, counts
+    assert counts["after"] == 0, f"kernels first called while training is timed: {counts}"
 
 
 def test_training_restores_numba_threads(digits):

@@ -7,6 +7,8 @@ check below fails before a kernel could run.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -98,6 +100,46 @@ def test_a_gpu_backend_without_a_device_is_unavailable_with_a_reason():
         if not report[name].available:
             with pytest.raises(fastopt.BackendUnavailableError, match=name):
                 fastopt.BatchNorm(4, backend=name)  # the layer allocates on the device up front
+
+
+@pytest.fixture
+def numba_cuda_not_importable(monkeypatch):
+    """The numba-cuda backend's module fails to import, as it does with numba alone; nothing is
+    remembered from earlier loads. Returns a function that sets whether numba-cuda is installed."""
+    monkeypatch.setattr(dispatch, "_loaded", {})
+    monkeypatch.setattr(dispatch, "_failed", {})
+    _, array_type, not_implemented = dispatch._MODULES["numba-cuda"]
+    monkeypatch.setitem(dispatch._MODULES, "numba-cuda",
+                        ("fastopt.kernels.no_such_module", array_type, not_implemented))
+
+    def set_installed(installed: bool):
+        package, _, install = dispatch._PACKAGES["numba-cuda"]
+        module = "numpy" if installed else "no_such_package_for_this_test"  # a module that is there, or not
+        monkeypatch.setitem(dispatch._PACKAGES, "numba-cuda", (package, module, install))
+
+    return set_installed
+
+
+def test_a_missing_numba_cuda_is_named_with_the_pip_command(numba_cuda_not_importable):
+    numba_cuda_not_importable(installed=False)
+    reason = fastopt.backends()["numba-cuda"].reason
+    assert reason.startswith("numba-cuda is not installed") and "pip install 'numba-cuda[cu12]'" in reason, reason
+    assert "importing" not in reason, reason
+    message = re.escape(f"backend 'numba-cuda' is unavailable: {reason}")
+    with pytest.raises(fastopt.BackendUnavailableError, match=message):  # named explicitly: still raises
+        functional.sgd_step(FakeDeviceArray((3,)), FakeDeviceArray((3,)), lr=0.1, backend="numba-cuda")
+    with pytest.raises(fastopt.BackendUnavailableError, match=message):  # picked for a device array
+        functional.sgd_step(FakeDeviceArray((3,)), FakeDeviceArray((3,)), lr=0.1)
+    with pytest.raises(fastopt.BackendUnavailableError, match=message):
+        fastopt.BatchNorm(4, backend="numba-cuda")
+
+
+def test_an_installed_numba_cuda_that_fails_to_import_reports_the_import_error(numba_cuda_not_importable):
+    numba_cuda_not_importable(installed=True)
+    reason = fastopt.backends()["numba-cuda"].reason
+    assert reason.startswith("importing fastopt.kernels.no_such_module failed: "), reason
+    with pytest.raises(fastopt.BackendUnavailableError, match="importing fastopt.kernels.no_such_module failed"):
+        functional.sgd_step(FakeDeviceArray((3,)), FakeDeviceArray((3,)), lr=0.1, backend="numba-cuda")
 
 
 def test_clip_grad_norm_refuses_mixed_kinds_before_anything_changes():

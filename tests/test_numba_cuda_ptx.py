@@ -10,44 +10,63 @@ checked to really contain float64 arithmetic, so the exemption list stays exact.
 numba-cuda compiles a kernel's device functions for "the current device"; without a GPU there is
 none, so these tests report compute capability 9.0 for it (the kernels themselves are compiled for
 ``cc=(9, 0)`` explicitly).
+
+The test extra requires numba-cuda[cu12], which brings NVVM (libnvvm, in the nvidia-cuda-nvcc-cu12
+wheel), so a missing numba-cuda or an NVVM that cannot be loaded fails these tests, naming the fix;
+they never skip for it. They skip only under the simulator (``NUMBA_ENABLE_CUDASIM=1``), another
+mode of the process, which compiles nothing (the simulator tests cover it).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import types as pytypes
 
 import pytest
 
-pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
-
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("compile_ptx needs the real numba-cuda target, not the simulator (NUMBA_ENABLE_CUDASIM=1)",
                 allow_module_level=True)
 
-import numba  # noqa: E402
-from numba import cuda  # noqa: E402
-
-from fastopt.kernels.numba_cuda._jit import KERNELS  # noqa: E402
+FIX = "the test extra requires numba-cuda[cu12], which brings NVVM: pip install -e '.[test]'"
+MISSING = "" if importlib.util.find_spec("numba_cuda") else f"numba-cuda is not installed; {FIX}"
 
 CC = (9, 0)
-CASES = [(name, dt) for name, k in KERNELS.items() for dt in k.dtypes]
+if MISSING:  # one case, failing with MISSING, instead of none (an empty parameter set skips)
+    KERNELS, CASES = {}, [("numba-cuda is not installed", None)]
+else:
+    import numba
+    from numba import cuda
+
+    from fastopt.kernels.numba_cuda._jit import KERNELS
+
+    CASES = [(name, dt) for name, k in KERNELS.items() for dt in k.dtypes]
 
 
-def _nvvm_or_skip():
+def require(nvvm: bool = True) -> None:
+    """Fail, never skip, when numba-cuda is missing or (``nvvm``) NVVM cannot be loaded."""
+    problem = MISSING or (_nvvm_problem() if nvvm else "")
+    if problem:
+        pytest.fail(problem, pytrace=False)
+
+
+@functools.cache
+def _nvvm_problem() -> str:
     try:
         from numba.cuda.cudadrv import nvvm
 
         nvvm.NVVM()
     except Exception as exc:  # noqa: BLE001 - any failure to load NVVM
-        pytest.skip(f"NVVM is not available ({type(exc).__name__}: {exc}); install numba-cuda[cu12]")
+        return f"NVVM cannot be loaded ({type(exc).__name__}: {' '.join(str(exc).split())}); {FIX}"
+    return ""
 
 
 @pytest.fixture(scope="module")
 def device_for_device_functions():
     """Device functions compile for the current device; give them cc 9.0 when there is no GPU."""
-    _nvvm_or_skip()
-    if cuda.is_available():
+    if MISSING or cuda.is_available():  # without numba-cuda, the test fails on its first line
         yield
         return
     import numba.cuda.dispatcher as dispatcher
@@ -70,6 +89,7 @@ def float64_lines(ptx: str) -> list[str]:
 
 
 def test_every_kernel_is_registered():
+    require(nvvm=False)
     names = set(KERNELS)
     assert len([n for n in names if n.startswith("optim.")]) == 30  # 15 variants, one tensor and a list
     assert {"batchnorm.stats_partial", "batchnorm.stats_finalize", "batchnorm.eval_coefficients",
@@ -80,6 +100,7 @@ def test_every_kernel_is_registered():
 
 @pytest.mark.parametrize("name, dtype", CASES, ids=[f"{n}-{d}" for n, d in CASES])
 def test_kernel_compiles_and_float32_computes_in_float32(name, dtype, device_for_device_functions):
+    require()
     kernel = KERNELS[name]
     ptx = compile_ptx(kernel.py_func, kernel.signature(dtype))
     assert ".entry" in ptx and ".target sm_90" in ptx
@@ -95,6 +116,7 @@ def test_kernel_compiles_and_float32_computes_in_float32(name, dtype, device_for
 
 def test_the_check_catches_a_float64_literal(device_for_device_functions):
     """The inspection is not vacuous: a float32 kernel with a Python float literal has .f64."""
+    require()
 
     def promoted(x):
         i = cuda.grid(1)

@@ -8,11 +8,14 @@ so each step's error is measured on its own and float32 rounding cannot accumula
 
 Error measure, per element, with the dtype's tolerance (rtol, atol):
 
-    e = |actual − reference| / (|reference| + atol/rtol)
+    e = |actual − reference| / (|reference| + s·atol/rtol)
 
-a relative error whose denominator never falls below atol/rtol, so values near zero are judged
-on their absolute error. An element passes when e ≤ rtol, i.e. |actual − reference| ≤ atol +
-rtol·|reference| (the test suite's rule). NaN or a wrong shape or dtype is an infinite error.
+with s the root mean square of the output's finite reference values: a relative error whose
+denominator never falls below s·atol/rtol, so values near zero are judged on their absolute error
+measured against the size of the data (a fixed atol would pass any value of a state that is
+itself smaller than atol, such as AdaDelta's accumulated squared steps). An element passes when
+e ≤ rtol, i.e. |actual − reference| ≤ s·atol + rtol·|reference| (the test suite's rule). NaN or a
+wrong shape or dtype is an infinite error.
 The reported error of an (operation, backend, dtype) row is the largest e over its cases, sizes,
 steps and outputs.
 
@@ -118,7 +121,12 @@ class Result:
         elif actual.size == 0:
             e, detail = 0.0, ""
         else:
-            err = np.abs(actual.astype(np.float64) - expected) / (np.abs(expected) + self.atol / self.rtol)
+            finite = expected[np.isfinite(expected)]
+            scale = float(np.sqrt(np.mean(finite * finite))) if finite.size else 0.0
+            floor = scale * self.atol / self.rtol
+            with np.errstate(invalid="ignore", divide="ignore"):
+                err = np.abs(actual.astype(np.float64) - expected) / (np.abs(expected) + floor)
+            err = np.where(actual.astype(np.float64) == expected, 0.0, err)  # exact (0 = 0, inf = inf)
             err = np.where(np.isnan(err), np.inf, err)
             i = np.unravel_index(np.argmax(err), err.shape)
             e = float(err[i])

@@ -23,6 +23,7 @@ from fastopt import functional
 
 from conftest import TOLERANCE, assert_close
 from optim_cases import CASES, case_id, initial_state
+import sweep
 
 NO_GPU = cupy_backend.unavailable_reason() or None  # imports CuPy if installed, compiles nothing
 
@@ -603,3 +604,28 @@ def test_public_api_on_cupy_arrays(backend, cp, rng):
     weight = layer.weight
     layer.load_state_dict({**layer.state_dict(), "running_var": np.full(3, 2.0)})
     assert layer.weight is weight and (host(layer.running_var) == 2.0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the hyperparameter sweep (tests/sweep.py) through the public API on CuPy arrays
+
+
+def _to_cupy(a):
+    import cupy
+
+    return cupy.asarray(a)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("variant", sweep.VARIANTS, ids=sweep.case_id)
+def test_functional_sweep(variant, dtype):
+    sweep.run_functional(variant, "cupy", dtype, to_dev=_to_cupy, to_host=host)
+
+
+@gpu
+@pytest.mark.parametrize("extras", [(), sweep.EXTRAS], ids=["plain", "extras"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("variant", sweep.VARIANTS, ids=sweep.case_id)
+def test_optimizer_sweep(variant, dtype, extras):
+    sweep.run_optimizer(variant, "cupy", dtype, extras=extras, to_dev=_to_cupy, to_host=host)

@@ -25,6 +25,7 @@ from conftest import assert_close  # noqa: E402
 from cudasim import test_api as api  # noqa: E402  (the public-API tests, run here on the GPU)
 from cudasim.helpers import bn_case, bn_compare, device, host, run_batchnorm, step_and_compare  # noqa: E402
 from optim_cases import CASES, case_id, initial_state  # noqa: E402
+import sweep  # noqa: E402
 
 
 def _skip_reason() -> str:
@@ -242,3 +243,20 @@ def test_public_api_clip_grad_norm(dtype, rng):
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 def test_public_api_batchnorm_functions(channel_axis, relu, rng):
     api.test_batchnorm_functions_match_the_reference(channel_axis, relu, rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# the hyperparameter sweep (tests/sweep.py) at the host backends' sizes
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", sweep.VARIANTS, ids=sweep.case_id)
+def test_functional_sweep(variant, dtype):
+    sweep.run_functional(variant, "numba-cuda", dtype, to_dev=device, to_host=host)
+
+
+@pytest.mark.parametrize("extras", [(), sweep.EXTRAS], ids=["plain", "extras"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", sweep.VARIANTS, ids=sweep.case_id)
+def test_optimizer_sweep(variant, dtype, extras):
+    sweep.run_optimizer(variant, "numba-cuda", dtype, extras=extras, to_dev=device, to_host=host)

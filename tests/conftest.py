@@ -42,11 +42,17 @@ def tolerance(expected: np.ndarray, dtype, scale: float | None = None) -> dict:
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, dtype, what: str = "", *,
-                 scale: float | None = None) -> None:
+                 scale: float | None = None, before: np.ndarray | None = None) -> None:
     """Compare dtype, shape, then values against the dtype's tolerance scaled to the data
-    (``tolerance``). NaN must sit where the reference has NaN."""
+    (``tolerance``). NaN must sit where the reference has NaN.
+
+    ``before``: the array's value before an in-place update. The scale is then the larger of
+    the two magnitudes: an update that cancels (θ − εu ≈ 0) leaves an error of the size of θ,
+    which the result alone cannot show (a one-element array would be judged on its tiny value)."""
     assert np.dtype(actual.dtype) == np.dtype(dtype), f"{what}: dtype {actual.dtype} != {np.dtype(dtype)}"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if scale is None and before is not None:
+        scale = max(data_scale(expected), data_scale(before))
     np.testing.assert_allclose(actual, expected, err_msg=what, **tolerance(expected, dtype, scale))
 
 

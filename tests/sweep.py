@@ -249,9 +249,11 @@ def run_functional(variant, backend: str, dtype, *, shape=(5003,), steps=STEPS, 
         step_fn(d_param, d_grad, **d_state, **keywords, backend=backend)
 
         np.testing.assert_array_equal(to_host(d_grad), grad, err_msg="the gradient was modified")
-        assert_close(to_host(d_param), expected["param"], dtype, f"param after step {t} ({keywords})")
+        assert_close(to_host(d_param), expected["param"], dtype, f"param after step {t} ({keywords})",
+                     before=start_param)
         for k in used:
-            assert_close(to_host(d_state[k]), expected[k], dtype, f"{k} after step {t} ({keywords})")
+            assert_close(to_host(d_state[k]), expected[k], dtype, f"{k} after step {t} ({keywords})",
+                         before=start_state[k])
         for k, before in unused.items():
             np.testing.assert_array_equal(to_host(d_state[k]), before,
                                           err_msg=f"{k} is unused with {keywords} but was written")
@@ -354,6 +356,7 @@ def run_optimizer(variant, backend: str, dtype, *, extras=(), to_dev=lambda a: a
                 group["lr"] = draw_lr(op, rng)
         grads = [_grad(rng, to_host(p), h) for g, h in zip(opt.param_groups, hypers) for p in g["params"]]
         saved = _state64(opt)
+        params_before = [to_host(p).astype(np.float64) for p in opt._params()]
         group_kw = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
         def reference(groups_kw, opts):
@@ -377,12 +380,13 @@ def run_optimizer(variant, backend: str, dtype, *, extras=(), to_dev=lambda a: a
         opt.step(d_grads)
 
         for k, (p, e) in enumerate(zip(opt._params(), ref._params())):
-            assert_close(to_host(p), e, dtype, f"params[{k}] after step {t + 1}")
+            assert_close(to_host(p), e, dtype, f"params[{k}] after step {t + 1}", before=params_before[k])
         for k, (entry, ref_entry) in enumerate(zip(opt.state, ref.state)):
             assert entry.keys() == ref_entry.keys(), f"state[{k}] holds {sorted(entry)}, the reference {sorted(ref_entry)}"
             for name, value in ref_entry.items():
                 if isinstance(value, np.ndarray):
-                    assert_close(to_host(entry[name]), value, dtype, f"state[{k}][{name!r}] after step {t + 1}")
+                    assert_close(to_host(entry[name]), value, dtype, f"state[{k}][{name!r}] after step {t + 1}",
+                                 before=saved["state"].get(k, {}).get(name))
                 else:
                     assert entry[name] == value, f"state[{k}][{name!r}] after step {t + 1}"
         for g, grad in zip(d_grads, grads):

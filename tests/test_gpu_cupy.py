@@ -139,15 +139,16 @@ def test_update_matches_float64_reference(case, dtype, shape_offset, backend, rn
         if hyper.get("weight_decay"):
             g = np.copysign(g, host(param))  # g + λθ never cancels (see test_optim_backends)
         grad = device(g, dtype, offset)
+        before = {"param": host(param), **{k: host(v) for k, v in state.items()}}
         expected_param, expected_state, _ = _reference_step(
             name, h, host(param), g, {k: host(v) for k, v in state.items()}, t)
         step_kw = {"step": t} if spec.step_count else {}
         getattr(backend, spec.kernel)(param, grad, *(state[k] for k in spec.state), **h, **step_kw)
         assert param.dtype == dtype
         np.testing.assert_array_equal(host(grad), g, err_msg="the gradient was modified")
-        assert_close(host(param), expected_param, dtype, f"param after step {t}")
+        assert_close(host(param), expected_param, dtype, f"param after step {t}", before=before["param"])
         for k in spec.uses(h):
-            assert_close(host(state[k]), expected_state[k], dtype, f"{k} after step {t}")
+            assert_close(host(state[k]), expected_state[k], dtype, f"{k} after step {t}", before=before[k])
 
 
 EXTRA_CASES = [CASES[2], CASES[5], CASES[10], CASES[14], CASES[16], CASES[19], CASES[21], CASES[22]]
@@ -175,6 +176,7 @@ def test_update_with_extras_matches_reference(case, dtype, offset, mul_on_device
             g = np.copysign(g, host(param))  # g + λθ never cancels (see test_optim_backends)
         g[7] = np.nan  # NaN passes through the clamp
         grad = device(g, dtype, offset)
+        before = {"param": host(param), "avg": host(avg), **{k: host(v) for k, v in state.items()}}
         expected_param, expected_state, expected_avg = _reference_step(
             name, h, host(param), g, {k: host(v) for k, v in state.items()}, t, avg=host(avg), **extras)
         mul = device([0.5], dtype) if mul_on_device else 0.5
@@ -183,10 +185,12 @@ def test_update_with_extras_matches_reference(case, dtype, offset, mul_on_device
                                       grad_clip=0.75, avg=avg, avg_weight=0.25)
         assert np.isnan(host(param)[7]) and np.isnan(host(avg)[7])
         keep = np.arange(shape[0]) != 7
-        assert_close(host(param)[keep], expected_param[keep], dtype, f"param after step {t}")
-        assert_close(host(avg)[keep], expected_avg[keep], dtype, f"avg after step {t}")
+        assert_close(host(param)[keep], expected_param[keep], dtype, f"param after step {t}",
+                     before=before["param"][keep])
+        assert_close(host(avg)[keep], expected_avg[keep], dtype, f"avg after step {t}", before=before["avg"][keep])
         for k in spec.uses(h):
-            assert_close(host(state[k])[keep], expected_state[k][keep], dtype, f"{k} after step {t}")
+            assert_close(host(state[k])[keep], expected_state[k][keep], dtype, f"{k} after step {t}",
+                         before=before[k][keep])
 
 
 @gpu

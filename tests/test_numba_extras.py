@@ -82,6 +82,7 @@ def test_extras_match_float64_reference(case, dtype, size, rng):
         expected_param = param.astype(np.float64)
         expected_state = {k: v.astype(np.float64) for k, v in state.items()}
         expected_avg = avg.astype(np.float64)
+        before = {"param": param.copy(), "avg": avg.copy(), **{k: v.copy() for k, v in state.items()}}
         getattr(reference, spec.kernel)(
             expected_param, grad.astype(np.float64), *(expected_state[k] for k in spec.state),
             avg=expected_avg, **common, **hyper)
@@ -90,10 +91,10 @@ def test_extras_match_float64_reference(case, dtype, size, rng):
                                             **common, **hyper)
 
         np.testing.assert_array_equal(grad, grad_before, err_msg="the gradient was modified")
-        assert_close(param, expected_param, dtype, f"param after step {t}")
-        assert_close(avg, expected_avg, dtype, f"avg after step {t} (avg_weight {avg_weight})")
+        assert_close(param, expected_param, dtype, f"param after step {t}", before=before["param"])
+        assert_close(avg, expected_avg, dtype, f"avg after step {t} (avg_weight {avg_weight})", before=before["avg"])
         for k in spec.uses(hyper):
-            assert_close(state[k], expected_state[k], dtype, f"{k} after step {t}")
+            assert_close(state[k], expected_state[k], dtype, f"{k} after step {t}", before=before[k])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

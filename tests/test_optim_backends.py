@@ -43,6 +43,7 @@ def test_backend_matches_float64_reference(case, backend, dtype, shape, rng):
         grad_before = grad.copy()
         expected_param = param.astype(np.float64)
         expected_state = {k: v.astype(np.float64) for k, v in state.items()}
+        before = {"param": param.copy(), **{k: v.copy() for k, v in state.items()}}
         step_kw = {"step": t} if spec.step_count else {}
         ref_fn(expected_param, grad.astype(np.float64), *(expected_state[k] for k in spec.state),
                **ref_hyper, **step_kw)
@@ -51,9 +52,9 @@ def test_backend_matches_float64_reference(case, backend, dtype, shape, rng):
 
         assert param.dtype == dtype and all(v.dtype == dtype for v in state.values())
         np.testing.assert_array_equal(grad, grad_before, err_msg="the gradient was modified")
-        assert_close(param, expected_param, dtype, f"param after step {t}")
+        assert_close(param, expected_param, dtype, f"param after step {t}", before=before["param"])
         for k in spec.uses(ref_hyper):
-            assert_close(state[k], expected_state[k], dtype, f"{k} after step {t}")
+            assert_close(state[k], expected_state[k], dtype, f"{k} after step {t}", before=before[k])
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

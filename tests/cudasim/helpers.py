@@ -91,6 +91,7 @@ def step_and_compare(name, hyper, dtype, shape, rng, *, steps=2, grad_mul=None, 
         expected_param = param.astype(np.float64)
         expected_state = {k: (None if v is None else v.astype(np.float64)) for k, v in state.items()}
         expected_avg = None if avg is None else host(d_avg).astype(np.float64)
+        avg_before = None if avg is None else host(d_avg)
         step_kw = {"step": t} if spec.step_count else {}
         if expected_avg is not None:
             ref_extras["avg"] = expected_avg
@@ -102,11 +103,11 @@ def step_and_compare(name, hyper, dtype, shape, rng, *, steps=2, grad_mul=None, 
         got = host(d_param)
         assert got.dtype == dtype and got.shape == tuple(shape)
         np.testing.assert_array_equal(host(d_grad), grad, err_msg="the gradient was modified")
-        assert_close(got, expected_param, dtype, f"{name} param after step {t}")
+        assert_close(got, expected_param, dtype, f"{name} param after step {t}", before=param)
         for k in used:
-            assert_close(host(d_state[k]), expected_state[k], dtype, f"{name} {k} after step {t}")
+            assert_close(host(d_state[k]), expected_state[k], dtype, f"{name} {k} after step {t}", before=state[k])
         if avg is not None:
-            assert_close(host(d_avg), expected_avg, dtype, f"{name} avg after step {t}")
+            assert_close(host(d_avg), expected_avg, dtype, f"{name} avg after step {t}", before=avg_before)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,13 +121,14 @@ def test_multi_step_matches_reference(case, dtype, with_extras, rng):
     reference.multi_step(spec.kernel, e_params, [g.astype(np.float64) for g in grads], e_states, e_avgs,
                          **common, **checked, **step_kw)
     for k, shape in enumerate(MULTI_SHAPES):
-        assert_close(host(d_params[k]), e_params[k], dtype, f"param {k} {shape}")
+        assert_close(host(d_params[k]), e_params[k], dtype, f"param {k} {shape}", before=params[k])
         np.testing.assert_array_equal(host(d_grads[k]), grads[k])
         for j, state_name in enumerate(spec.state):
             if state_name in used:
-                assert_close(host(d_states[k][j]), e_states[k][j], dtype, f"{state_name} {k} {shape}")
+                assert_close(host(d_states[k][j]), e_states[k][j], dtype, f"{state_name} {k} {shape}",
+                             before=states[k][state_name])
         if avgs is not None and avgs[k] is not None:
-            assert_close(host(d_avgs[k]), e_avgs[k], dtype, f"avg {k} {shape}")
+            assert_close(host(d_avgs[k]), e_avgs[k], dtype, f"avg {k} {shape}", before=avgs[k])
 
 
 def test_multi_step_of_an_empty_list_does_nothing():

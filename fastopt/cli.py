@@ -4,9 +4,11 @@
     fastopt verify    every kernel on every available backend against the float64 reference
     fastopt bench     the benchmark harness (``fastopt.benchmark``)
     fastopt train     an MLP with batch normalization on the digits, entirely on fastopt
+    fastopt compile   compile the CPU kernels ahead of time into numba's disk cache
 
-Exit status: 0 success, 1 a verification failed, 2 a usage error (unknown optimizer or option, a
-bad hyperparameter, an unavailable backend, a missing optional extra), printed as one line.
+Exit status: 0 success, 1 a verification (or a kernel's compilation) failed, 2 a usage error
+(unknown optimizer or option, a bad hyperparameter, an unavailable backend, a missing optional
+extra), printed as one line.
 Progress bars go to stderr and only when it is a terminal.
 """
 
@@ -234,6 +236,51 @@ _BENCH_HELP = "Benchmark the kernels: verify, warm up, then time; bytes moved, G
 
 
 # ---------------------------------------------------------------------------------------------
+# fastopt compile
+
+
+def cmd_compile(args, parser) -> int:
+    from . import precompile
+
+    if args.list:
+        print(f"{'operation':20s} kernels (each for {' and '.join(precompile.DTYPES)})")
+        for op, table in precompile.kernels().items():
+            print(f"{op:20s} {', '.join(table)}")
+        return 0
+    try:
+        jobs = precompile.jobs(args.op, [args.dtype] if args.dtype else None)
+    except ValueError as exc:
+        parser.error(f"--op: {exc}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    ops = ", ".join(dict.fromkeys(args.op)) if args.op else "every operation"
+    dtypes = args.dtype or " and ".join(precompile.DTYPES)
+    kernels = len({id(job.kernel) for job in jobs})
+    workers = f", {args.jobs} processes" if args.jobs > 1 else ""
+    print(f"compiling {len(jobs)} signatures of {kernels} kernels ({ops}; {dtypes}{workers}) into numba's cache "
+          f"at {_numba_cache_dir()}")
+    start = time.perf_counter()
+    with _bar(len(jobs), "compiling", "signature") as bar:
+        def report(result):
+            bar.update()
+            status = "loaded from the cache" if result.cached else "compiled"
+            if result.error:
+                status = f"FAILED: {result.error}"
+            bar.write(f"{result.job.name:36s} {result.job.dtype:8s} {result.seconds:7.2f} s  {status}",
+                      file=sys.stdout)
+
+        results = precompile.compile_kernels(jobs, report, workers=args.jobs)
+    failed = [r for r in results if r.error]
+    cached = sum(r.cached for r in results)
+    print(f"{len(results) - len(failed)} of {len(results)} signatures ready in {time.perf_counter() - start:.1f} s "
+          f"({len(results) - len(failed) - cached} compiled, {cached} loaded from the cache)")
+    if failed:
+        print(f"{len(failed)} signatures FAILED to compile")
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # fastopt train
 
 # option -> (dest, argparse keywords, help); dest is the optimizer's keyword argument
@@ -452,7 +499,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                               "(final loss, test accuracy, compile and train times apart)")
     p_train.add_argument("--output", default="fastopt-compare.png", metavar="PNG",
                          help="the file --compare writes (default: fastopt-compare.png)")
-    return parser, {"verify": p_verify, "train": p_train}
+    p_compile = sub.add_parser(
+        "compile", help="compile the CPU kernels ahead of time into numba's disk cache",
+        description="Compile the numba backend's CPU kernels into numba's disk cache ahead of time (for example "
+                    "in a container build), so that a program's first run loads them instead of compiling: every "
+                    "kernel of the selected operations (every configuration of an optimizer, with and without the "
+                    "Polyak average; batch norm in both layouts), for each selected dtype. Compile where the "
+                    "program runs, or on the same CPU model, with the same NUMBA_CACHE_DIR (or numba's default "
+                    "cache) and the same versions of fastopt, numba and Python. Exit status 1 if a kernel fails "
+                    "to compile.")
+    which = p_compile.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="every operation (the default)")
+    which.add_argument("--op", action="append", metavar="NAME",
+                       help="operation to compile (repeatable): an optimizer (sgd, adam, ...), batchnorm_forward, "
+                            "batchnorm_backward, grad_sumsq, scale_grads_; --list shows them with their kernels")
+    p_compile.add_argument("--dtype", choices=("float32", "float64"), help="dtype to compile (default: both)")
+    p_compile.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                           help="compile in N processes (LLVM compiles on one core; default: 1)")
+    p_compile.add_argument("--list", action="store_true", help="list the operations and their kernels, compile nothing")
+    return parser, {"verify": p_verify, "train": p_train, "compile": p_compile}
 
 
 def main(argv=None) -> int:
@@ -472,6 +537,8 @@ def main(argv=None) -> int:
             return cmd_verify(args)
         if args.command == "bench":
             return cmd_bench(args, extra)
+        if args.command == "compile":
+            return cmd_compile(args, subparsers["compile"])
         return cmd_train(args, subparsers["train"])
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2), already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -394,6 +395,20 @@ def test_cold_start_compiles_every_kernel_of_a_package_in_fresh_processes(tmp_pa
     assert result["modules"]["ops"]["kernels"] == 4
     assert result["first_compile_s"] >= 0 and result["cached_load_s"] >= 0
     assert result["import_and_first_adam_step_s"] is None  # only for fastopt's own kernels
+    assert result["first_train"] is None
+    # each (kernel, dtype) timed, named by where the module holds it
+    assert sorted((m, name, dtype) for m, name, dtype, _ in result["per_kernel"]) == [
+        ("ops", "double", "float32"), ("ops", "double", "float64"), ("ops", "total", "float64"),
+        ("ops", "wrapped.plain", "float32"), ("ops", "wrapped.twice", "float32")]
+
+
+def test_first_train_is_skipped_with_the_reason_without_the_demo_extra(tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked" / "sklearn"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('sklearn is blocked for this test')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(blocked.parent), os.environ.get("PYTHONPATH")])))
+    result = coldstart.first_train(timeout=300)
+    assert "scikit-learn" in result["skipped"], result
 
 
 def test_first_step_runs_import_and_one_adam_step_in_a_new_process():

@@ -68,7 +68,7 @@ def test_no_command_is_a_usage_error():
 def test_help_lists_the_commands():
     proc = fastopt_cmd("--help")
     assert proc.returncode == 0
-    for command in ("info", "verify", "bench", "train"):
+    for command in ("info", "verify", "bench", "train", "compile"):
         assert command in proc.stdout
 
 
@@ -247,6 +247,97 @@ def test_bench_help():
     proc = fastopt_cmd("bench", "--help")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: fastopt bench")
+
+
+# ---------------------------------------------------------------------------------------------
+# compile (one small kernel: compiling every kernel takes minutes)
+
+COMPILE_HEADER = re.compile(r"^compiling (\d+) signatures of (\d+) kernels \((.*); (.*)\) into numba's cache at (.*)$")
+COMPILE_LINE = re.compile(r"^(\S+)\s+(float32|float64)\s+\d+\.\d\d s  (compiled|loaded from the cache)$")
+COMPILE_SUMMARY = re.compile(r"^(\d+) of (\d+) signatures ready in \d+\.\d s \((\d+) compiled, (\d+) loaded from the "
+                             r"cache\)$")
+
+# the first call of scale_grads_ in a new process: did numba load the float32 kernel from the cache?
+_LOADS_FROM_CACHE = """
+import numpy as np
+from fastopt.kernels import numba_cpu
+from fastopt.kernels.numba_cpu import reduce
+g = np.ones(3, np.float32)
+numba_cpu.scale_grads_([g], 2.0)
+assert (g == 2).all()
+stats = reduce._scale.dispatchers["float32"].stats
+print(sorted(reduce._scale.dispatchers), sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+"""
+
+
+def compile_output(proc) -> tuple[re.Match, list[re.Match], re.Match]:
+    """The header, one line per signature and the summary of ``fastopt compile``'s stdout."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    header, summary = COMPILE_HEADER.match(lines[0]), COMPILE_SUMMARY.match(lines[-1])
+    assert header and summary, proc.stdout
+    rows = [COMPILE_LINE.match(line) for line in lines[1:-1]]
+    assert all(rows), proc.stdout
+    return header, rows, summary
+
+
+def test_compile_fills_numbas_cache_and_a_new_process_loads_from_it(tmp_path):
+    cache = tmp_path / "cache"
+    env = {"NUMBA_CACHE_DIR": str(cache)}
+    header, rows, summary = compile_output(fastopt_cmd("compile", "--op", "scale_grads_", "--dtype", "float32",
+                                                       env_extra=env))
+    assert header.groups() == ("1", "1", "scale_grads_", "float32", f"{cache} (NUMBA_CACHE_DIR)")
+    assert [r.groups() for r in rows] == [("scale", "float32", "compiled")]
+    assert summary.groups() == ("1", "1", "1", "0")
+    assert list(cache.glob("*/reduce._scale-*.nbi")) and list(cache.glob("*/reduce._scale-*.nbc"))
+    assert not list(cache.glob("*/reduce._sumsq-*")), "another operation's kernel was compiled"
+
+    run = subprocess.run([sys.executable, "-c", _LOADS_FROM_CACHE], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, **env))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["['float32']", "1", "0"], run.stdout  # loaded, not compiled; float32 only
+
+    _, rows, summary = compile_output(fastopt_cmd("compile", "--op", "scale_grads_", "--dtype", "float32",
+                                                  env_extra=env))
+    assert [r.groups() for r in rows] == [("scale", "float32", "loaded from the cache")]
+    assert summary.groups() == ("1", "1", "0", "1")
+
+
+def test_compile_in_worker_processes(tmp_path):
+    cache = tmp_path / "cache"
+    header, rows, summary = compile_output(fastopt_cmd(
+        "compile", "--op", "scale_grads_", "--op", "grad_sumsq", "--dtype", "float32", "--jobs", "2",
+        env_extra={"NUMBA_CACHE_DIR": str(cache)}))
+    assert header.group(4) == "float32, 2 processes"
+    assert sorted(r.groups() for r in rows) == [("scale", "float32", "compiled"), ("sumsq", "float32", "compiled")]
+    assert summary.groups() == ("2", "2", "2", "0")
+    assert list(cache.glob("*/reduce._scale-*.nbc")) and list(cache.glob("*/reduce._sumsq-*.nbc"))
+
+
+def test_compile_list_names_every_operation_and_compiles_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    proc = fastopt_cmd("compile", "--list", env_extra={"NUMBA_CACHE_DIR": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split() == ["operation", "kernels", "(each", "for", "float32", "and", "float64)"]
+    table = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
+    assert set(table) == {"sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "delta_bar_delta",
+                          "batchnorm_forward", "batchnorm_backward", "grad_sumsq", "scale_grads_"}
+    assert table["adam"] == "adam.plain, adam.averaged, adam_amsgrad.plain, adam_amsgrad.averaged"
+    assert "stats_channels_last" in table["batchnorm_forward"]
+    # importing the backend compiles its two table helpers (multi.py), no kernel
+    assert all(p.name.startswith("multi.") for p in cache.glob("*/*.nbi")), list(cache.glob("*/*.nbi"))
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--op", "nope"], ["--op: unknown operation 'nope'", "choose from sgd,"]),
+    (["--op", "adam", "--op", "Adam"], ["unknown operation 'Adam'"]),
+    (["--all", "--op", "adam"], ["not allowed with argument --all"]),
+    (["--dtype", "float16"], ["invalid choice"]),
+    (["--jobs", "0"], ["--jobs must be >= 1, got 0"]),
+])
+def test_compile_usage_errors(args, fragments):
+    assert_usage_error(fastopt_cmd("compile", *args), *fragments)
 
 
 # ---------------------------------------------------------------------------------------------

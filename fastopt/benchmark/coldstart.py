@@ -1,22 +1,30 @@
-"""Cold start: the first-ever compile time of every CPU kernel.
+"""Cold start: the first-ever compile time of every CPU kernel, and what a new user waits for.
 
 A fresh Python process with ``NUMBA_CACHE_DIR`` pointing at an empty temporary directory imports
 ``fastopt.kernels.numba_cpu``, finds every kernel in its modules (the objects the house decorator
 ``fastopt.kernels.numba_cpu._jit.kernel`` makes) and compiles all their declared signatures, timing
-each module. A second process with the same, now filled, cache directory measures the start a user
-sees from the second run on (loading from numba's on-disk cache), and a third one what a user's
-program pays before its first update: ``import fastopt`` and one Adam step (``first_step``).
+each module and each (kernel, dtype). A second process with the same, now filled, cache directory
+measures the start a user sees from the second run on (loading from numba's on-disk cache), and a
+third one what a user's program pays before its first update: ``import fastopt`` and one Adam step
+(``first_step``).
+
+``first_train`` is the README's first command as a new user runs it: ``fastopt train`` (Adam and
+batch norm) in a new process with an empty cache, timed as a whole process and by its own
+"compile" line, then ``fastopt train --optimizer sgd --momentum 0.9`` (the first use of another
+optimizer configuration) with the cache the first run filled.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
 
-__all__ = ["first_step", "measure"]
+__all__ = ["first_step", "first_train", "measure"]
 
 PACKAGE = "fastopt.kernels.numba_cpu"
 
@@ -24,27 +32,27 @@ _SCRIPT = r"""
 import importlib, json, pkgutil, sys, time
 
 def is_kernel(obj):
-    return all(hasattr(type(obj), a) or hasattr(obj, a) for a in ("compiled", "signatures", "py_func")) \
+    return all(hasattr(type(obj), a) or hasattr(obj, a) for a in ("compile", "dtypes", "signatures", "py_func")) \
         and not isinstance(obj, type)
 
-def kernels_in(obj, package, seen, depth=0):
+def kernels_in(obj, name, package, seen, depth=0):
     # the house kernels, also inside the package's own wrapper objects (e.g. a kernel's variants)
     if id(obj) in seen:
         return
     seen.add(id(obj))
     if is_kernel(obj):
-        yield obj
+        yield name, obj
         return
     if depth >= 2:
         return
     if isinstance(obj, (list, tuple)):
-        values = obj
+        values = [(f"{name}[{i}]", v) for i, v in enumerate(obj)]
     elif type(obj).__module__.startswith(package) and hasattr(obj, "__dict__") and not isinstance(obj, type):
-        values = list(vars(obj).values()) + [getattr(obj, "variants", ())]
+        values = [(f"{name}.{k}", v) for k, v in vars(obj).items()]
     else:
         return
-    for value in values:
-        yield from kernels_in(value, package, seen, depth + 1)
+    for label, value in values:
+        yield from kernels_in(value, label, package, seen, depth + 1)
 
 t0 = time.perf_counter()
 import numba
@@ -52,17 +60,21 @@ t1 = time.perf_counter()
 package = importlib.import_module(sys.argv[1])
 t2 = time.perf_counter()
 modules = {}
+per_kernel = []
 seen = set()
 for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
     start = time.perf_counter()
     module = importlib.import_module(package.__name__ + "." + info.name)  # may compile eager kernels
     imported = time.perf_counter()
     kernels = signatures = 0
-    for obj in list(vars(module).values()):
+    for attr, obj in list(vars(module).items()):
         if type(obj).__module__ != module.__name__ and not is_kernel(obj):
             continue
-        for k in kernels_in(obj, package.__name__, seen):
-            k.compiled  # compiles (or loads from the cache) every declared signature
+        for name, k in kernels_in(obj, attr, package.__name__, seen):
+            for dtype in k.dtypes:  # compiles (or loads from the cache) each declared signature
+                t = time.perf_counter()
+                k.compile(dtype)
+                per_kernel.append([info.name, name, dtype, time.perf_counter() - t])
             kernels += 1
             signatures += len(k.signatures)
     done = time.perf_counter()
@@ -70,7 +82,7 @@ for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name)
         modules[info.name] = dict(kernels=kernels, signatures=signatures, seconds=done - start,
                                   import_seconds=imported - start)
 print(json.dumps(dict(import_numba_s=t1 - t0, import_kernels_s=t2 - t1, modules=modules,
-                      compile_s=sum(m["seconds"] for m in modules.values()))))
+                      compile_s=sum(m["seconds"] for m in modules.values()), per_kernel=per_kernel)))
 """
 
 
@@ -109,9 +121,41 @@ def first_step(cache_dir: str | None = None, *, timeout: float = 300.0) -> float
     return _run(cache_dir, "", timeout, None, _FIRST_STEP)["seconds"]
 
 
-def measure(package: str = PACKAGE, *, timeout: float = 1800.0, path: str | None = None) -> dict:
+# the README's first command, then the first use of another optimizer configuration
+TRAIN_COMMANDS = (("train",), ("train", "--optimizer", "sgd", "--momentum", "0.9"))
+_COMPILE_LINE = re.compile(r"^compile ([0-9.]+) s, train ([0-9.]+) s", re.M)
+
+
+def first_train(commands=TRAIN_COMMANDS, *, timeout: float = 900.0) -> dict:
+    """``python -m fastopt`` with each of ``commands`` in turn, each in a new process, sharing one
+    numba cache that starts empty: per command its whole wall time (interpreter start to exit)
+    and the compile and train seconds it prints. ``skipped`` (with the reason) when fastopt train
+    cannot run here (the demo extra, scikit-learn, is missing)."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="fastopt-numba-cache-") as cache_dir:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+        for command in commands:
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "fastopt", *command], env=env, capture_output=True,
+                                  text=True, timeout=timeout)
+            whole = time.perf_counter() - start
+            if proc.returncode == 2 and not runs:
+                return dict(skipped=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "exit 2")
+            if proc.returncode != 0:
+                raise RuntimeError(f"fastopt {' '.join(command)} failed (exit {proc.returncode}): "
+                                   f"{proc.stderr.strip()[-2000:]}")
+            match = _COMPILE_LINE.search(proc.stdout)
+            runs.append(dict(command="fastopt " + " ".join(command), whole_s=whole,
+                             compile_s=float(match.group(1)) if match else None,
+                             train_s=float(match.group(2)) if match else None))
+    return dict(method="each a new process; one NUMBA_CACHE_DIR, empty before the first", runs=runs)
+
+
+def measure(package: str = PACKAGE, *, timeout: float = 1800.0, path: str | None = None,
+            train: bool = True) -> dict:
     """First-ever compile (empty cache) and cached start of every kernel of ``package`` (the CPU
-    kernels by default), each in a new process; ``path`` is prepended to its ``PYTHONPATH``."""
+    kernels by default), each in a new process; ``path`` is prepended to its ``PYTHONPATH``. For
+    fastopt's own kernels, with ``train``, also ``first_train()``."""
     with tempfile.TemporaryDirectory(prefix="fastopt-numba-cache-") as cache_dir:
         cold = _run(cache_dir, package, timeout, path)
         warm = _run(cache_dir, package, timeout, path)
@@ -128,4 +172,6 @@ def measure(package: str = PACKAGE, *, timeout: float = 1800.0, path: str | None
         import_kernels_s=cold["import_kernels_s"],  # importing the package (kernels declared eagerly compile here)
         modules=cold["modules"],
         import_and_first_adam_step_s=start,
+        per_kernel=cold["per_kernel"],  # [module, kernel, dtype, seconds] in compile order
+        first_train=first_train(timeout=timeout) if train and package == PACKAGE else None,
     )

@@ -79,6 +79,18 @@ def markdown(doc: dict) -> str:
                       + (f"; with the filled cache, `import fastopt` and the first Adam step take "
                          f"{cold['import_and_first_adam_step_s']:.2f} s in a new process."
                          if cold.get("import_and_first_adam_step_s") is not None else ".")]
+        per_dtype: dict[str, float] = {}
+        for _, _, dtype, seconds in cold.get("per_kernel") or ():
+            per_dtype[dtype] = per_dtype.get(dtype, 0.0) + seconds
+        if per_dtype:
+            lines[-1] += " By dtype: " + ", ".join(f"{d} {s:.1f} s" for d, s in per_dtype.items()) + "."
+        train = cold.get("first_train")
+        if train and train.get("runs"):
+            runs = [f"`{r['command']}` compiles for {_num(r['compile_s'], '.1f')} s, {r['whole_s']:.1f} s in all"
+                    for r in train["runs"]]
+            lines += ["", "A new user's first runs (" + train["method"] + "): " + "; then ".join(runs) + "."]
+        elif train and train.get("skipped"):
+            lines += ["", f"A new user's first `fastopt train`: skipped ({train['skipped']})."]
     elif cold and cold.get("skipped"):
         lines += ["", f"Cold start: skipped ({cold['skipped']})."]
     elif cold and cold.get("error"):

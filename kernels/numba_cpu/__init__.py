@@ -4,6 +4,9 @@ Exposes every operation of the backend contract (``docs/backends.md``) under its
 the optimizer updates with the training-step extras and ``multi_step`` (``optim``, over the tensor
 lists of ``multi``), the gradient reductions (``reduce``), batch normalization (``batchnorm``), and
 the array helpers of the NumPy-array backends (``fastopt._host_arrays``).
+
+``KERNELS`` lists, per operation, the compiled kernels it may launch (what ``fastopt compile``
+compiles ahead of time); each compiles per dtype at its first call otherwise (``_jit``).
 """
 
 from ..._host_arrays import (
@@ -27,8 +30,46 @@ from .optim import (
     sgd_step,
 )
 from .reduce import grad_multiplier, grad_sumsq, scale_grads_
+from . import batchnorm as _bn
+from . import optim as _optim
+from . import reduce as _reduce
+
+
+def _update_kernels(*kernels) -> dict:
+    """Optimizer kernels in both variants: the plain update and the one with the Polyak average."""
+    return {f"{k.__name__.lstrip('_')}.{variant}": getattr(k, variant)
+            for k in kernels for variant in ("plain", "averaged")}
+
+
+def _named(*kernels) -> dict:
+    return {k.__name__.lstrip("_"): k for k in kernels}
+
+
+# operation -> {kernel name: kernel}: every kernel the operation may launch, whatever its options
+# (an optimizer's configurations and the Polyak average; batch norm's layouts; training mode and
+# evaluation). The optimizers are named as in fastopt.verify; adamw runs Adam's kernels.
+KERNELS: dict[str, dict] = {
+    "sgd": _update_kernels(_optim._sgd, _optim._sgd_momentum, _optim._sgd_nesterov, _optim._sgd_nesterov_torch),
+    "adagrad": _update_kernels(_optim._adagrad),
+    "rmsprop": _update_kernels(_optim._rmsprop, _optim._rmsprop_centered, _optim._rmsprop_momentum,
+                               _optim._rmsprop_momentum_centered, _optim._rmsprop_nesterov,
+                               _optim._rmsprop_nesterov_centered),
+    "adadelta": _update_kernels(_optim._adadelta),
+    "adam": _update_kernels(_optim._adam, _optim._adam_amsgrad),
+    "adamw": _update_kernels(_optim._adam, _optim._adam_amsgrad),
+    "delta_bar_delta": _update_kernels(_optim._delta_bar_delta),
+    "batchnorm_forward": _named(_bn._stats_channel_first, _bn._stats_channels_last, _bn._merge_statistics,
+                                _bn._running_statistics, _bn._forward_coefficients, _bn._normalize_channel_first,
+                                _bn._normalize_channels_last),
+    "batchnorm_backward": _named(_bn._mask_coefficients, _bn._reduce_channel_first, _bn._reduce_channels_last,
+                                 _bn._backward_coefficients, _bn._input_grad_channel_first,
+                                 _bn._input_grad_channels_last),
+    "grad_sumsq": _named(_reduce._sumsq),
+    "scale_grads_": _named(_reduce._scale),
+}
 
 __all__ = [
+    "KERNELS",
     "adadelta_step",
     "adagrad_step",
     "adam_step",

@@ -1,0 +1,172 @@
+"""The house jit wrapper compiles a kernel per dtype, at the first call that needs it.
+
+``kernels/numba_cpu/_jit.py``: one dispatcher per declared signature, picked by the dtype of one
+argument; a call whose types match no declared signature raises instead of compiling a promoted
+variant. ``KERNELS`` (what ``fastopt compile`` compiles) holds every kernel of the backend.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+from fastopt import precompile
+from fastopt.kernels import numba_cpu
+from fastopt.kernels.numba_cpu import _jit, batchnorm, optim, reduce
+
+
+def _axpy(x, a, y):
+    for i in range(x.shape[0]):
+        y[i] += a * x[i]
+
+
+def _total(n, like):
+    return like * n
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """numba's disk cache in a temporary directory (the toy kernels are cache=True)."""
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def axpy_kernel():
+    return _jit.kernel(["void(float32[::1], float32, float32[::1])",
+                        "void(float64[::1], float64, float64[::1])"], parallel=False)(_axpy)
+
+
+def test_a_call_compiles_only_the_signature_of_its_dtype(cache_dir):
+    k = axpy_kernel()
+    assert k.dtypes == ("float32", "float64") and k.dispatchers == {}
+    y = np.zeros(4, np.float32)
+    k(np.ones(4, np.float32), np.float32(2), y)
+    assert list(k.dispatchers) == ["float32"] and (y == 2).all()
+    y64 = np.zeros(4)
+    k(np.ones(4), 3.0, y64)
+    assert list(k.dispatchers) == ["float32", "float64"] and (y64 == 3).all()
+    assert all(len(d.signatures) == 1 for d in k.dispatchers.values())
+
+
+@pytest.mark.parametrize("args", [
+    (np.ones(4, np.int64), 2, np.zeros(4, np.int64)),  # no declared signature for int64
+    (np.ones(4, np.float32), np.float32(2), np.zeros(4)),  # float64 output for float32 input
+    (np.ones((2, 2), np.float32), np.float32(2), np.zeros(4, np.float32)),  # 2-D
+])
+def test_a_call_with_wrong_types_raises_instead_of_compiling(cache_dir, args):
+    k = axpy_kernel()
+    with pytest.raises(TypeError):
+        k(*args)
+    assert set(k.dispatchers) <= {"float32"}  # at most the signature the dtype named, never a new one
+    assert all(len(d.signatures) == 1 for d in k.dispatchers.values())
+
+
+def test_no_declared_dtype_says_which_were_declared(cache_dir):
+    with pytest.raises(TypeError, match=r"_axpy: no declared signature for argument types \(array\(int64.*declared: "
+                                        r"void\(float32\[::1\]"):
+        axpy_kernel()(np.ones(4, np.int64), 2, np.zeros(4, np.int64))
+
+
+def test_a_scalar_can_pick_the_signature_and_a_python_float_is_float64(cache_dir):
+    k = _jit.kernel(["float64(int64, float32)", "float64(int64, float64)"], parallel=False)(_total)
+    assert k(3, 0.5) == 1.5 and list(k.dispatchers) == ["float64"]
+    assert k(3, np.float32(0.5)) == 1.5 and sorted(k.dispatchers) == ["float32", "float64"]
+    with pytest.raises(TypeError, match="no declared signature"):
+        k(3, 1)  # an int is no float
+
+
+def test_compile_ahead_of_time_by_dtype(cache_dir):
+    k = axpy_kernel()
+    assert len(k.compile("float64")) == 1 and list(k.dispatchers) == ["float64"]
+    assert k.compile(np.float64)[0] is k.dispatchers["float64"]  # compiled once
+    assert k.compile("int8") == []
+    assert len(k.compile()) == 2 and sorted(k.dispatchers) == ["float32", "float64"]
+
+
+def test_signatures_must_differ_in_a_dtype():
+    with pytest.raises(ValueError, match="must differ in the dtype of one argument"):
+        _jit.kernel(["void(float32[::1], float32, float32[::1])", "void(float32[:], float32, float32[:])"])(_axpy)
+
+
+def _house_kernels():
+    """Every house kernel in the backend's modules, also inside the optimizer kernels' wrappers."""
+    found = {}
+    for module in (optim, batchnorm, reduce):
+        for name, obj in vars(module).items():
+            if isinstance(obj, _jit._Kernel):
+                found[id(obj)] = f"{module.__name__}.{name}"
+            elif isinstance(obj, optim._UpdateKernel):
+                for variant in ("plain", "averaged"):
+                    found[id(getattr(obj, variant))] = f"{module.__name__}.{name}.{variant}"
+    return found
+
+
+def test_the_compile_table_holds_every_kernel_for_both_dtypes():
+    found = _house_kernels()
+    listed = {id(k): k for table in numba_cpu.KERNELS.values() for k in table.values()}
+    assert len(found) == 45
+    assert set(found) == set(listed), sorted(found[i] for i in set(found) - set(listed))
+    assert all(k.dtypes == ("float32", "float64") for k in listed.values())
+    assert numba_cpu.KERNELS["adamw"] == numba_cpu.KERNELS["adam"]
+
+
+def test_jobs_list_each_kernel_once_per_dtype():
+    jobs = precompile.jobs(["adam", "adamw"], ["float32"])
+    assert [(j.name, j.dtype, j.ops) for j in jobs] == [
+        (name, "float32", ("adam", "adamw"))
+        for name in ("adam.plain", "adam.averaged", "adam_amsgrad.plain", "adam_amsgrad.averaged")]
+    assert len(precompile.jobs()) == 90
+    with pytest.raises(ValueError, match="unknown operation 'nope'"):
+        precompile.jobs(["nope"])
+    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+        precompile.jobs(None, ["float16"])
+
+
+# a float32 Adam step in a new process with an empty cache: which kernels, in which dtypes, compiled?
+_FIRST_STEP = """
+import numpy as np
+import fastopt
+from fastopt.kernels.numba_cpu import KERNELS
+p = np.zeros(100, np.float32)
+fastopt.Adam([p], lr=1e-3).step([np.ones(100, np.float32)])
+assert (p < 0).all()
+compiled = {name: sorted(k.dispatchers) for table in KERNELS.values() for name, k in table.items() if k.dispatchers}
+print(compiled)
+"""
+
+
+def test_a_first_float32_adam_step_compiles_one_kernel_in_one_dtype(tmp_path):
+    run = subprocess.run([sys.executable, "-c", _FIRST_STEP], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "{'adam.plain': ['float32']}"
+
+
+# scale_grads_ in the dtypes given on the command line; prints whether numba compiled anything
+_SCALE = """
+import sys
+import numpy as np
+from fastopt.kernels import numba_cpu
+from fastopt.kernels.numba_cpu import reduce
+for dtype in sys.argv[1:]:
+    g = np.ones(3, dtype)
+    numba_cpu.scale_grads_([g], 2.0)
+    assert g.dtype == dtype and (g == 2).all(), g
+print(sum(sum(d.stats.cache_misses.values()) for d in reduce._scale.dispatchers.values()))
+"""
+
+
+def test_dtypes_compiled_by_different_processes_load_together(tmp_path):
+    """Each dtype's dispatcher adds its entry to the function's one cache index; a third process
+    loads both."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    for dtypes, compiled in ((["float32"], "1"), (["float64"], "1"), (["float32", "float64"], "0")):
+        run = subprocess.run([sys.executable, "-c", _SCALE, *dtypes], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert run.returncode == 0, f"{dtypes}: {run.stderr[-2000:]}"
+        assert run.stdout.strip() == compiled, dtypes

@@ -73,3 +73,24 @@ def test_numba_float64_trajectory_matches_reference(case, rng):
         step_fn(param, grad, **state, **hyper, **step_kw, backend="numba")
         step_fn(ref_param, grad, **ref_state, **hyper, **step_kw, backend="numpy")
     np.testing.assert_allclose(param, ref_param, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("name, hyper", [("sgd", dict(lr=0.1, momentum=0.9)), ("adagrad", dict(lr=0.1)),
+                                         ("rmsprop", dict(lr=0.01, centered=True, momentum=0.5)),
+                                         ("adadelta", dict()), ("adam", dict(lr=0.01, amsgrad=True))],
+                         ids=["sgd", "adagrad", "rmsprop", "adadelta", "adam"])
+def test_zero_weight_decay_keeps_an_infinite_param_out_of_the_state(name, hyper, backend, dtype, rng):
+    """With λ = 0 the L2 term is skipped, not added as g + 0·θ: an infinite θ stays infinite and
+    its state stays finite (0·∞ would put NaN into the velocity, accumulators or moments)."""
+    spec = functional.SPECS[name]
+    param = rng.standard_normal(7).astype(dtype)
+    param[[1, 4]] = [np.inf, -np.inf]
+    state = initial_state(name, (7,), dtype, rng)
+    step = {"step": 1} if spec.step_count else {}
+    getattr(functional, f"{name}_step")(param, rng.standard_normal(7).astype(dtype), **state, **hyper, **step,
+                                        backend=backend)
+    assert param[1] == np.inf and param[4] == -np.inf
+    for k in spec.uses(spec.check(**hyper)):
+        assert np.isfinite(state[k]).all(), f"{k}: {state[k]}"

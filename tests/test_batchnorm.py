@@ -62,11 +62,11 @@ def channel_view(vector, ndim, axis):
     return np.asarray(vector, dtype=np.float64).reshape(shape)
 
 
-def make_case(rng, shape, axis, dtype, *, relu, affine=True):
+def make_case(rng, shape, axis, dtype, *, relu, affine=True, eps=1e-5):
     """Fresh inputs: per-channel offset and spread, γ of either sign, running statistics and dy.
 
     With relu, inputs are redrawn until no pre-activation (training or eval) lies within rounding
-    of 0, where the float32 and float64 masks may legitimately disagree."""
+    of 0 (at ``eps``), where the float32 and float64 masks may legitimately disagree."""
     channels = shape[axis]
     ndim = len(shape)
     axes = tuple(a for a in range(ndim) if a != axis % ndim)
@@ -90,9 +90,9 @@ def make_case(rng, shape, axis, dtype, *, relu, affine=True):
         beta = channel_view(case["bias"] if affine else np.zeros(channels), ndim, axis)
         mean = x64.mean(axis=axes, keepdims=True)
         var = x64.var(axis=axes, keepdims=True)
-        pre_train = gamma * (x64 - mean) / np.sqrt(var + 1e-5) + beta
+        pre_train = gamma * (x64 - mean) / np.sqrt(var + eps) + beta
         pre_eval = (gamma * (x64 - channel_view(case["running_mean"], ndim, axis))
-                    / np.sqrt(channel_view(case["running_var"], ndim, axis) + 1e-5) + beta)
+                    / np.sqrt(channel_view(case["running_var"], ndim, axis) + eps) + beta)
         if min(np.abs(pre_train).min(), np.abs(pre_eval).min()) > margin:
             return case
     raise AssertionError("could not draw inputs away from the ReLU kink")

@@ -265,8 +265,8 @@ from fastopt.kernels.numba_cpu import reduce
 g = np.ones(3, np.float32)
 numba_cpu.scale_grads_([g], 2.0)
 assert (g == 2).all()
-stats = reduce._scale.dispatchers["float32"].stats
-print(sorted(reduce._scale.dispatchers), sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+stats = reduce._scale.serial.dispatchers["float32"].stats  # 3 elements: the serial twin
+print(sorted(reduce._scale.serial.dispatchers), sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
 """
 
 
@@ -286,10 +286,11 @@ def test_compile_fills_numbas_cache_and_a_new_process_loads_from_it(tmp_path):
     env = {"NUMBA_CACHE_DIR": str(cache)}
     header, rows, summary = compile_output(fastopt_cmd("compile", "--op", "scale_grads_", "--dtype", "float32",
                                                        env_extra=env))
-    assert header.groups() == ("1", "1", "scale_grads_", "float32", f"{cache} (NUMBA_CACHE_DIR)")
-    assert [r.groups() for r in rows] == [("scale", "float32", "compiled")]
-    assert summary.groups() == ("1", "1", "1", "0")
-    assert list(cache.glob("*/reduce._scale-*.nbi")) and list(cache.glob("*/reduce._scale-*.nbc"))
+    assert header.groups() == ("2", "2", "scale_grads_", "float32", f"{cache} (NUMBA_CACHE_DIR)")
+    assert [r.groups() for r in rows] == [("scale", "float32", "compiled"), ("scale.serial", "float32", "compiled")]
+    assert summary.groups() == ("2", "2", "2", "0")
+    for name in ("_scale", "_scale_serial"):
+        assert list(cache.glob(f"*/reduce.{name}-*.nbi")) and list(cache.glob(f"*/reduce.{name}-*.nbc"))
     assert not list(cache.glob("*/reduce._sumsq-*")), "another operation's kernel was compiled"
 
     run = subprocess.run([sys.executable, "-c", _LOADS_FROM_CACHE], capture_output=True, text=True, timeout=300,
@@ -299,8 +300,9 @@ def test_compile_fills_numbas_cache_and_a_new_process_loads_from_it(tmp_path):
 
     _, rows, summary = compile_output(fastopt_cmd("compile", "--op", "scale_grads_", "--dtype", "float32",
                                                   env_extra=env))
-    assert [r.groups() for r in rows] == [("scale", "float32", "loaded from the cache")]
-    assert summary.groups() == ("1", "1", "0", "1")
+    assert [r.groups() for r in rows] == [("scale", "float32", "loaded from the cache"),
+                                          ("scale.serial", "float32", "loaded from the cache")]
+    assert summary.groups() == ("2", "2", "0", "2")
 
 
 def test_compile_in_worker_processes(tmp_path):
@@ -309,8 +311,9 @@ def test_compile_in_worker_processes(tmp_path):
         "compile", "--op", "scale_grads_", "--op", "grad_sumsq", "--dtype", "float32", "--jobs", "2",
         env_extra={"NUMBA_CACHE_DIR": str(cache)}))
     assert header.group(4) == "float32, 2 processes"
-    assert sorted(r.groups() for r in rows) == [("scale", "float32", "compiled"), ("sumsq", "float32", "compiled")]
-    assert summary.groups() == ("2", "2", "2", "0")
+    assert sorted(r.groups() for r in rows) == [(name, "float32", "compiled") for name in
+                                                ("scale", "scale.serial", "sumsq", "sumsq.serial")]
+    assert summary.groups() == ("4", "4", "4", "0")
     assert list(cache.glob("*/reduce._scale-*.nbc")) and list(cache.glob("*/reduce._sumsq-*.nbc"))
 
 
@@ -323,7 +326,9 @@ def test_compile_list_names_every_operation_and_compiles_nothing(tmp_path):
     table = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
     assert set(table) == {"sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "delta_bar_delta",
                           "batchnorm_forward", "batchnorm_backward", "grad_sumsq", "scale_grads_"}
-    assert table["adam"] == "adam.plain, adam.averaged, adam_amsgrad.plain, adam_amsgrad.averaged"
+    assert table["adam"] == ("adam.plain, adam.plain.serial, adam.averaged, adam.averaged.serial, "
+                             "adam_amsgrad.plain, adam_amsgrad.plain.serial, adam_amsgrad.averaged, "
+                             "adam_amsgrad.averaged.serial")
     assert "stats_channels_last" in table["batchnorm_forward"]
     # importing the backend compiles its two table helpers (multi.py), no kernel
     assert all(p.name.startswith("multi.") for p in cache.glob("*/*.nbi")), list(cache.glob("*/*.nbi"))

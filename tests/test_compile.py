@@ -103,13 +103,19 @@ def _house_kernels():
             elif isinstance(obj, optim._UpdateKernel):
                 for variant in ("plain", "averaged"):
                     found[id(getattr(obj, variant))] = f"{module.__name__}.{name}.{variant}"
+    for k in [k for table in numba_cpu.KERNELS.values() for k in table.values()]:
+        if id(k) in found and k.serial is not k:
+            found[id(k.serial)] = f"{found[id(k)]}.serial"
     return found
 
 
 def test_the_compile_table_holds_every_kernel_for_both_dtypes():
     found = _house_kernels()
     listed = {id(k): k for table in numba_cpu.KERNELS.values() for k in table.values()}
-    assert len(found) == 45
+    # 30 optimizer kernels (15 × plain/averaged), 13 batch-norm and 2 reduction kernels; the 40
+    # parallel ones each with a serial twin
+    assert len(found) == 85
+    assert sum(1 for k in listed.values() if k.parallel) == 40
     assert set(found) == set(listed), sorted(found[i] for i in set(found) - set(listed))
     assert all(k.dtypes == ("float32", "float64") for k in listed.values())
     assert numba_cpu.KERNELS["adamw"] == numba_cpu.KERNELS["adam"]
@@ -119,8 +125,9 @@ def test_jobs_list_each_kernel_once_per_dtype():
     jobs = precompile.jobs(["adam", "adamw"], ["float32"])
     assert [(j.name, j.dtype, j.ops) for j in jobs] == [
         (name, "float32", ("adam", "adamw"))
-        for name in ("adam.plain", "adam.averaged", "adam_amsgrad.plain", "adam_amsgrad.averaged")]
-    assert len(precompile.jobs()) == 90
+        for kernel in ("adam", "adam_amsgrad") for variant in ("plain", "averaged")
+        for name in (f"{kernel}.{variant}", f"{kernel}.{variant}.serial")]
+    assert len(precompile.jobs()) == 170
     with pytest.raises(ValueError, match="unknown operation 'nope'"):
         precompile.jobs(["nope"])
     with pytest.raises(ValueError, match="unknown dtype 'float16'"):
@@ -141,10 +148,32 @@ print(compiled)
 
 
 def test_a_first_float32_adam_step_compiles_one_kernel_in_one_dtype(tmp_path):
+    """100 elements: the serial twin only; the parallel kernel is never compiled."""
     run = subprocess.run([sys.executable, "-c", _FIRST_STEP], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)))
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "{'adam.plain': ['float32']}"
+    assert run.stdout.strip() == "{'adam.plain.serial': ['float32']}"
+
+
+def _sum_into(x, out):
+    for i in numba.prange(x.shape[0]):
+        out[i] = x[i] + 1
+
+
+def test_a_parallel_kernel_has_a_serial_twin_with_its_own_cache_files(cache_dir):
+    k = _jit.kernel(["void(float64[::1], float64[::1])"])(_sum_into)
+    twin = k.serial
+    assert k.parallel and not twin.parallel and twin.serial is twin
+    assert twin.py_func.__qualname__ == "_sum_into_serial" and twin.py_func.__code__ is _sum_into.__code__
+    x = np.arange(5.0)
+    for kernel in (k, twin):
+        out = np.zeros(5)
+        kernel(x, out)
+        assert (out == x + 1).all()
+    # numba's cache index does not record the parallel flag: one name for both would share files
+    names = sorted(p.name.split("-")[0] for p in cache_dir.rglob("*.nbi"))
+    assert names == ["test_compile._sum_into", "test_compile._sum_into_serial"], names
+    assert _jit.kernel(["void(float64[::1], float64[::1])"], parallel=False)(_sum_into).serial.parallel is False
 
 
 # scale_grads_ in the dtypes given on the command line; prints whether numba compiled anything
@@ -157,7 +186,7 @@ for dtype in sys.argv[1:]:
     g = np.ones(3, dtype)
     numba_cpu.scale_grads_([g], 2.0)
     assert g.dtype == dtype and (g == 2).all(), g
-print(sum(sum(d.stats.cache_misses.values()) for d in reduce._scale.dispatchers.values()))
+print(sum(sum(d.stats.cache_misses.values()) for d in reduce._scale.serial.dispatchers.values()))  # 3 elements
 """
 
 

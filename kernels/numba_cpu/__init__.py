@@ -35,19 +35,25 @@ from . import optim as _optim
 from . import reduce as _reduce
 
 
+def _with_twin(name: str, k) -> dict:
+    """``k`` under ``name``, and its serial twin (``_jit``) under ``name.serial`` if it has one."""
+    return {name: k, f"{name}.serial": k.serial} if k.serial is not k else {name: k}
+
+
 def _update_kernels(*kernels) -> dict:
-    """Optimizer kernels in both variants: the plain update and the one with the Polyak average."""
-    return {f"{k.__name__.lstrip('_')}.{variant}": getattr(k, variant)
-            for k in kernels for variant in ("plain", "averaged")}
+    """Optimizer kernels in both variants (the plain update and the one with the Polyak average),
+    each with its serial twin."""
+    return {name: twin for k in kernels for variant in ("plain", "averaged")
+            for name, twin in _with_twin(f"{k.__name__.lstrip('_')}.{variant}", getattr(k, variant)).items()}
 
 
 def _named(*kernels) -> dict:
-    return {k.__name__.lstrip("_"): k for k in kernels}
+    return {name: twin for k in kernels for name, twin in _with_twin(k.__name__.lstrip("_"), k).items()}
 
 
 # operation -> {kernel name: kernel}: every kernel the operation may launch, whatever its options
 # (an optimizer's configurations and the Polyak average; batch norm's layouts; training mode and
-# evaluation). The optimizers are named as in fastopt.verify; adamw runs Adam's kernels.
+# evaluation; the serial twin of each parallel kernel, launched for small inputs). The optimizers are named as in fastopt.verify; adamw runs Adam's kernels.
 KERNELS: dict[str, dict] = {
     "sgd": _update_kernels(_optim._sgd, _optim._sgd_momentum, _optim._sgd_nesterov, _optim._sgd_nesterov_torch),
     "adagrad": _update_kernels(_optim._adagrad),

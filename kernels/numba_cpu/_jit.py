@@ -13,6 +13,17 @@ declared signature, checks every argument's type as numba always does (no ``numb
 call). A call whose argument matches no declared dtype raises ``TypeError``. ``kernel.compile()``
 compiles ahead of time (``fastopt compile`` fills the disk cache that way).
 
+Serial twins: a parallel kernel (``parallel=True``, the default) has ``kernel.serial``, the same
+Python function compiled with ``parallel=False`` (``prange`` runs as ``range`` on the calling
+thread). Host code launches the twin below a size threshold of its own, where a parallel region
+costs more than it saves: opening and joining one costs microseconds on a quiet machine and
+milliseconds when another process holds a core the team must wait for. The twin also compiles in
+a fraction of the time (numba's parfor lowering dominates a parallel kernel's compile), so a
+program on small arrays never pays for the parallel code. The twin is a copy of the function
+under its own qualified name (``<name>_serial``): numba names a function's disk-cache files after
+its qualified name, and its cache index does not record the ``parallel`` flag, so one name for
+both would let either load the other's code.
+
 Threading: numba's default ``workqueue`` layer aborts the process when two Python threads run
 parallel kernels at once. fastopt asks numba for a thread-safe layer (OpenMP or TBB) unless the
 user chose one with ``NUMBA_THREADING_LAYER``. If the layer in use still turns out to be
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types as pytypes
 
 import numba
 import numpy as np
@@ -74,6 +86,17 @@ def _selector(arg_types: list[tuple]) -> int:
     return 0
 
 
+def _renamed(py_func, suffix: str):
+    """A copy of ``py_func`` (same code, globals and closure) named ``<name><suffix>``."""
+    copy = pytypes.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__ + suffix,
+                                py_func.__defaults__, py_func.__closure__)
+    copy.__qualname__ = py_func.__qualname__ + suffix
+    copy.__module__ = py_func.__module__
+    copy.__doc__ = py_func.__doc__
+    copy.__kwdefaults__ = py_func.__kwdefaults__
+    return copy
+
+
 class _Kernel:
     """A numba kernel under the house policy: one dispatcher per declared signature, each compiled
     (or loaded from the disk cache) at the first call that needs it, or by ``compile()``."""
@@ -94,6 +117,8 @@ class _Kernel:
         self._keys = keys  # the dtype of argument ``_at`` in each declared signature
         self._dispatchers = [None] * len(signatures)
         self._by_dtype: dict = {}  # dtype of argument ``_at`` -> its signature's dispatcher
+        # the serial twin (see the module docstring); a serial kernel is its own
+        self.serial = _Kernel(_renamed(py_func, "_serial"), signatures, False) if parallel else self
 
     @property
     def dtypes(self) -> tuple[str, ...]:
@@ -154,7 +179,7 @@ class _Kernel:
             compiled = self._by_dtype[args[self._at].dtype]
         except (AttributeError, IndexError, KeyError, TypeError):
             compiled = self._resolve(args)
-        if _serialize is False:
+        if _serialize is False or not self.parallel:  # a serial kernel never enters the thread pool
             return compiled(*args)
         with _call_lock:
             result = compiled(*args)

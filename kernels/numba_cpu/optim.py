@@ -28,10 +28,15 @@ Structure (the loop is written once, in ``_update``, for all kernels and both va
   the k scalars, grad_mul and grad_clip. ``run`` is compiled per type of ``avg_weight``: ``None``
   gives the plain variant, a float the averaged one; numba prunes ``if avg_weight is None`` by
   type, so the plain variant neither branches nor touches θ̂.
-* ``_X``, the kernel: ``prange`` over the parts, each calling ``_X_update(part, ...)``, or one
-  direct call on the calling thread for a list of one part (fewer than 2·``multi.PART_MIN``
-  elements). ``@_update_kernel`` makes two lazily compiled variants of it (``.plain``,
-  ``.averaged``), each with float32 and float64 signatures, cached on disk.
+* ``_X``, the kernel: ``prange`` over the parts, each calling ``_X_update(part, ...)``.
+  ``@_update_kernel`` makes two lazily compiled variants of it (``.plain``, ``.averaged``), each
+  with float32 and float64 signatures, cached on disk, and each with its serial twin
+  (``.plain.serial``, ``_jit``). For a list of fewer than ``multi.SERIAL_BELOW`` (32,768)
+  elements ``multi_step`` launches the serial twin: its parts run in order on the calling thread
+  with no parallel region to open and join, and a program on small arrays never compiles the
+  parallel code. (The kernel calls ``_X_update`` from one place only, with a
+  variable part: a second call with the literal arguments (0, 1) would make numba type and
+  compile the runner a second time.)
 
 Kernels, one per state set (the one a configuration uses is picked on the host by ``_PLANS``):
 
@@ -73,8 +78,8 @@ from numba import prange, types
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from ._jit import kernel
-from .multi import (AVG, GRAD, PARAM, STATE, aligned_split, gather, next_span, part_range,
-                    parts_for, pointer)
+from .multi import (AVG, GRAD, PARAM, SERIAL_BELOW, STATE, aligned_split, gather, last_at_most,
+                    next_span, part_range, parts_for, pointer)
 
 __all__ = [
     "adadelta_step",
@@ -171,7 +176,7 @@ def _update(scalars: int):
             grad_mul = hyper[scalars]
             grad_clip = hyper[scalars + 1]
             lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
-            t = np.searchsorted(offsets, lo, side="right") - 1
+            t = last_at_most(offsets, lo)
             while lo < hi:
                 i0, i1, lo = next_span(offsets, t, lo, hi)
                 param = pointer(table[t, PARAM], grad_mul)
@@ -228,11 +233,8 @@ def _sgd_update(p, g, s, i, h):
 @_update_kernel(_sgd_update)
 def _sgd(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _sgd_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _sgd_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _sgd_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 @_update(4)
@@ -259,11 +261,8 @@ def _sgd_momentum_update(p, g, s, i, h):
 @_update_kernel(_sgd_momentum_update)
 def _sgd_momentum(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _sgd_momentum_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _sgd_momentum_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _sgd_momentum_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 @_update(3)
@@ -285,11 +284,8 @@ def _sgd_nesterov_update(p, g, s, i, h):
 @_update_kernel(_sgd_nesterov_update)
 def _sgd_nesterov(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _sgd_nesterov_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _sgd_nesterov_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _sgd_nesterov_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 @_update(3)
@@ -311,11 +307,8 @@ def _sgd_nesterov_torch_update(p, g, s, i, h):
 @_update_kernel(_sgd_nesterov_torch_update)
 def _sgd_nesterov_torch(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _sgd_nesterov_torch_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _sgd_nesterov_torch_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _sgd_nesterov_torch_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _sgd_plan(*, lr, momentum, nesterov, weight_decay, convention):
@@ -352,11 +345,8 @@ def _adagrad_update(p, g, s, i, h):
 @_update_kernel(_adagrad_update)
 def _adagrad(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _adagrad_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _adagrad_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _adagrad_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _adagrad_plan(*, lr, eps, weight_decay):
@@ -392,11 +382,8 @@ def _rmsprop_update(p, g, s, i, h):
 @_update_kernel(_rmsprop_update)
 def _rmsprop(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _rmsprop_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _rmsprop_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _rmsprop_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 @_update(6)
@@ -422,11 +409,8 @@ def _rmsprop_centered_update(p, g, s, i, h):
 @_update_kernel(_rmsprop_centered_update)
 def _rmsprop_centered(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _rmsprop_centered_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _rmsprop_centered_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _rmsprop_centered_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 @_update(8)
@@ -456,11 +440,8 @@ def _rmsprop_momentum_update(p, g, s, i, h):
 @_update_kernel(_rmsprop_momentum_update)
 def _rmsprop_momentum(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _rmsprop_momentum_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _rmsprop_momentum_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _rmsprop_momentum_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 @_update(8)
@@ -493,11 +474,8 @@ def _rmsprop_momentum_centered_update(p, g, s, i, h):
 @_update_kernel(_rmsprop_momentum_centered_update)
 def _rmsprop_momentum_centered(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _rmsprop_momentum_centered_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _rmsprop_momentum_centered_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _rmsprop_momentum_centered_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 @_update(6)
@@ -524,11 +502,8 @@ def _rmsprop_nesterov_update(p, g, s, i, h):
 @_update_kernel(_rmsprop_nesterov_update)
 def _rmsprop_nesterov(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _rmsprop_nesterov_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _rmsprop_nesterov_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _rmsprop_nesterov_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 @_update(6)
@@ -558,11 +533,8 @@ def _rmsprop_nesterov_centered_update(p, g, s, i, h):
 @_update_kernel(_rmsprop_nesterov_centered_update)
 def _rmsprop_nesterov_centered(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _rmsprop_nesterov_centered_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _rmsprop_nesterov_centered_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _rmsprop_nesterov_centered_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _rmsprop_plan(*, lr, rho, eps, momentum, nesterov, centered, weight_decay, convention):
@@ -615,11 +587,8 @@ def _adadelta_update(p, g, s, i, h):
 @_update_kernel(_adadelta_update)
 def _adadelta(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _adadelta_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _adadelta_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _adadelta_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _adadelta_plan(*, lr, rho, eps, weight_decay, convention):
@@ -660,11 +629,8 @@ def _adam_update(p, g, s, i, h):
 @_update_kernel(_adam_update)
 def _adam(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _adam_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _adam_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _adam_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 @_update(9)
@@ -695,11 +661,8 @@ def _adam_amsgrad_update(p, g, s, i, h):
 @_update_kernel(_adam_amsgrad_update)
 def _adam_amsgrad(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _adam_amsgrad_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _adam_amsgrad_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _adam_amsgrad_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _adam_plan(*, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad):
@@ -748,11 +711,8 @@ def _delta_bar_delta_update(p, g, s, i, h):
 @_update_kernel(_delta_bar_delta_update)
 def _delta_bar_delta(table, offsets, hyper, avg_weight):
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _delta_bar_delta_update(0, 1, table, offsets, hyper, avg_weight)
-    else:
-        for part in prange(parts):
-            _delta_bar_delta_update(part, parts, table, offsets, hyper, avg_weight)
+    for part in prange(parts):
+        _delta_bar_delta_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _delta_bar_delta_plan(*, kappa, phi, gamma):
@@ -797,10 +757,10 @@ def _launch(plan, params, grads, states, avgs, grad_mul, grad_clip, avg_weight, 
         raise TypeError("multi_step needs grads, and states for this configuration")
     table, offsets = gather(params, grads, states, avgs, (slots + _PAD)[:3])
     hyper_array = np.array((*scalars, grad_mul, grad_clip), dtype)
-    if avgs is None:
-        update.plain(table, offsets, hyper_array, None)
-    else:
-        update.averaged(table, offsets, hyper_array, dtype.type(avg_weight))
+    variant = update.plain if avgs is None else update.averaged
+    if offsets[-1] < SERIAL_BELOW:  # small: on the calling thread (multi.SERIAL_BELOW)
+        variant = variant.serial
+    variant(table, offsets, hyper_array, None if avgs is None else dtype.type(avg_weight))
 
 
 def _one(op, param, grad, state, grad_mul, grad_clip, avg, avg_weight, hyper):

@@ -16,6 +16,8 @@ inf, as in the NumPy reference (``np.dot``). Each part of the flat element range
 the cut depends on the total element count only) is summed by ``_sumsq_span``, compiled with
 ``fastmath={"reassoc"}`` and no other flag, so LLVM splits the sum into vector lanes (inf and NaN
 still propagate: there is no ``nnan``/``ninf``); the per-part sums are then added in part order.
+A list of fewer than ``multi.SERIAL_BELOW`` elements runs the kernel's serial twin: the same parts
+in the same order on the calling thread (``_jit``).
 The lanes depend on where each tensor piece starts, which depends on the cut only: the result is
 bitwise reproducible for the same list shapes on any number of threads (not between CPUs with
 different vector widths), and differs from the reference's ``np.dot`` order by rounding only.
@@ -30,7 +32,8 @@ import numpy as np
 from numba import prange, types
 
 from ._jit import kernel
-from .multi import PARAM, aligned_split, gather, next_span, part_range, parts_for, pointer
+from .multi import (PARAM, SERIAL_BELOW, aligned_split, gather, last_at_most, next_span,
+                    part_range, parts_for, pointer)
 
 __all__ = ["grad_multiplier", "grad_sumsq", "scale_grads_"]
 
@@ -52,7 +55,7 @@ _TABLE = (types.int64[:, ::1], types.int64[::1])
 def _sumsq_part(part, parts, table, offsets, like):
     """Σ g² over part ``part`` of ``parts`` of the table's PARAM column, in float64."""
     lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
-    t = np.searchsorted(offsets, lo, side="right") - 1
+    t = last_at_most(offsets, lo)
     total = 0.0
     while lo < hi:
         i0, i1, lo = next_span(offsets, t, lo, hi)
@@ -66,8 +69,6 @@ def _sumsq(table, offsets, like):
     """Σ g² over the table's PARAM column, float64; ``like`` a scalar of the arrays' dtype. The
     per-part sums are added in part order."""
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        return _sumsq_part(0, 1, table, offsets, like)
     partial = np.empty(parts)
     for part in prange(parts):
         partial[part] = _sumsq_part(part, parts, table, offsets, like)
@@ -81,7 +82,7 @@ def _sumsq(table, offsets, like):
 def _scale_part(part, parts, table, offsets, grad_mul):
     """g ← g · grad_mul over part ``part`` of ``parts`` of the table's PARAM column."""
     lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
-    t = np.searchsorted(offsets, lo, side="right") - 1
+    t = last_at_most(offsets, lo)
     while lo < hi:
         i0, i1, lo = next_span(offsets, t, lo, hi)
         g = pointer(table[t, PARAM], grad_mul)
@@ -97,11 +98,13 @@ def _scale_part(part, parts, table, offsets, grad_mul):
 def _scale(table, offsets, grad_mul):
     """g ← g · grad_mul over the table's PARAM column, in the arrays' dtype."""
     parts = parts_for(offsets[offsets.shape[0] - 1])
-    if parts == 1:
-        _scale_part(0, 1, table, offsets, grad_mul)
-    else:
-        for part in prange(parts):
-            _scale_part(part, parts, table, offsets, grad_mul)
+    for part in prange(parts):
+        _scale_part(part, parts, table, offsets, grad_mul)
+
+
+def _sized(kernel, table):
+    """``kernel``, or its serial twin for a small list (``multi.SERIAL_BELOW``)."""
+    return kernel.serial if table[1][-1] < SERIAL_BELOW else kernel
 
 
 def _by_dtype(grads):
@@ -131,7 +134,7 @@ def grad_sumsq(grads) -> float:
     table = _table(grads, written=False)
     if table is None:
         return sum(grad_sumsq(group) for group in _by_dtype(grads))
-    return _sumsq(*table, grads[0].dtype.type(0))
+    return _sized(_sumsq, table)(*table, grads[0].dtype.type(0))
 
 
 def grad_multiplier(sumsq, max_norm, inv_scale, dtype) -> float:
@@ -156,4 +159,4 @@ def scale_grads_(grads, grad_mul) -> None:
         for group in _by_dtype(grads):
             scale_grads_(group, grad_mul)
         return
-    _scale(*table, grads[0].dtype.type(grad_mul))
+    _sized(_scale, table)(*table, grads[0].dtype.type(grad_mul))

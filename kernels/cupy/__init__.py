@@ -3,8 +3,8 @@
 Implements the backend contract of ``docs/backends.md`` on GPU arrays: CuPy arrays, or any object
 exposing ``__cuda_array_interface__`` (torch CUDA tensors, numba device arrays), used in place
 without copies; outputs the backend allocates are of the kind of the inputs. Every operation
-launches asynchronously on the current stream (torch's for torch tensors, CuPy's otherwise) and
-never synchronizes with the host.
+launches asynchronously (torch's current stream for torch tensors, else the stream the arrays name,
+else CuPy's current stream; ``docs/backends.md``, "Streams") and never synchronizes with the host.
 
 Layout:
 

@@ -8,16 +8,20 @@ and nothing synchronizes. (``cupy.asarray`` on a foreign array would synchronize
 producer's stream when the interface names one, CuPy's default ``CUPY_CUDA_ARRAY_INTERFACE_SYNC=1``;
 reading the pointer avoids that.)
 
-Kinds, told apart by type:
+Kinds, told apart by type, and where their work goes (``stream_plan``, a pure function; the
+rules of ``__cuda_array_interface__`` v3 and of torch, docs/backends.md "Streams"):
 
 * ``"torch"``: outputs and scratch memory come from torch's caching allocator on the tensor's
   device, and kernels run on torch's current stream of that device, so they are ordered with the
-  torch work around them;
-* ``"cupy"`` and any other interface object (``"other"``): CuPy's memory pool and CuPy's current
-  stream;
-* ``"numba"``: as CuPy (numba's default stream and CuPy's are both the legacy default stream
-  unless a program changes them); outputs are numba device arrays wrapping CuPy memory
-  (``numba.cuda.as_cuda_array(..., sync=False)``: zero-copy, no synchronization).
+  torch work around them (and captured under ``torch.cuda.graph``);
+* ``"cupy"``: CuPy's memory pool and CuPy's current stream (CuPy's own rule);
+* ``"numba"`` and any other interface object (``"other"``): the first stream the arrays name (a
+  numba array's own stream, or the interface's ``stream``), made CuPy's current stream for the
+  call, so that CuPy's pool orders scratch memory and outputs on it too, after it has waited (an
+  event, not the host) on every other stream they name; when none names one, CuPy's current
+  stream. Outputs of numba inputs are numba device arrays wrapping CuPy memory (zero-copy, no
+  synchronization) that export the stream they were written on (no stream for the legacy default
+  stream; v3 forbids 0); outputs of other exporters are CuPy arrays.
 
 CuPy is imported on first use, not at import: ``import fastopt.kernels.cupy`` works on any machine
 and ``unavailable_reason()`` says why the backend cannot run where it cannot.
@@ -33,7 +37,11 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
+    "LEGACY_STREAM",
+    "PER_THREAD_STREAM",
     "Place",
+    "StreamPlan",
+    "advertised_stream",
     "copy_from_numpy",
     "dtype_of",
     "empty",
@@ -43,8 +51,10 @@ __all__ = [
     "kind",
     "owns",
     "place",
+    "plan_for",
     "pointer",
     "size_of",
+    "stream_plan",
     "to_numpy",
     "unavailable_reason",
     "zeros_like",
@@ -132,29 +142,116 @@ def device_of(array) -> int:
     return runtime.pointerGetAttributes(ptr).device
 
 
+# ---------------------------------------------------------------------------------------------
+# streams: the rules of __cuda_array_interface__ v3 and of torch (docs/backends.md, "Streams")
+
+LEGACY_STREAM = 1  # the v3 handle of the legacy default stream
+PER_THREAD_STREAM = 2  # the v3 handle of the calling thread's per-thread default stream
+
+
+class StreamPlan(NamedTuple):
+    """Where a call's kernels go: ``launch`` None (no array names a stream: CuPy's current stream)
+    or a stream handle (1 legacy, 2 per-thread, else that stream); ``waits`` the other streams the
+    arrays name, which ``launch`` must wait on first (distinct, in argument order)."""
+
+    launch: int | None
+    waits: tuple[int, ...]
+
+
+def advertised_stream(interface: dict) -> int | None:
+    """The stream a ``__cuda_array_interface__`` names: None when it names none (version 2, or
+    ``"stream": None``); a 0, which version 3 forbids as ambiguous, is read as none too."""
+    stream = interface.get("stream")
+    return int(stream) if stream else None
+
+
+def stream_plan(array_kind: str, advertised, torch_stream: int | None = None) -> StreamPlan:
+    """The stream plan of one call (a pure function; the same rule as the numba-cuda backend's).
+
+    ``array_kind`` "torch": torch's current stream of the tensors' device, handle ``torch_stream`` (0,
+    torch's default stream, is the legacy default stream), no waits. Any other kind: ``advertised``
+    holds each array's stream (None or 0: none); the first named stream is launched on and every
+    other one waited on; none named: CuPy's current stream. CuPy arrays advertise nothing here
+    (``_advertised``): CuPy's own rule is its current stream, which is also what they export.
+    """
+    if array_kind == "torch":
+        if torch_stream is None:
+            raise ValueError("torch_stream is required for torch tensors")
+        return StreamPlan(int(torch_stream) or LEGACY_STREAM, ())
+    named = [int(s) for s in advertised if s]
+    if not named:
+        return StreamPlan(None, ())
+    launch = named[0]
+    return StreamPlan(launch, tuple(dict.fromkeys(s for s in named if s != launch)))
+
+
+def _advertised(k: str, arrays) -> list:
+    """The stream each array of a call names: none for CuPy arrays (they follow CuPy's current
+    stream), a numba array's own stream, another exporter's interface ``stream``."""
+    if k == "cupy":
+        return []
+    if k == "numba":
+        return [int(a.stream) if a.stream else None for a in arrays]
+    return [advertised_stream(_interface(a)) for a in arrays]
+
+
+def _device_arrays(arrays) -> list:
+    """The arrays of a call, without None entries and host numbers (a host ``grad_mul``)."""
+    return [a for a in arrays if a is not None and not isinstance(a, (int, float, np.number))]
+
+
+def plan_for(arrays) -> StreamPlan:
+    """The stream plan for a call on ``arrays`` (of one kind). Imports torch only for torch tensors."""
+    arrays = _device_arrays(arrays)
+    if not arrays:
+        return StreamPlan(None, ())
+    k = kind(arrays[0])
+    if k == "torch":
+        import torch
+
+        return stream_plan(k, (), torch.cuda.current_stream(arrays[0].device).cuda_stream)
+    return stream_plan(k, _advertised(k, arrays))
+
+
 class _StreamPointer(NamedTuple):
     """What cupy.cuda.function.Function needs of a stream: its handle, ``ptr``."""
 
     ptr: int
 
 
-class Place:
-    """Where one call's work goes: the device, the stream (None: CuPy's current stream), and the
-    allocator for scratch memory and outputs, all taken from the kind of the call's first array
-    (``like`` None: CuPy on its current device)."""
+def _cupy_stream(handle: int):
+    """A CuPy stream object for a v3 stream handle."""
+    cuda = _cupy().cuda
+    if handle == LEGACY_STREAM:
+        return cuda.Stream.null
+    if handle == PER_THREAD_STREAM:
+        return cuda.Stream.ptds
+    return cuda.ExternalStream(handle)
 
-    def __init__(self, like):
+
+def _wait(stream, on) -> None:
+    """Make ``stream`` wait for the work queued so far on ``on`` (an event; the host never waits)."""
+    event = _cupy().cuda.Event(disable_timing=True)
+    event.record(on)
+    stream.wait_event(event)
+
+
+class Place:
+    """Where one call's work goes, from its arrays (``like`` first; None: CuPy on its current
+    device): the device, the stream plan (``stream``: None for CuPy's current stream, else an
+    object with the handle as ``ptr``), and the allocator for scratch memory and outputs."""
+
+    def __init__(self, like, *others):
         self.kind = "cupy" if like is None else kind(like)
         self.device = _cupy().cuda.runtime.getDevice() if like is None else device_of(like)
         self.like = like
-        self.stream = None
-        if self.kind == "torch":
-            import torch
-
-            self.stream = _StreamPointer(torch.cuda.current_stream(like.device).cuda_stream)
+        self.plan = plan_for((like, *others))
+        self.stream = None if self.plan.launch is None else _StreamPointer(self.plan.launch)
 
     def scratch(self, shape, dtype):
-        """Uninitialized device memory for this call's own use (a CuPy or torch array)."""
+        """Uninitialized device memory for this call's own use (a CuPy or torch array), from the
+        allocator of the launch stream: torch's for torch tensors, else CuPy's pool, which
+        ``place`` has made current on the launch stream."""
         if self.kind == "torch":
             import torch
 
@@ -164,19 +261,36 @@ class Place:
     def output(self, shape, dtype):
         """An uninitialized output array of the kind of the inputs."""
         if self.kind == "numba":
-            from numba import cuda
-
-            return cuda.as_cuda_array(_cupy().empty(shape, dtype), sync=False)
+            return self.as_numba(_cupy().empty(shape, dtype))
         return self.scratch(shape, dtype)
+
+    def as_numba(self, array):
+        """A numba device array over the CuPy array ``array`` (zero-copy, no synchronization) that
+        exports the stream it is written on: the launch stream, as no stream when that is the
+        legacy default stream (v3 forbids 0)."""
+        from numba import cuda
+
+        handle = self.plan.launch if self.plan.launch is not None else _cupy().cuda.get_current_stream().ptr
+        interface = dict(array.__cuda_array_interface__)
+        interface["stream"] = None if handle in (0, LEGACY_STREAM) else int(handle)
+        return cuda.from_cuda_array_interface(interface, owner=array, sync=False)
 
 
 @contextlib.contextmanager
-def place(like):
+def place(like, *others):
     """Make the device of ``like`` current (for CuPy's pool and the kernels' per-device
-    functions) and yield its Place."""
-    where = Place(like)
+    functions), and for arrays that name a stream make it CuPy's current stream after it has waited
+    on the other streams they name; yield the call's Place. ``others``: the call's other arrays."""
+    where = Place(like, *others)
     with _cupy().cuda.Device(where.device):
-        yield where
+        if where.kind == "torch" or where.plan.launch is None:
+            yield where
+            return
+        stream = _cupy_stream(where.plan.launch)
+        with stream:
+            for handle in where.plan.waits:
+                _wait(stream, _cupy_stream(handle))
+            yield where
 
 
 def _torch_dtype(dtype):
@@ -202,14 +316,9 @@ def full_like(array, value):
         import torch
 
         return torch.full_like(array, float(value))
-    cupy = _cupy()
-    with cupy.cuda.Device(device_of(array)):
-        filled = cupy.full(tuple(array.shape), value, dtype=dtype_of(array))
-    if k == "numba":
-        from numba import cuda
-
-        return cuda.as_cuda_array(filled, sync=False)
-    return filled
+    with place(array) as where:
+        filled = _cupy().full(tuple(array.shape), value, dtype=dtype_of(array))
+        return where.as_numba(filled) if k == "numba" else filled
 
 
 def zeros_like(array):
@@ -223,8 +332,11 @@ def to_numpy(array) -> np.ndarray:
         return array.get()
     if k == "torch":
         return array.detach().cpu().numpy().copy()
-    if k == "numba":
-        return array.copy_to_host()
+    if k == "numba":  # on the array's own stream, then wait for it
+        host = array.copy_to_host()
+        if array.stream:
+            array.stream.synchronize()
+        return host
     cupy = _cupy()
     with cupy.cuda.Device(device_of(array)):
         return cupy.asnumpy(cupy.asarray(array))
@@ -241,22 +353,22 @@ def from_numpy(host, like=None):
         import torch
 
         return torch.from_numpy(host.copy()).to(like.device)
-    cupy = _cupy()
-    with cupy.cuda.Device(device_of(like)):
-        copy = cupy.asarray(host)
-    if k == "numba":
-        from numba import cuda
-
-        return cuda.as_cuda_array(copy, sync=False)
-    return copy
+    with place(like) as where:
+        copy = _cupy().asarray(host)
+        return where.as_numba(copy) if k == "numba" else copy
 
 
 def copy_from_numpy(array, host) -> None:
     """Write the host array ``host`` (``array``'s shape) into ``array`` in place (synchronous)."""
-    cupy = _cupy()
     host = np.ascontiguousarray(host, dtype_of(array))
-    with cupy.cuda.Device(device_of(array)):
-        view = array if kind(array) == "cupy" else cupy.asarray(array)  # a view, through the interface
+    if kind(array) == "torch":  # on torch's current stream, like the kernels
+        import torch
+
+        with torch.no_grad():
+            array.copy_(torch.from_numpy(host.reshape(tuple(array.shape))))
+        return
+    with place(array):  # on the array's stream (CuPy's current one for CuPy arrays)
+        view = array if kind(array) == "cupy" else _cupy().asarray(array)  # a view, through the interface
         view.set(host.reshape(view.shape))
 
 

@@ -61,7 +61,9 @@ def kernel(module_name: str, name_expression: str):
 
 def launch(module_name: str, name_expression: str, grid: int, block: int, args: tuple, stream) -> None:
     """Launch on ``stream`` (an object with the stream handle as ``ptr``, or None for CuPy's
-    current stream). Asynchronous: no host synchronization."""
+    current stream, which ``_device.place`` has made the call's launch stream). Asynchronous: no
+    host synchronization. During a CUDA graph capture the module must already be compiled (a
+    warm-up step before the capture)."""
     kernel(module_name, name_expression)((max(1, int(grid)), 1, 1), (block, 1, 1), args, 0, stream)
 
 

@@ -90,7 +90,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, y, saved_mean,
         return
     m = outer * inner
     launch = _loader.launch
-    with _device.place(x) as where:
+    with _device.place(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd) as where:
         if training and m == 0:  # an empty batch: nothing to normalize, statistics undefined
             _fill(where, saved_mean, math.nan)
             _fill(where, saved_invstd, math.nan)
@@ -147,7 +147,7 @@ def batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweigh
         return
     m = outer * inner
     launch = _loader.launch
-    with _device.place(x) as where:
+    with _device.place(x, dy, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias) as where:
         if m == 0:
             _fill(where, dweight, 0.0)
             _fill(where, dbias, 0.0)

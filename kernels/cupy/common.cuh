@@ -6,10 +6,13 @@
 // FO_LIST_BYTES (the byte budget of a tensor list passed by value); the layout checks assert that
 // the structs below and in the modules have the layout the host packs (see _sources.py).
 //
-// Numerics: compiled with --fmad=false --prec-div=true --prec-sqrt=true --ftz=false, so every
-// expression rounds as written (no contraction into FMA unless fma() is called explicitly), like
-// the CPU backend. Float kernels compute in float: every scalar arrives typed T, literals are
-// written T(0), and sqrt is the overload for T.
+// Numerics: compiled with --fmad=false --prec-div=true --prec-sqrt=true, so every expression
+// rounds as written (no contraction into FMA unless fma() is called explicitly), like the CPU
+// backend. cupy.RawModule appends -ftz=true to every compilation (_sources.CUPY_ADDED_OPTIONS), and
+// that is what runs: float subnormals are flushed to zero, in the inputs and the results of float
+// arithmetic (double is not affected), unlike the CPU backends and numba-cuda. Float kernels
+// compute in float: every scalar arrives typed T, literals are written T(0), and sqrt is the
+// overload for T.
 
 namespace fo {
 

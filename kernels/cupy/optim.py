@@ -148,7 +148,7 @@ def _step(op: str, param, grad, states, grad_mul, grad_clip, avg, avg_weight, hy
             t(grad_clip), t(avg_weight), np.int64(n))
     units = max(n // width, n % width)
     name = _sources.update_kernel(variant, dtype, width)
-    with _device.place(param) as where:
+    with _device.place(param, grad, *(states[i] for i in used), avg, grad_mul) as where:
         _loader.launch("optim", name, _loader.grid("optim", name, units, _BLOCK), _BLOCK, args, where.stream)
 
 
@@ -235,7 +235,7 @@ def multi_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.
     scalars = _scalars(variant, dtype, values)
     mul_value, mul_pointer = grad_mul_args(grad_mul, dtype)
     name = _sources.update_kernel(variant, dtype, None)
-    with _device.place(first) as where:
+    with _device.place(first, *params, *grads, *(s for st in states for s in st), *(avgs or ()), grad_mul) as where:
         for packed, units in pack_lists(rows, sizes, slots, width):
             _loader.launch("optim", name, _loader.grid("optim", name, units, _BLOCK), _BLOCK,
                            (scalars, packed, mul_value, mul_pointer, t(grad_clip), t(avg_weight)), where.stream)

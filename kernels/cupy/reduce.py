@@ -38,7 +38,7 @@ def _by_dtype(arrays) -> dict:
 
 def grad_sumsq(grads):
     grads = list(grads)
-    with _device.place(grads[0] if grads else None) as where:
+    with _device.place(grads[0] if grads else None, *grads[1:]) as where:
         launches = []
         for dtype, (rows, sizes) in _by_dtype(grads).items():
             name = _sources.reduce_kernel("sumsq_partial", dtype)
@@ -77,7 +77,7 @@ def scale_grads_(grads, grad_mul) -> None:
     if not groups:
         return
     first = next(g for g in grads if _device.size_of(g))
-    with _device.place(first) as where:
+    with _device.place(first, *grads, grad_mul) as where:
         for dtype, (rows, sizes) in groups.items():
             mul_value, mul_pointer = grad_mul_args(grad_mul, dtype)
             name = _sources.reduce_kernel("scale_list", dtype)

@@ -9,7 +9,8 @@ Importing needs no GPU: kernels compile on first use (``_jit.KERNELS``), and ``u
 says whether a CUDA device is usable. Under numba-cuda's simulator (``NUMBA_ENABLE_CUDASIM=1``) the
 same kernels run as Python threads; the package then adds the ``cuda.shfl_down_sync`` the simulator
 lacks (``_simulator``). No function synchronizes with the host or copies between host and device,
-except ``to_numpy`` and ``from_numpy``, whose job that is.
+except ``to_numpy``, ``from_numpy`` and ``copy_from_numpy``, whose job that is. Which stream each
+launch goes to and what it waits on: ``docs/backends.md``, "Streams" (``_arrays.stream_plan``).
 """
 
 from ._jit import SIMULATOR as _SIMULATOR

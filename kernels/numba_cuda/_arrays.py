@@ -9,22 +9,32 @@ out (``device=`` the input's); a numba device array or any other kind in, a numb
 Kernels see numba device arrays: ``flat(a)`` is a 1-D numba view of ``a``'s memory (no copy). It is
 built from the ``__cuda_array_interface__`` without the exporter's stream, so no synchronization
 happens (numba's own conversion, used when a foreign array is passed straight to a kernel,
-synchronizes the exporter's stream with the host). Kernels are launched on the stream the input
-advertises (``stream_of``): a numba array's own stream, or the ``stream`` entry of the interface
-(1: the legacy default stream, 2: the per-thread default stream, otherwise that stream), else the
-default stream. So work is ordered with the caller's other work on that stream, without waiting.
+synchronizes the exporter's stream with the host).
+
+Streams (``stream_of``, the choice itself in the pure function ``stream_plan``; docs/backends.md,
+"Streams"): torch tensors run on torch's current stream of their device (torch exports interface
+version 2, without a stream, and orders its own work on that stream; under ``torch.cuda.graph``
+that is the capture stream, so the launches are captured). Any other kind runs on the first
+stream its arrays name (a numba array's own stream, or the interface's ``stream``: 1 the legacy
+default stream, 2 the per-thread default stream, otherwise that stream), after that stream has
+been made to wait (an event, never the host) on every other stream the arrays name; when none
+names a stream, on numba's default stream. Numba arrays allocated for the caller are bound to the
+launch stream and export it, except the default stream, which they export as no stream (v3
+forbids 0). ``to_numpy`` copies on the array's stream and waits for it.
 
 Scratch buffers (per-block partial sums, per-channel coefficients, a converted ``grad_mul``) are
 numba device arrays kept per (host thread, stream, name, dtype) and only grown, so steady-state
 calls allocate nothing; kernels of one stream run in order, so reusing them between calls is safe.
-Everything runs on the current CUDA device (numba's current context). torch tensors that require
-grad are read through ``detach()`` (torch refuses their interface otherwise).
+On torch's streams scratch comes from torch's caching allocator instead (stream-ordered, and
+graph-safe). Everything runs on the current CUDA device (numba's current context). torch tensors
+that require grad are read through ``detach()`` (torch refuses their interface otherwise).
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, types
@@ -32,7 +42,11 @@ from numba import cuda, types
 from ._jit import SIMULATOR, THREADS, blocks_for, kernel
 
 __all__ = [
+    "LEGACY_STREAM",
+    "PER_THREAD_STREAM",
+    "StreamPlan",
     "address",
+    "advertised_stream",
     "as_numpy_dtype",
     "copy_from_numpy",
     "dtype_of",
@@ -42,10 +56,17 @@ __all__ = [
     "flat",
     "from_numpy",
     "full_like",
+    "is_capturing",
+    "new_event",
+    "output_stream",
     "owns",
+    "plan_for",
     "shape_of",
+    "stream_key",
     "stream_of",
+    "stream_plan",
     "to_numpy",
+    "torch_device_of",
     "unavailable_reason",
     "workspace",
     "zeros_like",
@@ -131,40 +152,195 @@ def flat(array):
 
 # ---------------------------------------------------------------------------------------------
 # streams
+#
+# The rules are those of ``__cuda_array_interface__`` v3 (a consumer must wait on the stream an
+# array names before using it, or run on it) and of torch (work on a tensor goes to torch's current
+# stream of its device). ``stream_plan`` is the choice itself, a pure function of what the arrays
+# advertise; ``stream_of`` gathers that, makes the CUDA stream objects and issues the waits.
+
+LEGACY_STREAM = 1  # the v3 handle of the legacy default stream
+PER_THREAD_STREAM = 2  # the v3 handle of the calling thread's per-thread default stream
 
 
-_external_streams: dict[int, object] = {}
-_default_stream = None
+class StreamPlan(NamedTuple):
+    """Where a call's kernels go: ``launch`` None (no array names a stream: the backend's default
+    stream) or a stream handle (1 legacy, 2 per-thread, else that stream); ``waits`` the other
+    streams the arrays name, which ``launch`` must wait on first (distinct, in argument order)."""
+
+    launch: int | None
+    waits: tuple[int, ...]
 
 
-def stream_of(array):
-    """The stream to launch on for ``array`` (see the module docstring); 0 under the simulator."""
-    global _default_stream
-    if SIMULATOR:
-        return 0
-    if _kind(array) == "numba":
-        stream = array.stream
-    else:
-        handle = _interface(array).get("stream")
-        if not handle:  # absent (or a non-conforming 0): no stream to follow
-            stream = 0
-        elif handle == 1:
+def advertised_stream(interface: dict) -> int | None:
+    """The stream a ``__cuda_array_interface__`` names: None when it names none (version 2, or
+    ``"stream": None``). A 0, which version 3 forbids as ambiguous, is read as none too: numba-cuda
+    before fastopt's fix exported it for arrays on the default stream."""
+    stream = interface.get("stream")
+    return int(stream) if stream else None
+
+
+def stream_plan(array_kind: str, advertised, torch_stream: int | None = None) -> StreamPlan:
+    """The stream plan of one call, from the kind of its arrays and the streams they advertise.
+
+    ``array_kind`` "torch": the tensors name no stream (torch exports interface version 2); the work
+    goes to torch's current stream of their device, whose handle ``torch_stream`` is
+    (``torch.cuda.current_stream(device).cuda_stream``; 0, torch's default stream, is the legacy
+    default stream), and waits on nothing: torch orders its own work on that stream.
+    Any other kind: ``advertised`` holds each array's stream (None or 0: none), the first named
+    stream is launched on and every other one is waited on; none named: the default stream.
+    """
+    if array_kind == "torch":
+        if torch_stream is None:
+            raise ValueError("torch_stream is required for torch tensors")
+        return StreamPlan(int(torch_stream) or LEGACY_STREAM, ())
+    named = [int(s) for s in advertised if s]
+    if not named:
+        return StreamPlan(None, ())
+    launch = named[0]
+    return StreamPlan(launch, tuple(dict.fromkeys(s for s in named if s != launch)))
+
+
+def _is_torch(array) -> bool:
+    """True for a torch tensor, told by its type's module, so torch is never imported otherwise."""
+    return type(array).__module__.split(".")[0] == "torch"
+
+
+def _torch_current_stream(tensor) -> int:
+    """The handle of torch's current stream on the tensor's device (imports torch: only called
+    with a torch tensor, so torch is already loaded)."""
+    import torch
+
+    return int(torch.cuda.current_stream(tensor.device).cuda_stream)
+
+
+def _advertised(kind: str, arrays) -> list:
+    """What each array of one call names: a numba array its own stream, a CuPy array CuPy's
+    current stream (all of them the same, so only the first is read), another exporter its
+    interface's ``stream``."""
+    if kind == "numba":
+        return [int(a.stream) if a.stream else None for a in arrays]
+    if kind == "cupy":
+        return [advertised_stream(_interface(arrays[0]))]
+    return [advertised_stream(_interface(a)) for a in arrays]
+
+
+def _device_arrays(arrays) -> list:
+    """The arrays of a call, without None entries and host numbers (a host ``grad_mul``)."""
+    return [a for a in arrays if a is not None and not isinstance(a, (int, float, np.number))]
+
+
+def plan_for(arrays) -> StreamPlan:
+    """The stream plan for a call on ``arrays`` (of one kind; None entries and numbers skipped)."""
+    arrays = _device_arrays(arrays)
+    if not arrays:
+        return StreamPlan(None, ())
+    kind = _kind(arrays[0])
+    if kind == "torch":
+        return stream_plan(kind, (), _torch_current_stream(arrays[0]))
+    return stream_plan(kind, _advertised(kind, arrays))
+
+
+class _SimulatedStream:
+    """A stream under the CUDA simulator, where nothing is asynchronous: it carries the handle the
+    plan chose, so the simulator suite can see where each launch went."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __int__(self):
+        return self.handle
+
+    def __repr__(self):
+        return f"<simulated stream {self.handle}>"
+
+    def synchronize(self):
+        pass
+
+
+_streams: dict[tuple, object] = {}
+
+
+def _stream_object(handle: int | None, torch_device=None):
+    """The stream object for a planned handle (None: numba's default stream); cached. A stream
+    chosen for torch tensors carries ``torch_device``, so that scratch memory of launches on it
+    comes from torch's allocator (``workspace``)."""
+    key = (handle, torch_device)
+    stream = _streams.get(key)
+    if stream is None:
+        if SIMULATOR:
+            stream = _SimulatedStream(0 if handle is None else handle)
+        elif handle is None:
+            stream = cuda.default_stream()
+        elif handle == LEGACY_STREAM and torch_device is None:
             stream = cuda.legacy_default_stream()
-        elif handle == 2:
+        elif handle == PER_THREAD_STREAM and torch_device is None:
             stream = cuda.per_thread_default_stream()
         else:
-            stream = _external_streams.get(handle)
-            if stream is None:
-                stream = _external_streams.setdefault(handle, cuda.external_stream(handle))
-    if not stream:
-        if _default_stream is None:
-            _default_stream = cuda.default_stream()
-        stream = _default_stream
+            stream = cuda.external_stream(handle)
+        if torch_device is not None:
+            stream.torch_device = torch_device
+        stream = _streams.setdefault(key, stream)
     return stream
 
 
-def stream_key(stream) -> int:
-    return 0 if SIMULATOR else int(stream)
+def new_event():
+    """A CUDA event without timing (the simulator's events take no arguments)."""
+    return cuda.event() if SIMULATOR else cuda.event(timing=False)
+
+
+def _wait(stream, on) -> None:
+    """Make ``stream`` wait for the work queued so far on ``on`` (an event; the host never waits)."""
+    event = new_event()
+    event.record(stream=on)
+    event.wait(stream=stream)
+
+
+def stream_of(*arrays):
+    """The stream to launch a call's kernels on, given the arrays it reads and writes (see
+    ``stream_plan``): torch's current stream for torch tensors, else the first stream an array
+    names, else numba's default stream. It is first made to wait on the other streams the arrays
+    name (no host synchronization)."""
+    arrays = _device_arrays(arrays)
+    plan = plan_for(arrays)
+    torch_device = arrays[0].device if arrays and _is_torch(arrays[0]) else None
+    stream = _stream_object(plan.launch, torch_device)
+    for handle in plan.waits:
+        _wait(stream, _stream_object(handle))
+    return stream
+
+
+def output_stream(like):
+    """The stream a numba device array allocated for a call on ``like`` is bound to (and exports
+    as its interface's ``stream``): the launch stream when the inputs name one, else 0, so that an
+    array on the default stream names no stream (version 3 forbids exporting 0)."""
+    plan = plan_for((like,))
+    if plan.launch is None or plan.launch == LEGACY_STREAM:
+        return 0
+    return _stream_object(plan.launch)
+
+
+def stream_key(stream):
+    """What identifies a stream in the per-stream caches: its handle, and for the per-thread
+    default stream (one handle, a different stream in every thread) also the thread."""
+    handle = int(stream)
+    if handle == PER_THREAD_STREAM:
+        return (handle, threading.get_ident())
+    return handle
+
+
+def torch_device_of(stream):
+    """The torch device a launch stream was chosen for (torch tensors), else None."""
+    return getattr(stream, "torch_device", None)
+
+
+def is_capturing(stream) -> bool:
+    """True while torch captures a CUDA graph on the current stream and ``stream`` was chosen for
+    torch tensors (then nothing may allocate with numba, upload, or wait on another stream)."""
+    if torch_device_of(stream) is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_current_stream_capturing())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +349,12 @@ def stream_key(stream) -> int:
 
 def _numba_empty(shape, dtype, stream=0):
     return cuda.device_array(shape, dtype=np.dtype(dtype), stream=stream)
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    return torch.from_numpy(np.empty(0, np.dtype(dtype))).dtype
 
 
 def empty(shape, dtype, like):
@@ -188,9 +370,8 @@ def empty(shape, dtype, like):
     if kind == "torch":
         import torch
 
-        torch_dtype = torch.from_numpy(np.empty(0, np.dtype(dtype))).dtype
-        return torch.empty(shape, dtype=torch_dtype, device=like.device)
-    return _numba_empty(shape, dtype, stream_of(like))
+        return torch.empty(shape, dtype=_torch_dtype(dtype), device=like.device)
+    return _numba_empty(shape, dtype, output_stream(like))
 
 
 def empty_like(array):
@@ -221,8 +402,11 @@ def zeros_like(array):
 def to_numpy(array) -> np.ndarray:
     """A host copy (synchronizes; for tests, verification and state_dict)."""
     kind = _kind(array)
-    if kind == "numba":
-        return array.copy_to_host()
+    if kind == "numba":  # on the array's own stream (the one its kernels ran on), then wait for it
+        host = array.copy_to_host()
+        if array.stream:
+            array.stream.synchronize()
+        return host
     if kind == "cupy":
         return array.get()
     if kind == "torch":
@@ -248,8 +432,11 @@ def from_numpy(host, like=None):
 
 
 def copy_from_numpy(array, host) -> None:
-    """Write the host array ``host`` (``array``'s shape) into ``array`` in place (synchronous)."""
-    flat(array).copy_to_device(np.ascontiguousarray(host, dtype_of(array)).reshape(-1))
+    """Write the host array ``host`` (``array``'s shape) into ``array`` in place (synchronous),
+    on the array's stream, after the work already queued there."""
+    stream = stream_of(array)
+    flat(array).copy_to_device(np.ascontiguousarray(host, dtype_of(array)).reshape(-1), stream=stream)
+    stream.synchronize()
 
 
 _unavailable: str | None = None
@@ -290,10 +477,20 @@ _workspace_lock = threading.Lock()
 def workspace(name: str, shape, dtype, stream):
     """A scratch numba device array of ``shape``, reused by later calls on this thread and stream.
 
-    Contents are undefined; the buffer behind it only grows (to the next power of two)."""
+    Contents are undefined; the buffer behind it only grows (to the next power of two). On a
+    stream chosen for torch tensors the memory is a fresh torch tensor instead, from torch's
+    caching allocator on that stream: torch hands it out again only to later work on the same
+    stream, and while torch captures a CUDA graph it comes from the graph's private pool (numba's
+    allocator may not run during a capture, and the graph must own what its kernels use)."""
     shape = tuple(int(s) for s in shape)
     size = max(1, math.prod(shape))
     dtype = np.dtype(dtype)
+    torch_device = torch_device_of(stream)
+    if torch_device is not None:
+        import torch
+
+        scratch = torch.empty(size, dtype=_torch_dtype(dtype), device=torch_device)
+        return flat(scratch)[:math.prod(shape)].reshape(shape)
     key = (threading.get_ident(), stream_key(stream), name, dtype)
     buffer = _workspaces.get(key)
     if buffer is None or buffer.size < size:

@@ -509,7 +509,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, y, saved_mean,
     if channels == 0:
         return
     m = outer * inner
-    stream = stream_of(x)
+    stream = stream_of(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd)
     mean_out = flat(saved_mean)
     invstd_out = flat(saved_invstd)
     if training and m == 0:  # an empty batch: nothing to normalize, statistics undefined
@@ -553,7 +553,7 @@ def batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweigh
         fill(dweight, 0.0)
         fill(dbias, 0.0)
         return
-    stream = stream_of(x)
+    stream = stream_of(x, dy, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias)
     mean_view = flat(saved_mean)
     invstd_view = flat(saved_invstd)
     weight_view, has_weight = _vector(weight, invstd_view)

@@ -542,7 +542,7 @@ def _step(plan, param, grad, states, grad_mul, grad_clip, avg, avg_weight) -> No
     if n == 0:
         return
     t = dtype.type
-    stream = stream_of(param)
+    stream = stream_of(param, grad, *(states[k] for k in used), avg, grad_mul)
     mul_array, use_mul_array, mul = multiplier(grad_mul, dtype, stream, p)
     arrays = [p, flat(grad)] + [flat(states[k]) for k in used]
     arrays.append(p if avg is None else flat(avg))
@@ -615,7 +615,7 @@ def multi_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.
         return
     dtype = dtype_of(params[0])
     t = dtype.type
-    stream = stream_of(params[0])
+    stream = stream_of(*params, *grads, *(s for st in states for s in st), *(avgs or ()), grad_mul)
     rows = []
     for k, param in enumerate(params):
         n = math.prod(shape_of(param))

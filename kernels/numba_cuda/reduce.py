@@ -111,7 +111,7 @@ def grad_sumsq(grads):
     """Σ g² over every element of every array, as a float64 device array of shape (1,)."""
     like = grads[0] if grads else None
     out = empty((1,), np.float64, like) if like is not None else cuda.device_array(1, np.float64)
-    stream = stream_of(out)
+    stream = stream_of(out, *grads)
     groups: dict[np.dtype, list] = {}
     for g in grads:
         n = math.prod(shape_of(g))
@@ -206,7 +206,7 @@ def scale_grads_(grads, grad_mul) -> None:
         if n:
             groups.setdefault(dtype_of(g), []).append((g, n))
     for dtype, members in groups.items():
-        stream = stream_of(members[0][0])
+        stream = stream_of(*(g for g, _ in members), grad_mul)
         table, chunks = _tensors.table([(n, address(g)) for g, n in members], stream)
         like = flat(members[0][0])
         mul_array, use_mul_array, mul = multiplier(grad_mul, dtype, stream, like)

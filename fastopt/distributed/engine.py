@@ -1,0 +1,481 @@
+"""The data-parallel step of an optimizer built with ``comm=``: replicated or ZeRO stage 1.
+
+Every rank holds the same parameters and passes its own gradients (of its share of the batch).
+Per dtype the parameters form one flat index space (``partition``), and so does the gradient
+buffer the optimizer hands out (``grad_buffers()``: one flat array per dtype, one view per
+parameter). Collectives run per bucket, non-blocking, on that memory:
+
+sharded (``shard_state=True``), per bucket j:
+    1. ``Ireduce_scatter``: rank r receives Σ_ranks g over its slice of the bucket;
+    2. the fused update of the slice's pieces, with gradient multiplier
+           grad_mul = (1/N for ``grad_reduce="mean"``) · (1/grad_scale) · clip factor
+       where the clip factor min(1, c/(‖g‖ + 1e-6)) uses the global norm ‖g‖² = Allreduce(Σ over
+       this rank's slices of g²), and ``nonfinite`` acts on that same allreduced sum (so every
+       rank skips or raises together); Polyak averaging runs on the slice;
+    3. ``Iallgather`` (in place, variable counts) of the updated slices into the bucket.
+    Optimizer state exists only for this rank's slices: T/N elements per state array.
+replicated (``shard_state=False``), per bucket j:
+    1. ``Iallreduce`` in place on the gradient bucket; 2. every rank updates the whole bucket
+    with the same grad_mul. State is replicated, in the ordinary per-parameter layout.
+
+Without clipping or a non-finite policy the update of bucket j starts as soon as its own
+reduction has completed, while later buckets are still in flight; with them, the global norm
+needs every bucket first, and the overlap is between updates and the allgathers.
+
+Parameters: when the parameters of a dtype are consecutive views of one buffer
+(``fastopt.distributed.flat_arrays`` makes such parameters) the allgather writes into them
+directly. Otherwise it goes through a flat copy: this rank's slice is copied in (T/N elements)
+and the gathered parameters are copied out (T elements) — one extra read and write of the
+parameters per step. Gradients given as separate arrays (not the views of ``grad_buffers()``) are
+packed into the buffer first: one copy of T elements.
+
+Every rank's parameters are bit-identical after each step: each element is computed by exactly
+one rank (sharded) or from the same reduced bytes by every rank (replicated).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from .. import dispatch
+from .._checks import check_array, check_like, check_real, dtype_of
+from ..functional import SPECS
+from . import partition
+from .comm import Agreement, check_comm, check_same, mpi
+
+__all__ = ["DataParallel", "DEFAULT_BUCKET_BYTES", "GRAD_REDUCES", "attach"]
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20  # as torch's DistributedDataParallel
+GRAD_REDUCES = ("mean", "sum")
+CPU_BACKENDS = (None, "numpy", "numba")
+
+
+def _root_buffer(array: np.ndarray) -> np.ndarray:
+    base = array
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    return base
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+class _Bucket:
+    """One bucket of a dtype's space: its bounds, the cut points among ranks, this rank's pieces."""
+
+    def __init__(self, lo, hi, cuts, my_lo, my_hi, pieces, recv_at):
+        self.lo, self.hi = lo, hi
+        self.counts = tuple(int(c) for c in np.diff(cuts))  # MPI's recvcounts and displacements
+        self.displs = tuple(int(d) for d in cuts[:-1] - lo)
+        self.my_lo, self.my_hi = my_lo, my_hi
+        self.pieces = pieces  # list of _Piece
+        self.recv_at = recv_at  # where this rank's slice sits in the space's receive buffer
+
+
+class _Piece:
+    """A parameter's part that this rank updates: views of parameter, reduced gradient, state."""
+
+    __slots__ = ("k", "group", "start", "stop", "flat", "param", "grad", "state")
+
+    def __init__(self, k, group, start, stop, flat, param, grad):
+        self.k, self.group, self.start, self.stop, self.flat = k, group, start, stop, flat
+        self.param, self.grad = param, grad
+        self.state = {}  # name -> array of this piece's size (a view of the full array when replicated)
+
+
+class _Space:
+    """The parameters of one dtype as a flat index space, with the buffers collectives run on."""
+
+    def __init__(self, dtype, ks, params, world, rank, bucket_elems, sharded, group_of):
+        self.dtype = dtype
+        self.ks = ks  # optimizer-wide parameter indices, in order
+        self.offsets = partition.offsets_of([params[k].size for k in ks])
+        self.total = int(self.offsets[-1])
+        self.grad = np.zeros(self.total, dtype)  # the buffer handed out, one view per parameter
+        self.views = [self.grad[self.offsets[j]:self.offsets[j + 1]].reshape(params[k].shape)
+                      for j, k in enumerate(ks)]
+        self.flat_params = self._flat_view([params[k] for k in ks])
+        self.staging = None
+        if sharded and self.flat_params is None:
+            self.staging = np.empty(self.total, dtype)
+        flat_param_views = [params[k].reshape(-1) for k in ks]
+        layout = []  # per bucket: (lo, hi, cut points, this rank's [my_lo, my_hi), its place in recv)
+        owned = 0
+        for lo, hi in partition.bucket_bounds(self.total, bucket_elems):
+            cuts = partition.slice_bounds(lo, hi, world)
+            my_lo, my_hi = (int(cuts[rank]), int(cuts[rank + 1])) if sharded else (lo, hi)
+            layout.append((lo, hi, cuts, my_lo, my_hi, owned))
+            owned += my_hi - my_lo
+        self.owned = owned  # elements this rank updates (T/N sharded, T replicated)
+        self.recv = np.zeros(owned, dtype) if sharded else None  # Ireduce_scatter's output
+        self.buckets = []
+        for lo, hi, cuts, my_lo, my_hi, at in layout:
+            pieces = []
+            for p in partition.pieces_in(self.offsets, my_lo, my_hi):
+                k = ks[p.param]
+                if sharded:
+                    grad = self.recv[at + p.flat - my_lo:at + p.flat - my_lo + p.size]
+                else:
+                    grad = self.grad[p.flat:p.flat + p.size]
+                pieces.append(_Piece(k, group_of[k], p.start, p.stop, p.flat,
+                                     flat_param_views[p.param][p.start:p.stop], grad))
+            self.buckets.append(_Bucket(lo, hi, cuts, my_lo, my_hi, pieces, at))
+
+    def _flat_view(self, params):
+        """The parameters as one flat array when they are consecutive views of one buffer, else None."""
+        if not params:
+            return None
+        root = _root_buffer(params[0])
+        if not (root.flags.c_contiguous and root.dtype == self.dtype and root.flags.writeable):
+            return None
+        start = _address(params[0]) - _address(root)
+        if start % self.dtype.itemsize:
+            return None
+        start //= self.dtype.itemsize
+        if start + self.total > root.size:
+            return None
+        for j, p in enumerate(params):
+            expected = _address(root) + (start + int(self.offsets[j])) * self.dtype.itemsize
+            if _root_buffer(p) is not root or _address(p) != expected:
+                return None
+        return root.reshape(-1)[start:start + self.total]
+
+
+def _mpi_type(dtype):
+    MPI = mpi()
+    return MPI.FLOAT if dtype == np.float32 else MPI.DOUBLE
+
+
+def _check_group(opt, i, group, k):
+    """(hyper, host options or None): works before and after the optimizer grew host options."""
+    result = opt._check_group(i, group, k)
+    if isinstance(result, tuple):
+        return result
+    return result, None
+
+
+class DataParallel:
+    """The distributed side of one optimizer (``opt._dist``); see the module docstring."""
+
+    def __init__(self, opt, comm, shard_state, grad_reduce, bucket_bytes):
+        self.opt = opt
+        self.comm = comm
+        self.world = comm.Get_size()
+        self.rank = comm.Get_rank()
+        self.sharded = shard_state
+        self.grad_reduce = grad_reduce
+        self.bucket_bytes = bucket_bytes
+        self.agree = Agreement(comm)
+        self._sumsq = np.zeros(1, np.float64)
+        self._bad = np.zeros(1, np.int64)
+        params = opt._params()
+        self.params = list(params)
+        group_of = {}
+        k = 0
+        for i, group in enumerate(opt.param_groups):
+            for _ in group["params"]:
+                group_of[k] = i
+                k += 1
+        self.group_of = group_of
+        self.spaces = []
+        for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+            ks = [k for k, p in enumerate(params) if dtype_of(p) == dtype]
+            if ks:
+                elems = max(1, bucket_bytes // dtype.itemsize)
+                self.spaces.append(_Space(dtype, ks, params, self.world, self.rank, elems, shard_state, group_of))
+        self.views = [None] * len(params)
+        for space in self.spaces:
+            for k, view in zip(space.ks, space.views):
+                self.views[k] = view
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _check_step(self, grads, grad_scale, groups):
+        """Everything ``step`` checks before its first collective; returns (plan, inv_scale, packed)."""
+        opt = self.opt
+        params = opt._params()
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            raise ValueError("the param groups no longer hold the parameters this optimizer was built over; "
+                             "build a new optimizer (on every rank) to change the parameters")
+        if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
+            raise TypeError(f"grads must be a list of arrays, one per param, got {type(grads).__name__}")
+        if len(grads) != len(params):
+            raise ValueError(f"grads must have one array per param ({len(params)}, in group order), got {len(grads)}")
+        selected = opt._selected(groups)
+        inv_scale = 1.0
+        if grad_scale is not None:
+            inv_scale = 1.0 / check_real("grad_scale", grad_scale, low=0.0, low_open=True)
+            if not math.isfinite(inv_scale) or inv_scale == 0.0:
+                raise ValueError(f"grad_scale must have a finite nonzero reciprocal, got {grad_scale!r}")
+        if self.grad_reduce == "mean":
+            inv_scale /= self.world
+        plan = {}
+        for i in selected:
+            plan[i] = _check_group(opt, i, opt.param_groups[i], opt.steps)
+        packed = True
+        for k, (param, grad) in enumerate(zip(params, grads)):
+            if self.group_of[k] not in plan:
+                continue
+            if grad is self.views[k]:
+                continue
+            packed = False
+            check_array(f"grads[{k}]", grad, writeable=False)
+            check_like(f"grads[{k}]", grad, f"params[{k}]", param)
+            if not isinstance(grad, np.ndarray):
+                raise TypeError(f"grads[{k}] must be a numpy.ndarray with comm=, got {type(grad).__name__}")
+        return plan, inv_scale, packed
+
+    def step(self, grads, grad_scale=None, groups=None) -> None:
+        error = None
+        try:
+            plan, inv_scale, packed = self._check_step(grads, grad_scale, groups)
+        except Exception as exc:  # agreed on below: every rank raises, none waits
+            error = exc
+        self.agree(error, "step")
+        opt = self.opt
+        if not packed:
+            for k, grad in enumerate(grads):
+                if self.group_of[k] in plan and grad is not self.views[k]:
+                    np.copyto(self.views[k], grad)
+        module = dispatch.resolve(opt.backend, opt._params()[0])
+        requests = self._start_reductions()
+        global_decision = opt.clip_grad_norm is not None or opt.nonfinite != "propagate"
+        multipliers = {space.dtype: inv_scale for space in self.spaces}
+        if global_decision:
+            mpi().Request.Waitall([r for rs in requests for r in rs])
+            sumsq = self._global_sumsq(module, plan)
+            if opt.nonfinite != "propagate" and not math.isfinite(sumsq):
+                if opt.nonfinite == "skip":
+                    opt.skipped_steps += 1
+                    return
+                bad = self._first_nonfinite(module, plan)
+                raise FloatingPointError(f"grads[{bad}] (summed over the ranks) contains NaN or Inf "
+                                         "(nonfinite='raise'); nothing was updated on any rank")
+            if opt.clip_grad_norm is not None:
+                multipliers = {space.dtype: module.grad_multiplier(sumsq, opt.clip_grad_norm, inv_scale, space.dtype)
+                               for space in self.spaces}
+        grad_clip = math.inf if opt.clip_grad_value is None else opt.clip_grad_value
+        gathers = []
+        for space, reqs in zip(self.spaces, requests):
+            for bucket, req in zip(space.buckets, reqs):
+                if not global_decision:
+                    req.Wait()
+                self._update_bucket(module, space, bucket, plan, multipliers[space.dtype], grad_clip)
+                if self.sharded:
+                    gathers.append(self._start_gather(space, bucket))
+        mpi().Request.Waitall(gathers)
+        if self.sharded:
+            self._copy_out()
+        for k, state in enumerate(opt.state):
+            if self.group_of[k] in plan:
+                state["step"] += 1
+                if opt.polyak is not None:
+                    state["avg_steps"] = state.get("avg_steps", 0) + 1
+        opt.steps += 1
+
+    def _start_reductions(self) -> list[list]:
+        comm, MPI = self.comm, mpi()
+        out = []
+        for space in self.spaces:
+            reqs = []
+            for bucket in space.buckets:
+                send = space.grad[bucket.lo:bucket.hi]
+                if self.sharded:
+                    recv = space.recv[bucket.recv_at:bucket.recv_at + bucket.my_hi - bucket.my_lo]
+                    reqs.append(comm.Ireduce_scatter(send, recv, bucket.counts, op=MPI.SUM))
+                else:
+                    reqs.append(comm.Iallreduce(MPI.IN_PLACE, send, op=MPI.SUM))
+            out.append(reqs)
+        return out
+
+    def _start_gather(self, space, bucket):
+        MPI = mpi()
+        target = space.flat_params if space.flat_params is not None else space.staging
+        if space.flat_params is None:  # this rank's new values into the staging copy
+            for piece in bucket.pieces:
+                np.copyto(target[piece.flat:piece.flat + piece.stop - piece.start], piece.param)
+        region = target[bucket.lo:bucket.hi]
+        return self.comm.Iallgatherv(MPI.IN_PLACE, [region, (bucket.counts, bucket.displs), _mpi_type(space.dtype)])
+
+    def _copy_out(self) -> None:
+        params = self.opt._params()
+        for space in self.spaces:
+            if space.flat_params is not None:
+                continue
+            for j, k in enumerate(space.ks):
+                np.copyto(params[k].reshape(-1), space.staging[space.offsets[j]:space.offsets[j + 1]])
+
+    def _stepped_pieces(self, plan):
+        for space in self.spaces:
+            for bucket in space.buckets:
+                for piece in bucket.pieces:
+                    if piece.group in plan:
+                        yield piece
+
+    def _global_sumsq(self, module, plan) -> float:
+        grads = [piece.grad for piece in self._stepped_pieces(plan)]
+        self._sumsq[0] = module.grad_sumsq(grads) if grads else 0.0
+        if self.sharded:
+            self.comm.Allreduce(mpi().IN_PLACE, self._sumsq, op=mpi().SUM)
+        return float(self._sumsq[0])
+
+    def _first_nonfinite(self, module, plan) -> int:
+        """The lowest parameter index whose reduced gradient is non-finite, agreed by all ranks."""
+        bad = min((piece.k for piece in self._stepped_pieces(plan)
+                   if not math.isfinite(module.grad_sumsq([piece.grad]))), default=len(self.views))
+        self._bad[0] = bad
+        if self.sharded:
+            self.comm.Allreduce(mpi().IN_PLACE, self._bad, op=mpi().MIN)
+        return int(self._bad[0])
+
+    def _state_for(self, piece, name, group):
+        """The piece's state array ``name``, created on first use at the optimizer's initial value."""
+        array = piece.state.get(name)
+        if array is not None:
+            return array
+        opt = self.opt
+        value = 0.0 if name == "avg" else opt._initial_value(name, group)
+        if self.sharded:
+            array = np.full(piece.stop - piece.start, value, piece.param.dtype)
+        else:
+            state = opt.state[piece.k]
+            if name not in state:
+                param = opt._params()[piece.k]
+                state[name] = np.full(param.shape, value, param.dtype)
+            array = state[name].reshape(-1)[piece.start:piece.stop]
+        piece.state[name] = array
+        return array
+
+    def _update_bucket(self, module, space, bucket, plan, grad_mul, grad_clip) -> None:
+        """The fused update of this rank's pieces of one bucket, batched by (group, step count)."""
+        opt = self.opt
+        spec = SPECS[opt._spec]
+        runs: dict[tuple, list] = {}
+        for piece in bucket.pieces:
+            if piece.group not in plan:
+                continue
+            state = opt.state[piece.k]
+            runs.setdefault((piece.group, state["step"], state.get("avg_steps", 0)), []).append(piece)
+        for (i, step, avg_steps), pieces in runs.items():
+            hyper, host = plan[i]
+            group = opt.param_groups[i]
+            used = spec.uses(hyper)
+            states = [tuple(self._state_for(p, name, group) if name in used else p.state.get(name)
+                            for name in spec.state) for p in pieces]
+            avgs = None
+            keywords = dict(hyper)
+            if spec.step_count:
+                keywords["step"] = step + 1
+            keywords["grad_mul"] = grad_mul
+            keywords["grad_clip"] = grad_clip
+            if opt.polyak is not None:
+                avgs = [self._state_for(p, "avg", group) for p in pieces]
+                keywords["avg_weight"] = opt._avg_weight(avg_steps + 1)
+            if host is not None:
+                from ..functional import scaled_extras
+
+                keywords, factor = host.lower(keywords, step + 1)
+                if factor != 1.0:
+                    keywords["grad_mul"], keywords["grad_clip"] = scaled_extras(factor, keywords["grad_mul"], grad_clip)
+            module.multi_step(spec.kernel, [p.param for p in pieces], [p.grad for p in pieces], states, avgs,
+                              **keywords)
+
+    # -- what the optimizer exposes ------------------------------------------------------------
+
+    def grad_buffers(self) -> list:
+        """One view per parameter (in group order) of the flat gradient buffer of its dtype."""
+        return list(self.views)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state arrays this rank holds."""
+        if self.sharded:
+            return sum(a.nbytes for piece in self._all_pieces() for a in piece.state.values())
+        return sum(v.nbytes for s in self.opt.state for v in s.values() if isinstance(v, np.ndarray))
+
+    def _all_pieces(self):
+        for space in self.spaces:
+            for bucket in space.buckets:
+                yield from bucket.pieces
+
+    def state_dict(self, base: dict) -> dict:
+        from .state import state_dict
+
+        return state_dict(self, base)
+
+    def load_state_dict(self, state_dict, load_local) -> None:
+        from .state import load_state_dict
+
+        load_state_dict(self, state_dict, load_local)
+
+    def averaged_params(self) -> list:
+        from .state import averaged_params
+
+        return averaged_params(self)
+
+    def reset_piece_state(self) -> None:
+        """Forget cached state views (after the replicated state was replaced by load_state_dict)."""
+        for piece in self._all_pieces():
+            piece.state = {}
+
+
+def _describe(opt, shard_state, grad_reduce, bucket_bytes) -> list:
+    """What must be equal on every rank: hyperparameters, options, parameter shapes and dtypes."""
+    out = [("optimizer", type(opt).__name__), ("convention", opt.convention), ("backend", opt.backend),
+           ("clip_grad_norm", opt.clip_grad_norm), ("clip_grad_value", opt.clip_grad_value),
+           ("nonfinite", opt.nonfinite), ("polyak", opt.polyak), ("shard_state", shard_state),
+           ("grad_reduce", grad_reduce), ("bucket_bytes", bucket_bytes),
+           ("param groups", len(opt.param_groups))]
+    k = 0
+    for i, group in enumerate(opt.param_groups):
+        for key in sorted(k for k in group if k != "params"):
+            value = group[key]
+            if callable(value):
+                value = f"<schedule {getattr(value, '__qualname__', type(value).__name__)}>"
+            out.append((f"param group {i} {key}", value))
+        out.append((f"param group {i} size", len(group["params"])))
+        for p in group["params"]:
+            out.append((f"params[{k}]", (tuple(p.shape), str(p.dtype))))
+            k += 1
+    return out
+
+
+def _check_options(comm, shard_state, grad_reduce, bucket_bytes):
+    check_comm(comm)
+    if shard_state is None:
+        shard_state = comm.Get_size() > 1
+    elif not isinstance(shard_state, (bool, np.bool_)):
+        raise TypeError(f"shard_state must be a bool or None, got {type(shard_state).__name__}")
+    if grad_reduce not in GRAD_REDUCES:
+        raise ValueError(f"grad_reduce must be one of {GRAD_REDUCES}, got {grad_reduce!r}")
+    if bucket_bytes is None:
+        bucket_bytes = DEFAULT_BUCKET_BYTES
+    elif isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral) or bucket_bytes < 8:
+        raise ValueError(f"bucket_bytes must be an int >= 8 or None, got {bucket_bytes!r}")
+    return bool(shard_state), grad_reduce, int(bucket_bytes)
+
+
+def attach(opt, init_local, comm, shard_state, grad_reduce, bucket_bytes, backend) -> None:
+    """Build ``opt`` on every rank of ``comm``: ``init_local()`` (the single-process constructor)
+    and the option checks run on every rank, the ranks agree on the outcome, then check that they
+    all describe the same optimizer, then the distributed step is attached as ``opt._dist``."""
+    check_comm(comm)  # a bad communicator cannot be agreed over: it raises at once
+    error = None
+    try:
+        options = _check_options(comm, shard_state, grad_reduce, bucket_bytes)
+        device = TypeError("device arrays are not yet supported for comm=: MPI runs on host (NumPy) arrays, "
+                           f"with backend None, 'numpy' or 'numba' (got backend={backend!r})")
+        if backend not in CPU_BACKENDS:
+            raise device
+        init_local()
+        if not all(isinstance(p, np.ndarray) for p in opt._params()):
+            raise device
+    except Exception as exc:  # every local failure is agreed on, so no rank waits in a collective
+        error = exc
+    Agreement(comm)(error, f"building {type(opt).__name__}")
+    check_same(comm, _describe(opt, *options), f"{type(opt).__name__}")
+    opt._dist = DataParallel(opt, comm, *options)

@@ -156,6 +156,9 @@ def cmd_info(args) -> int:
     print(f"threading layer  {_threading_layer()}")
     print(f"numba cache      {_numba_cache_dir()}")
     print(f"GPU              {_gpu_name()}")
+    from .distributed import describe_mpi
+
+    print(f"MPI              {describe_mpi()}")
     return 0
 
 
@@ -346,16 +349,62 @@ def _check_optimizer(name: str, hyper: dict, backend, parser) -> None:
         raise CLIError(f"{name}: {message}") from None
 
 
+def _train_torch(args, parser) -> int:
+    """``fastopt train --framework torch``: examples/torch_cnn.py's CNN in torch, with fastopt.torch's
+    AdamW and fused BatchNormReLU2d (fastopt.torch.demo)."""
+    unused = [flag for flag, given in (("--compare", args.compare is not None), ("--curriculum", args.curriculum),
+                                       ("--backend", args.backend is not None),
+                                       ("--optimizer", args.optimizer != "adam")) if given]
+    if unused:
+        parser.error(f"--framework torch trains the CNN of examples/torch_cnn.py with fastopt.torch.AdamW; "
+                     f"{', '.join(unused)} apply to the NumPy MLP only")
+    try:
+        from .torch import demo as torch_demo
+    except ImportError as exc:
+        parser.error(f"--framework torch needs PyTorch: pip install 'fastopt[torch,demo]' ({exc})")
+    from . import demo
+
+    data = demo.load_digits()
+    print(f"digits: {len(data.y_train)} training and {len(data.y_test)} test images (8x8); CNN in torch, "
+          "Conv -> fastopt.torch.BatchNormReLU2d (x2) -> MaxPool -> Linear; fastopt.torch.AdamW")
+    result = torch_demo.train_cnn(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, data=data,
+                                  log=print)
+    print(f"train {result.seconds:.2f} s (including the first call of each kernel)")
+    print(f"test accuracy: {100 * result.test_accuracy:.1f}%")
+    return 0
+
+
+def _launched_comm(args, parser):
+    """Under mpiexec with several ranks: ``MPI.COMM_WORLD`` (data-parallel training; ranks other
+    than 0 print nothing), else None."""
+    from .distributed import launched_comm
+
+    comm = launched_comm()
+    if comm is None:
+        return None
+    if getattr(args, "framework", "numpy") == "torch" or args.compare is not None:
+        parser.error("under mpiexec, fastopt train runs the numpy framework's single run (no --compare)")
+    if comm.Get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 reports for the job
+    return comm
+
+
 def cmd_train(args, parser) -> int:
     from . import demo
 
+    comm = _launched_comm(args, parser)
+
+    if getattr(args, "framework", "numpy") == "torch":
+        if args.epochs < 1 or args.batch_size < 2:
+            parser.error("--epochs must be >= 1 and --batch-size >= 2")
+        return _train_torch(args, parser)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 2:
         parser.error(f"--batch-size must be >= 2 (batch normalization needs a variance), got {args.batch_size}")
     import numba
 
-    if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+    if args.threads is not None and not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
         parser.error(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS), "
                      f"got {args.threads}")
     if any(h < 1 for h in args.hidden):
@@ -384,10 +433,11 @@ def cmd_train(args, parser) -> int:
     sizes = "-".join(map(str, (data.x_train.shape[1], *hidden, data.classes)))
     print(f"digits: {len(data.y_train)} training and {len(data.y_test)} test images (8x8); "
           f"MLP {sizes}, Linear -> fastopt BatchNorm -> ReLU; init {args.init}"
-          f"{', curriculum' if args.curriculum else ''}; backend {args.backend or 'numba (default)'}")
+          f"{', curriculum' if args.curriculum else ''}; backend {args.backend or 'numba (default)'}"
+          f"{f'; data-parallel on {comm.Get_size()} MPI ranks' if comm is not None else ''}")
     options = dict(epochs=args.epochs, batch_size=args.batch_size, backend=args.backend, init=args.init,
                    hidden=hidden, curriculum=args.curriculum, seed=args.seed, data=data, log=print, progress=True,
-                   threads=args.threads)
+                   threads=args.threads, comm=comm)
     if args.compare is None:
         print(f"optimizer {args.optimizer} ({_format_hyper({**demo.OPTIMIZERS[args.optimizer][1], **hyper})})")
         result = demo.train(optimizer=args.optimizer, hyper=hyper, **options)
@@ -472,6 +522,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                + "; ".join(f"{n}: {_format_hyper(h)}" for n, (_, h) in OPTIMIZERS.items()))
     p_train.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=DEFAULTS["optimizer"],
                          help=f"optimizer (default: {DEFAULTS['optimizer']})")
+    p_train.add_argument("--framework", choices=("numpy", "torch"), default="numpy",
+                         help="numpy (default): the MLP above, entirely on fastopt; torch: the CNN of "
+                              "examples/torch_cnn.py in PyTorch with fastopt.torch's AdamW and batch norm "
+                              "(needs the torch extra; takes --epochs, --batch-size, --seed)")
     hyper = p_train.add_argument_group("optimizer hyperparameters (each applies to the optimizers that take it)")
     for option, dest, kwargs, help_text in _HYPER_OPTIONS:
         hyper.add_argument(option, dest=dest, help=help_text, **kwargs)
@@ -491,8 +545,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                               "confidence), more hard ones each epoch until the data's own mix at half the epochs")
     p_train.add_argument("--seed", type=int, default=DEFAULTS["seed"], help=f"default: {DEFAULTS['seed']}")
     p_train.add_argument("--threads", type=int, default=DEFAULTS["threads"],
-                         help=f"numba threads for the kernels (default: {DEFAULTS['threads']}: the demo's arrays are "
-                              "so small that a parallel region costs more than it saves)")
+                         help="numba threads for the kernels (default: numba's; the kernels run small arrays such "
+                              "as the demo's on the calling thread by themselves)")
     p_train.add_argument("--compare", nargs="?", const="all", metavar="NAMES",
                          help="train once per optimizer (all, or a comma-separated list) with the demo "
                               "hyperparameters; write a PNG of the loss curves (needs matplotlib) and a table "

@@ -19,6 +19,7 @@ shape and dtype; no two sharing memory. ``grad`` is only read. NaN and Inf in ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -149,6 +150,72 @@ SPECS: dict[str, Spec] = {
 }
 
 
+# The torch options the kernels have no scalar for, applied on the host (see ``HostOptions``):
+# the option names each operation accepts.
+HOST_OPTIONS: dict[str, tuple[str, ...]] = {
+    "sgd": ("maximize", "dampening"),
+    "adagrad": ("maximize", "lr_decay"),
+    "rmsprop": ("maximize",),
+    "adadelta": ("maximize",),
+    "adam": ("maximize",),
+    "adamw": ("maximize",),
+    "delta_bar_delta": (),
+}
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """torch's ``maximize``, SGD's ``dampening`` τ and AdaGrad's ``lr_decay``, carried out through
+    the scalars the kernels already take (``docs/algorithms.md``, "Host-side options"). With f the
+    gradient factor (−1 when maximizing, times (1 − τ) from the second momentum step on):
+
+        grad_mul ← f · grad_mul;  grad_clip ← |f| · grad_clip     (clamp(f·x, |f|c) = f·clamp(x, c))
+        λ ← (1 − τ) λ                                              (dampening, from step 2 on)
+        ε ← ε / (1 + (t − 1) · lr_decay)                           (AdaGrad)
+
+    The kernels compute g ← clamp(g · grad_mul, ±grad_clip), then g + λθ, then the update, so
+    these give torch's b ← αb + (1 − τ)(g + λθ) (b ← g + λθ on the first step) and −g for maximize.
+    """
+
+    maximize: bool = False
+    dampening: float = 0.0
+    lr_decay: float = 0.0
+
+    def lower(self, hyper: dict, step: int) -> tuple[dict, float]:
+        """(the kernel keywords for update number ``step`` (1 on the first), the factor f)."""
+        factor = -1.0 if self.maximize else 1.0
+        if self.dampening and hyper.get("momentum") and step > 1:
+            factor *= 1.0 - self.dampening
+            hyper = {**hyper, "weight_decay": hyper["weight_decay"] * (1.0 - self.dampening)}
+        if self.lr_decay:
+            hyper = {**hyper, "lr": hyper["lr"] / (1.0 + (step - 1) * self.lr_decay)}
+        return hyper, factor
+
+
+def scaled_extras(factor: float, grad_mul: float, grad_clip: float) -> tuple[float, float]:
+    """``grad_mul`` and ``grad_clip`` for a gradient factor f (``HostOptions.lower``)."""
+    if factor == 1.0:
+        return grad_mul, grad_clip
+    return factor * grad_mul, grad_clip if grad_clip == math.inf else abs(factor) * grad_clip
+
+
+def check_host_options(name: str, hyper: dict, **options) -> HostOptions | None:
+    """Validate the host options of operation ``name`` against its validated keywords ``hyper``;
+    None when every option has its default (the plain update, no host work)."""
+    allowed = HOST_OPTIONS[name]
+    for key in options:
+        if key not in allowed:
+            raise TypeError(f"{name} has no option {key!r}; its host options are {allowed}")
+    maximize = check_bool("maximize", options.get("maximize", False))
+    dampening = check_real("dampening", options.get("dampening", 0.0), low=0.0, high=1.0)
+    lr_decay = check_real("lr_decay", options.get("lr_decay", 0.0), low=0.0)
+    if dampening and hyper.get("nesterov"):
+        raise ValueError(f"nesterov=True requires dampening=0 (as in torch.optim.SGD), got dampening={dampening!r}")
+    if not (maximize or dampening or lr_decay):
+        return None
+    return HostOptions(maximize, dampening, lr_decay)
+
+
 def require_state(hyper: dict, spec: Spec, state: dict) -> None:
     """Every state array the configuration uses is given (the others may be None)."""
     for name in spec.uses(hyper):
@@ -156,59 +223,71 @@ def require_state(hyper: dict, spec: Spec, state: dict) -> None:
             raise TypeError(f"{name} must be a numpy.ndarray with these options, got None")
 
 
-def _run(spec_name: str, param, grad, state: dict, hyper: dict, backend, step=None) -> None:
+def _run(spec_name: str, param, grad, state: dict, hyper: dict, backend, step=None, **options) -> None:
     spec = SPECS[spec_name]
     hyper = spec.check(**hyper)
+    host = check_host_options(spec_name, hyper, **options)
     dispatch.check_backend_name(backend)
     if spec.step_count:
         hyper["step"] = check_step("step", step)
+    elif host is not None and (host.dampening or host.lr_decay):
+        step = check_step("step", step)  # which update this is decides the host scalars
     require_state(hyper, spec, state)
     check_update_arrays(param, grad, state)
     module = dispatch.resolve(backend, param)
-    getattr(module, spec.kernel)(param, grad, *(state[name] for name in spec.state), **hyper)
+    extras = {}
+    if host is not None:
+        hyper, factor = host.lower(hyper, step if step is not None else 1)
+        extras["grad_mul"], extras["grad_clip"] = scaled_extras(factor, 1.0, math.inf)
+    getattr(module, spec.kernel)(param, grad, *(state[name] for name in spec.state), **hyper, **extras)
 
 
 def sgd_step(param, grad, velocity=None, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
-             convention="textbook", backend=None) -> None:
+             convention="textbook", backend=None, maximize=False, dampening=0.0, step=None) -> None:
     """SGD, with optional (Nesterov) momentum and L2 weight decay, in place.
 
     Textbook: v ← αv − εg; θ ← θ + v (Nesterov: θ ← θ + αv − εg). Torch: b ← αb + g; θ ← θ − εb
     (Nesterov: θ ← θ − ε(g + αb)). ``velocity`` (v or b) is required when ``momentum > 0``.
+    ``maximize`` uses −g; ``dampening`` τ scales g + λθ by (1 − τ) in the velocity from the second
+    update on, so it needs ``step`` (1 on the first update), and excludes Nesterov.
     """
     _run("sgd", param, grad, {"velocity": velocity},
          dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, convention=convention),
-         backend)
+         backend, step, maximize=maximize, dampening=dampening)
 
 
 def adagrad_step(param, grad, accumulator, *, lr, eps=1e-7, weight_decay=0.0, convention="textbook",
-                 backend=None) -> None:
-    """AdaGrad in place: r ← r + g⊙g; θ ← θ − εg/(δ + √r)."""
+                 backend=None, maximize=False, lr_decay=0.0, step=None) -> None:
+    """AdaGrad in place: r ← r + g⊙g; θ ← θ − εg/(δ + √r). ``maximize`` uses −g; ``lr_decay``
+    uses ε/(1 + (t − 1)·lr_decay) at update t = ``step`` (required with it)."""
     _run("adagrad", param, grad, {"accumulator": accumulator},
-         dict(lr=lr, eps=eps, weight_decay=weight_decay, convention=convention), backend)
+         dict(lr=lr, eps=eps, weight_decay=weight_decay, convention=convention), backend, step,
+         maximize=maximize, lr_decay=lr_decay)
 
 
 def rmsprop_step(param, grad, square_avg, grad_avg=None, velocity=None, *, lr, rho=0.9, eps=1e-6,
                  momentum=0.0, nesterov=False, centered=False, weight_decay=0.0, convention="textbook",
-                 backend=None) -> None:
+                 backend=None, maximize=False) -> None:
     """RMSProp in place: r ← ρr + (1−ρ)g⊙g; textbook θ ← θ − εg/√(δ + r), torch θ ← θ − εg/(√r + δ).
 
     ``grad_avg`` is required when ``centered``; ``velocity`` when ``momentum > 0``.
     """
     _run("rmsprop", param, grad, {"square_avg": square_avg, "grad_avg": grad_avg, "velocity": velocity},
          dict(lr=lr, rho=rho, eps=eps, momentum=momentum, nesterov=nesterov, centered=centered,
-              weight_decay=weight_decay, convention=convention), backend)
+              weight_decay=weight_decay, convention=convention), backend, maximize=maximize)
 
 
 def adadelta_step(param, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0,
-                  convention="textbook", backend=None) -> None:
+                  convention="textbook", backend=None, maximize=False) -> None:
     """AdaDelta in place: r ← ρr + (1−ρ)g⊙g; Δ ← √(u+δ)/√(r+δ)⊙g; θ ← θ − εΔ; u ← ρu + (1−ρ)(εΔ)²
     (torch: u ← ρu + (1−ρ)Δ²)."""
     _run("adadelta", param, grad, {"square_avg": square_avg, "acc_delta": acc_delta},
-         dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, convention=convention), backend)
+         dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, convention=convention), backend,
+         maximize=maximize)
 
 
 def adam_step(param, grad, m, v, v_max=None, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-              weight_decay=0.0, amsgrad=False, convention="textbook", backend=None) -> None:
+              weight_decay=0.0, amsgrad=False, convention="textbook", backend=None, maximize=False) -> None:
     """Adam in place, with L2 weight decay; ``step`` is t, 1 on the first update.
 
     m ← β1m + (1−β1)g; v ← β2v + (1−β2)g⊙g; θ ← θ − ε (m/(1−β1ᵗ)) / (δ + √(v/(1−β2ᵗ))).
@@ -216,15 +295,15 @@ def adam_step(param, grad, m, v, v_max=None, *, step, lr=1e-3, beta1=0.9, beta2=
     """
     _run("adam", param, grad, {"m": m, "v": v, "v_max": v_max},
          dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-              convention=convention), backend, step)
+              convention=convention), backend, step, maximize=maximize)
 
 
 def adamw_step(param, grad, m, v, v_max=None, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-               weight_decay=1e-2, amsgrad=False, convention="textbook", backend=None) -> None:
+               weight_decay=1e-2, amsgrad=False, convention="textbook", backend=None, maximize=False) -> None:
     """AdamW in place: θ ← θ − ελθ (decoupled weight decay), then Adam's update without L2."""
     _run("adamw", param, grad, {"m": m, "v": v, "v_max": v_max},
          dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-              convention=convention), backend, step)
+              convention=convention), backend, step, maximize=maximize)
 
 
 def delta_bar_delta_step(param, grad, rates, delta_bar, *, kappa, phi, gamma, convention="textbook",

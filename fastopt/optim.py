@@ -16,7 +16,7 @@ import numpy as np
 
 from . import dispatch
 from ._checks import CONVENTIONS, check_array, check_disjoint, check_like, check_real, check_same_kind, dtype_of, shape_of
-from .functional import SPECS
+from .functional import HOST_OPTIONS, SPECS, check_host_options, scaled_extras
 
 __all__ = ["Optimizer", "SGD", "AdaGrad", "RMSProp", "AdaDelta", "Adam", "AdamW", "DeltaBarDelta"]
 
@@ -116,13 +116,30 @@ class Optimizer:
     _spec: str
     _counters = ("step", "avg_steps")  # the state entries that are ints; all others are arrays
 
+    _dist = None  # the data-parallel side (fastopt.distributed.engine.DataParallel) with comm=
+
     def __init__(self, params, defaults: dict, *, convention: str = "textbook", backend: str | None = None,
-                 clip_grad_norm=None, clip_grad_value=None, nonfinite="propagate", polyak=None):
+                 clip_grad_norm=None, clip_grad_value=None, nonfinite="propagate", polyak=None,
+                 comm=None, shard_state=None, grad_reduce="mean", bucket_bytes=None):
+        if comm is not None:  # every rank builds, then all agree (docs/distributed.md); imports mpi4py
+            from .distributed.engine import attach
+
+            attach(self, lambda: Optimizer.__init__(
+                self, params, defaults, convention=convention, backend=backend, clip_grad_norm=clip_grad_norm,
+                clip_grad_value=clip_grad_value, nonfinite=nonfinite, polyak=polyak),
+                comm, shard_state, grad_reduce, bucket_bytes, backend)
+            return
+        if (shard_state, grad_reduce, bucket_bytes) != (None, "mean", None):
+            raise ValueError("shard_state, grad_reduce and bucket_bytes need comm= (an mpi4py communicator)")
         dispatch.check_backend_name(backend)
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
         options = _check_options(clip_grad_norm, clip_grad_value, nonfinite, polyak)
-        self.defaults = dict(defaults)
+        # torch's options (maximize, dampening, lr_decay) join the param groups only when set, so
+        # that the groups of an optimizer without them hold exactly the algorithm's hyperparameters
+        self._host_keys = HOST_OPTIONS[self._spec]
+        self.defaults = {key: value for key, value in defaults.items()
+                         if not (key in self._host_keys and type(value) in (bool, int, float) and not value)}
         self.convention = convention
         self.backend = backend
         self.clip_grad_norm = options["clip_grad_norm"]
@@ -134,7 +151,7 @@ class Optimizer:
         groups = _as_groups(params)
         for i, group in enumerate(groups):
             for key in group:
-                if key != "params" and key not in self.defaults:
+                if key != "params" and key not in self.defaults and key not in self._host_keys:
                     raise ValueError(
                         f"param group {i} has unknown key {key!r}; allowed: 'params', "
                         + ", ".join(map(repr, self.defaults))
@@ -170,17 +187,22 @@ class Optimizer:
     def _params(self) -> list:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _check_group(self, index: int, group: dict, k: int) -> dict:
-        """The group's validated backend keywords, with a schedule ``lr`` evaluated at step k."""
+    def _check_group(self, index: int, group: dict, k: int) -> tuple[dict, object]:
+        """The group's validated backend keywords, with a schedule ``lr`` evaluated at step k, and
+        its ``functional.HostOptions`` (None when maximize, dampening and lr_decay are off)."""
         try:
             hyper = self._hyper(group)
+            host = {key: group[key] for key in self._host_keys if key in group}
+            for key in host:
+                hyper.pop(key, None)
             if callable(hyper.get("lr")):
                 lr = hyper["lr"](k)
                 try:
                     hyper["lr"] = check_real("lr", lr, low=0.0)
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"the lr schedule returned a bad value at k={k}: {exc}") from None
-            return SPECS[self._spec].check(**hyper, convention=self.convention)
+            checked = SPECS[self._spec].check(**hyper, convention=self.convention)
+            return checked, check_host_options(self._spec, checked, **host)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"param group {index}: {exc}") from None
         except KeyError as exc:
@@ -219,7 +241,24 @@ class Optimizer:
         norm for ``clip_grad_norm`` is that of the unscaled gradients). ``groups=[i, ...]`` updates
         only those param groups (block coordinate descent); the gradients of the other groups are
         ignored and may be ``None``, and their parameters and state are not touched.
+
+        With ``comm=`` this is a collective: every rank calls it with its own gradients, which are
+        summed (``grad_reduce="sum"``) or averaged (``"mean"``) over the ranks (docs/distributed.md).
         """
+        if self._dist is not None:  # with comm=: reduce over the ranks, then update (collective)
+            return self._dist.step(grads, grad_scale=grad_scale, groups=groups)
+        return self._step_local(grads, grad_scale=grad_scale, groups=groups)
+
+    def grad_buffers(self) -> list:
+        """With ``comm=``: one view per parameter (group order) of a flat gradient buffer per dtype.
+        Write the gradients into them and pass this list to ``step``: the collectives then run on
+        that memory, with no packing copy."""
+        if self._dist is None:
+            raise RuntimeError("grad_buffers() needs an optimizer built with comm=")
+        return self._dist.grad_buffers()
+
+    def _step_local(self, grads, *, grad_scale=None, groups=None) -> None:
+        """The single-process step (``step`` without ``comm=``)."""
         spec = SPECS[self._spec]
         params = self._params()
         if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
@@ -242,8 +281,8 @@ class Optimizer:
             first.append(first[-1] + len(group["params"]))
         plan = []
         for i in selected:
-            hyper = self._check_group(i, self.param_groups[i], self.steps)
-            plan.append((i, self.param_groups[i], hyper, spec.uses(hyper)))
+            hyper, host = self._check_group(i, self.param_groups[i], self.steps)
+            plan.append((i, self.param_groups[i], hyper, host, spec.uses(hyper)))
         ranges = [(first[i], first[i + 1]) for i in selected]
         if not self._grads_plainly_fine(params, grads, ranges):
             self._check_arrays(spec, params, grads, [k for lo, hi in ranges for k in range(lo, hi)])
@@ -261,9 +300,9 @@ class Optimizer:
             if self.clip_grad_norm is not None:
                 grad_mul = _Multipliers(module, sumsq, self.clip_grad_norm, inv_scale)
         grad_clip = math.inf if self.clip_grad_value is None else self.clip_grad_value
-        for i, group, hyper, used in plan:
+        for i, group, hyper, host, used in plan:
             self._update_group(module, spec, i, group, range(first[i], first[i + 1]), params, grads, hyper, used,
-                               grad_mul, grad_clip)
+                               grad_mul, grad_clip, host)
         self.steps += 1
 
     def _check_arrays(self, spec, params, grads, stepped) -> None:
@@ -318,9 +357,11 @@ class Optimizer:
             return (list(params), None)
         return (list(params), (grads_match, written_intervals(arrays)))
 
-    def _update_group(self, module, spec, i, group, indices, params, grads, hyper, used, grad_mul, grad_clip):
+    def _update_group(self, module, spec, i, group, indices, params, grads, hyper, used, grad_mul, grad_clip,
+                      host=None):
         """One fused pass per tensor, batched: tensors that share dtype, step and averaging count go
-        to the backend's ``multi_step`` together."""
+        to the backend's ``multi_step`` together. ``host`` (``functional.HostOptions``) turns
+        maximize, dampening and lr_decay into the kernels' scalars for the bucket's step."""
         for ks, dtype, plist, states, avgs in self._buckets(module, spec, i, group, indices, params, used):
             first = self.state[ks[0]]
             keywords = dict(hyper)
@@ -330,6 +371,12 @@ class Optimizer:
             keywords["grad_clip"] = grad_clip
             if avgs is not None:
                 keywords["avg_weight"] = self._avg_weight(first["avg_steps"] + 1)
+            if host is not None:
+                keywords, factor = host.lower(keywords, first["step"] + 1)
+                if factor != 1.0:  # a GPU multiplier is read back once (see docs/algorithms.md)
+                    multiplier = keywords["grad_mul"]
+                    multiplier = multiplier if isinstance(multiplier, float) else _host_float(module, multiplier)
+                    keywords["grad_mul"], keywords["grad_clip"] = scaled_extras(factor, multiplier, grad_clip)
             if len(ks) == 1:
                 getattr(module, spec.kernel)(plist[0], grads[ks[0]], *states[0],
                                              avg=None if avgs is None else avgs[0], **keywords)
@@ -374,21 +421,30 @@ class Optimizer:
 
     def averaged_params(self) -> list:
         """The Polyak averages θ̂, one per parameter in group order (the parameter itself for one
-        that has not been stepped yet). Requires ``polyak``."""
+        that has not been stepped yet). Requires ``polyak``. Sharded (``comm=``): a collective."""
         if self.polyak is None:
             raise RuntimeError("averaged_params() needs polyak averaging: build the optimizer with polyak='mean' or a float alpha")
+        if self._dist is not None and self._dist.sharded:
+            return self._dist.averaged_params()
         return [state.get("avg", param) for state, param in zip(self.state, self._params())]
 
     def state_dict(self) -> dict:
         """A copy of the hyperparameters and state; ``load_state_dict`` restores it exactly.
 
         State arrays are NumPy copies, also for parameters on a GPU (copied to the host, which
-        waits for the device)."""
+        waits for the device). Sharded (``comm=``): this rank's slice and where it sits
+        (``fastopt.distributed.state``)."""
+        if self._dist is not None:
+            return self._dist.state_dict(self._state_dict_local())
+        return self._state_dict_local()
+
+    def _state_dict_local(self) -> dict:
         module = dispatch.resolve(self.backend, self._params()[0])
         groups, k = [], 0
         for group in self.param_groups:
             n = len(group["params"])
-            groups.append({**{key: group[key] for key in self.defaults}, "params": list(range(k, k + n))})
+            groups.append({**{key: group[key] for key in (*self.defaults, *self._host_keys) if key in group},
+                           "params": list(range(k, k + n))})
             k += n
         state = {
             k: {name: (value if name in self._counters else module.to_numpy(value)) for name, value in s.items()}
@@ -399,7 +455,13 @@ class Optimizer:
                 "param_groups": groups, "state": state}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore hyperparameters and state saved by ``state_dict``; checks everything first."""
+        """Restore hyperparameters and state saved by ``state_dict``; checks everything first.
+        With ``comm=`` (a collective) it also reshards (``fastopt.distributed.state``)."""
+        if self._dist is not None:
+            return self._dist.load_state_dict(state_dict, self._load_state_dict_local)
+        return self._load_state_dict_local(state_dict)
+
+    def _load_state_dict_local(self, state_dict: dict) -> None:
         spec = SPECS[self._spec]
         if not isinstance(state_dict, dict) or not {"param_groups", "state"} <= state_dict.keys():
             raise TypeError("state_dict must be a dict with 'param_groups' and 'state', as state_dict() returns")
@@ -420,10 +482,10 @@ class Optimizer:
             if len(saved.get("params", ())) != len(group["params"]):
                 raise ValueError(f"state_dict param group {i} has {len(saved.get('params', ()))} params, "
                                  f"this optimizer {len(group['params'])}")
-            unknown = set(saved) - set(self.defaults) - {"params"}
+            unknown = set(saved) - set(self.defaults) - set(self._host_keys) - {"params"}
             if unknown:
                 raise ValueError(f"state_dict param group {i} has unknown keys {sorted(unknown)}")
-            new_group = {**group, **{key: saved[key] for key in self.defaults if key in saved}}
+            new_group = {**group, **{key: saved[key] for key in (*self.defaults, *self._host_keys) if key in saved}}
             self._check_group(i, new_group, steps)
             new_groups.append(new_group)
         params = self._params()
@@ -470,25 +532,30 @@ class SGD(Optimizer):
 
     Textbook: v ← αv − εg; θ ← θ + v (Nesterov, look-ahead form: θ ← θ + αv − εg).
     Torch: b ← αb + g; θ ← θ − εb (Nesterov: θ ← θ − ε(g + αb)). State: ``velocity``.
+    ``maximize`` ascends (g ← −g); ``dampening`` τ adds (1 − τ)(g + λθ) to the velocity from each
+    parameter's second step on (torch's rule; not with Nesterov).
     """
 
     _spec = "sgd"
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, *,
-                 convention="textbook", backend=None, **options):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
+                 convention="textbook", backend=None, maximize=False, dampening=0.0, **options):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      maximize=maximize, dampening=dampening),
                          convention=convention, backend=backend, **options)
 
 
 class AdaGrad(Optimizer):
-    """AdaGrad: r ← r + g⊙g; θ ← θ − εg/(δ + √r). State: ``accumulator``."""
+    """AdaGrad: r ← r + g⊙g; θ ← θ − εg/(δ + √r). State: ``accumulator``. ``maximize`` ascends
+    (g ← −g); ``lr_decay`` uses ε/(1 + (t − 1)·lr_decay) at a parameter's t-th step (torch's rule)."""
 
     _spec = "adagrad"
 
     def __init__(self, params, lr, eps=1e-7, initial_accumulator_value=0.0, weight_decay=0.0, *,
-                 convention="textbook", backend=None, **options):
+                 convention="textbook", backend=None, maximize=False, lr_decay=0.0, **options):
         super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value,
-                                      weight_decay=weight_decay), convention=convention, backend=backend, **options)
+                                      weight_decay=weight_decay, maximize=maximize, lr_decay=lr_decay),
+                         convention=convention, backend=backend, **options)
 
     def _hyper(self, group):
         check_real("initial_accumulator_value", group["initial_accumulator_value"], low=0.0)
@@ -508,9 +575,9 @@ class RMSProp(Optimizer):
     _spec = "rmsprop"
 
     def __init__(self, params, lr, rho=0.9, eps=1e-6, momentum=0.0, nesterov=False, centered=False,
-                 weight_decay=0.0, *, convention="textbook", backend=None, **options):
+                 weight_decay=0.0, *, convention="textbook", backend=None, maximize=False, **options):
         super().__init__(params, dict(lr=lr, rho=rho, eps=eps, momentum=momentum, nesterov=nesterov,
-                                      centered=centered, weight_decay=weight_decay),
+                                      centered=centered, weight_decay=weight_decay, maximize=maximize),
                          convention=convention, backend=backend, **options)
 
 
@@ -521,8 +588,8 @@ class AdaDelta(Optimizer):
     _spec = "adadelta"
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, convention="textbook",
-                 backend=None, **options):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay),
+                 backend=None, maximize=False, **options):
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
                          convention=convention, backend=backend, **options)
 
 
@@ -533,8 +600,9 @@ class Adam(Optimizer):
     _spec = "adam"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 convention="textbook", backend=None, **options):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad),
+                 convention="textbook", backend=None, maximize=False, **options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize),
                          convention=convention, backend=backend, **options)
 
     def _hyper(self, group):
@@ -551,9 +619,9 @@ class AdamW(Adam):
     _spec = "adamw"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 convention="textbook", backend=None, **options):
+                 convention="textbook", backend=None, maximize=False, **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         convention=convention, backend=backend, **options)
+                         convention=convention, backend=backend, maximize=maximize, **options)
 
 
 class DeltaBarDelta(Optimizer):

@@ -209,3 +209,51 @@ def test_layer_out_buffers_and_relu_backward(backend, rng):
     dx = bn.backward(np.ones_like(x), out=dx_out)
     assert dx is dx_out and np.isfinite(dx).all()
     np.testing.assert_allclose(bn.grad_bias, (y > 0).sum(axis=(0, 1)))
+
+
+def _reference_layer(x, dy, **kwargs):
+    """y and dx of a fresh numpy-backend layer: the values a reused buffer must hold."""
+    ref = BatchNorm(x.shape[1], dtype=x.dtype, backend="numpy", **kwargs)
+    return ref.forward(x).copy(), ref.backward(dy).copy()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_result_is_reused_only_once_nothing_references_it(backend, rng):
+    bn = BatchNorm(4, dtype=np.float64, backend=backend)
+    x1, x2 = rng.standard_normal((2, 6, 4))
+    address = bn.forward(x1).__array_interface__["data"][0]
+    y2 = bn.forward(x2)  # the first result was dropped: its memory is written again
+    assert y2.__array_interface__["data"][0] == address
+    kept = y2.copy()
+    y3 = bn.forward(x1)  # y2 is still held: a new array, y2 untouched
+    assert y3 is not y2
+    np.testing.assert_array_equal(y2, kept)
+    view = bn.forward(x2)[:, :2]  # only a view is held: its base must not be written either
+    kept_view = view.copy()
+    bn.forward(x1)
+    np.testing.assert_array_equal(view, kept_view)
+    dx1 = bn.backward(x1)
+    kept_dx = dx1.copy()
+    dx2 = bn.backward(x2)
+    assert dx2 is not dx1
+    np.testing.assert_array_equal(dx1, kept_dx)
+    assert bn.backward(x1).__array_interface__["data"][0] != 0  # dropped results still fine
+    del dx1, dx2
+    address = bn.backward(x1).__array_interface__["data"][0]
+    assert bn.backward(x2).__array_interface__["data"][0] == address
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feeding_a_result_back_as_the_input_is_correct(backend, rng):
+    """``forward(forward(x))``: the inner result is the outer input and the saved x of backward."""
+    bn = BatchNorm(3, dtype=np.float64, backend=backend, momentum=0.0)
+    x = rng.standard_normal((5, 3)) * 2 + 1
+    dy = rng.standard_normal((5, 3))
+    bn.forward(x)  # a previous result exists, unreferenced
+    y = bn.forward(bn.forward(x))
+    inner, _ = _reference_layer(x, dy)
+    expected, expected_dx = _reference_layer(inner, dy)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(bn.backward(dy), expected_dx, rtol=1e-10, atol=1e-12)
+    dx = bn.backward(bn.backward(dy))  # dy fed back as the result of the previous backward
+    assert np.isfinite(dx).all()

@@ -199,3 +199,21 @@ def test_dtypes_compiled_by_different_processes_load_together(tmp_path):
                              timeout=300, env=env)
         assert run.returncode == 0, f"{dtypes}: {run.stderr[-2000:]}"
         assert run.stdout.strip() == compiled, dtypes
+
+
+def test_the_cache_survives_a_reinstall_that_only_changes_file_times(tmp_path):
+    """A reinstall of the same version writes the same sources with new modification times; numba
+    keys its cache by the source's content hash, so a cache outside the package still loads."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    source = reduce.__file__
+    before = os.stat(source)
+    try:
+        for touch, compiled in ((False, "1"), (True, "0")):
+            if touch:
+                os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+            run = subprocess.run([sys.executable, "-c", _SCALE, "float32"], capture_output=True, text=True,
+                                 timeout=300, env=env)
+            assert run.returncode == 0, run.stderr[-2000:]
+            assert run.stdout.strip() == compiled, f"touched={touch}"
+    finally:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backend to benchmark (default: numba; numpy times the reference itself)")
     parser.add_argument("--op", action="append", metavar="NAME",
                         help=f"rows to run: a group ({', '.join(GROUPS)}), a row name, or a glob such as 'adam*'; "
-                             "repeatable or comma-separated (default: all rows, or the --quick ones)")
+                             "repeatable or comma-separated (default: all rows, or the --quick ones); 'distributed': "
+                             "the data-parallel step, under mpiexec (docs/distributed.md)")
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
     parser.add_argument("--repeats", type=int,
                         help="timed calls per row (default 15, --quick 5); the median is reported")
@@ -63,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cold.add_argument("--cold-start", dest="cold_start", action="store_true", default=None,
                       help="measure the first-ever compile time of the CPU kernels (default unless --quick)")
     cold.add_argument("--no-cold-start", dest="cold_start", action="store_false")
+    parser.add_argument("--torch", action="store_true",
+                        help="run the fastopt.torch rows instead (fastopt.benchmark.torch_rows: AdamW on ResNet-50's "
+                             "parameters and over 200 small tensors against torch's fused AdamW, a CNN training step, "
+                             "thread-pool interleaving); needs the torch extra")
     parser.add_argument("--small", action="store_true",
                         help=f"tiny sizes (n={SMALL['n']}, batch norm {SMALL['bn_shape']}, many-tensor rows "
                              "scaled down): checks the harness, the timings mean nothing")
@@ -109,6 +114,15 @@ def _progress(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (from ``add_arguments``); returns the exit status."""
+    if getattr(args, "torch", False):
+        from .torch_rows import main as torch_main
+
+        return torch_main([*(["--repeats", str(args.repeats)] if args.repeats else []),
+                           *(["--json", args.json] if args.json else [])])
+    if args.op and "distributed" in [p.strip() for op in args.op for p in op.split(",")]:
+        from ..distributed.bench import run as run_distributed  # under mpiexec (docs/distributed.md)
+
+        return run_distributed(args)
     cases = all_cases()
     if args.list:
         for c in cases:

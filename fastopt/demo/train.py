@@ -33,16 +33,19 @@ OPTIMIZERS: dict[str, tuple[type, dict]] = {
 }
 
 # the defaults of ``train`` and of ``fastopt train``
-DEFAULTS = dict(optimizer="adam", epochs=10, batch_size=64, init="glorot", hidden=(128, 64), seed=0, threads=1)
+DEFAULTS = dict(optimizer="adam", epochs=10, batch_size=64, init="glorot", hidden=(128, 64), seed=0, threads=None)
 
 
-def make_optimizer(name: str, params: list, hyper: dict | None = None, backend=None):
+def make_optimizer(name: str, params: list, hyper: dict | None = None, backend=None, comm=None):
     """The optimizer ``name`` over ``params`` with the demo's hyperparameters updated by ``hyper``.
-    Raises ``ValueError`` for an unknown name; the class raises for bad hyperparameters."""
+    Raises ``ValueError`` for an unknown name; the class raises for bad hyperparameters. With
+    ``comm``: data-parallel, sharded, gradients summed over the ranks (each rank's share of the
+    minibatch's mean loss)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     cls, defaults = OPTIMIZERS[name]
-    return cls(params, **{**defaults, **(hyper or {})}, backend=backend)
+    parallel = {} if comm is None else dict(comm=comm, grad_reduce="sum")
+    return cls(params, **{**defaults, **(hyper or {})}, backend=backend, **parallel)
 
 
 @dataclass
@@ -75,7 +78,7 @@ def train(*, optimizer: str = DEFAULTS["optimizer"], hyper: dict | None = None, 
           batch_size: int = DEFAULTS["batch_size"], backend=None, init: str = DEFAULTS["init"],
           hidden=DEFAULTS["hidden"], curriculum: bool = False, seed: int = DEFAULTS["seed"],
           data: Digits | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
-          threads: int | None = DEFAULTS["threads"]) -> TrainResult:
+          threads: int | None = DEFAULTS["threads"], comm=None) -> TrainResult:
     """Train the MLP (64 → hidden... → 10, Linear → fastopt BatchNorm → ReLU per hidden layer) on
     the digits' training split with minibatches of ``batch_size`` (the last, incomplete one of an
     epoch is dropped), then score it on the test split. ``log`` receives one line per epoch.
@@ -91,9 +94,15 @@ def train(*, optimizer: str = DEFAULTS["optimizer"], hyper: dict | None = None, 
     The warm-up draws nothing from ``seed``'s generator, so the run is the same without it.
 
     ``threads`` is the number of numba threads the kernels use while training (restored after;
-    None leaves numba's setting). The default is 1: this model's arrays hold at most 8,192
-    elements, where starting a parallel region costs more than the work it shares, and on a
-    loaded machine every kernel call then waits for the slowest thread.
+    None, the default, leaves numba's setting). The kernels need no help here: this model's arrays
+    are below the sizes where they open a parallel region (``kernels/numba_cpu``: serial twins),
+    so they run on the calling thread whatever the thread count.
+
+    ``comm`` (an mpi4py communicator; every rank calls ``train`` with the same arguments):
+    data-parallel training. Every rank draws the same minibatches and takes its contiguous share
+    of each; batch norm is synchronized over the ranks and the optimizer sharded (ZeRO-1), with
+    each rank's gradient that of its share of the minibatch's mean loss, summed over the ranks:
+    the same training as one process, up to rounding. Losses and accuracies are global.
     """
     import numba
 
@@ -102,13 +111,13 @@ def train(*, optimizer: str = DEFAULTS["optimizer"], hyper: dict | None = None, 
         numba.set_num_threads(threads)
     try:
         return _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curriculum, seed, data, log,
-                      progress)
+                      progress, comm)
     finally:
         numba.set_num_threads(previous)
 
 
 def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curriculum, seed, data, log,
-           progress) -> TrainResult:
+           progress, comm=None) -> TrainResult:
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 2:
@@ -119,7 +128,7 @@ def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curricul
         raise ValueError(f"batch_size must be at most the {n} training examples, got {batch_size}")
     rng = np.random.default_rng(seed)
     model = MLP((data.x_train.shape[1], *hidden, data.classes), rng=rng, init=init, backend=backend)
-    opt = make_optimizer(optimizer, model.params, hyper, backend)  # checks the hyperparameters first
+    opt = make_optimizer(optimizer, model.params, hyper, backend, comm)  # checks the hyperparameters first
     if init == "lsuv":
         model.lsuv_(data.x_train[rng.choice(n, size=min(n, 256), replace=False)], rng)
     sampler = None
@@ -129,7 +138,8 @@ def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curricul
 
     result = TrainResult(optimizer, {**OPTIMIZERS[optimizer][1], **(hyper or {})})
     steps = n // batch_size
-    result.compile_seconds = _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data)
+    result.compile_seconds = _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, comm=comm)
+    share = _Share(comm, batch_size, model)
     start = time.perf_counter()
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -138,13 +148,14 @@ def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curricul
         loss_sum, correct = 0.0, 0
         with _bar(steps, f"epoch {epoch + 1}/{epochs}", progress) as bar:
             for i in range(steps):
-                idx = order[i * batch_size:(i + 1) * batch_size]
+                idx = share.of(order[i * batch_size:(i + 1) * batch_size])
                 logits = model.forward(data.x_train[idx])
-                loss, dlogits = softmax_cross_entropy(logits, data.y_train[idx])
+                loss, dlogits = share.loss(*softmax_cross_entropy(logits, data.y_train[idx]))
                 model.backward(dlogits)
                 opt.step(model.grads)
+                loss, right = share.total(loss, int(np.sum(logits.argmax(axis=1) == data.y_train[idx])))
                 loss_sum += loss
-                correct += int(np.sum(logits.argmax(axis=1) == data.y_train[idx]))
+                correct += right
                 bar.update()
         test_accuracy = float(np.mean(model.predict(data.x_test) == data.y_test))
         row = dict(epoch=epoch + 1, loss=loss_sum / steps, train_accuracy=correct / (steps * batch_size),
@@ -161,7 +172,40 @@ def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curricul
     return result
 
 
-def _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, steps=2) -> float:
+class _Share:
+    """This rank's share of each minibatch (all of it without ``comm``)."""
+
+    def __init__(self, comm, batch_size, model):
+        self.comm = comm
+        self.rank, self.world = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
+        self.batch_size = batch_size
+        self.sums = np.zeros(2)
+        if comm is not None:  # set after LSUV and the curriculum's scoring, which run per rank
+            for norm in model.norms:
+                norm.comm = comm
+
+    def of(self, idx):
+        return idx[self.rank * len(idx) // self.world:(self.rank + 1) * len(idx) // self.world]
+
+    def loss(self, loss, dlogits):
+        """The local mean loss and its gradient, as this share's part of the minibatch's mean."""
+        if self.comm is None:
+            return loss, dlogits
+        weight = len(dlogits) / self.batch_size
+        dlogits *= dlogits.dtype.type(weight)
+        return loss * weight, dlogits
+
+    def total(self, loss, correct):
+        if self.comm is None:
+            return loss, correct
+        from mpi4py import MPI
+
+        self.sums[0], self.sums[1] = loss, correct
+        self.comm.Allreduce(MPI.IN_PLACE, self.sums, op=MPI.SUM)
+        return float(self.sums[0]), int(self.sums[1])
+
+
+def _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, steps=2, comm=None) -> float:
     """Seconds taken by the first call of every kernel a ``train`` run uses (numba compiles a
     kernel, or loads it from its disk cache, at its first call): a throwaway model of the run's
     shapes, with the run's backend, optimizer and hyperparameters, takes ``steps`` minibatch steps
@@ -172,7 +216,9 @@ def _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, steps=2)
     n = len(data.y_train)
     model = MLP((data.x_train.shape[1], *hidden, data.classes), rng=np.random.default_rng(0), init=init,
                 backend=backend)
-    opt = make_optimizer(optimizer, model.params, hyper, backend)
+    opt = make_optimizer(optimizer, model.params, hyper, backend, comm)
+    for norm in model.norms if comm is not None else ():
+        norm.comm = comm
     model.train()
     for i in range(steps):
         idx = np.arange(i * batch_size, (i + 1) * batch_size) % n  # fancy indexing, as in the loop: a copy

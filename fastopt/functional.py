@@ -181,6 +181,16 @@ class HostOptions:
     dampening: float = 0.0
     lr_decay: float = 0.0
 
+    def keywords(self, step: int) -> dict:
+        """The options as keywords of a backend that implements them itself (the reference), for
+        update number ``step``."""
+        options: dict = {"maximize": True} if self.maximize else {}
+        if self.dampening:
+            options.update(dampening=self.dampening, step=step)
+        if self.lr_decay:
+            options.update(lr_decay=self.lr_decay, step=step)
+        return options
+
     def lower(self, hyper: dict, step: int) -> tuple[dict, float]:
         """(the kernel keywords for update number ``step`` (1 on the first), the factor f)."""
         factor = -1.0 if self.maximize else 1.0
@@ -197,6 +207,26 @@ def scaled_extras(factor: float, grad_mul: float, grad_clip: float) -> tuple[flo
     if factor == 1.0:
         return grad_mul, grad_clip
     return factor * grad_mul, grad_clip if grad_clip == math.inf else abs(factor) * grad_clip
+
+
+def with_host_options(module, host: HostOptions | None, keywords: dict, step: int, read=None) -> dict:
+    """The keywords of one update launch on ``module`` with the host options ``host``, for update
+    number ``step``: as they are for a backend that implements them (``takes_host_options``: the
+    NumPy reference, written from the equations, so comparing it with the kernels checks the
+    lowering too), lowered to the kernels' scalars for the others. ``keywords`` may hold
+    ``grad_mul`` (a float, or a device scalar that ``read`` turns into one) and ``grad_clip``."""
+    if host is None:
+        return keywords
+    if getattr(module, "takes_host_options", False):
+        return {**keywords, **host.keywords(step)}
+    lowered, factor = host.lower(dict(keywords), step)
+    if factor != 1.0:
+        multiplier = lowered.get("grad_mul", 1.0)
+        if not isinstance(multiplier, (int, float)):
+            multiplier = read(multiplier)  # one device read per step (docs/algorithms.md)
+        lowered["grad_mul"], lowered["grad_clip"] = scaled_extras(factor, float(multiplier),
+                                                                  lowered.get("grad_clip", math.inf))
+    return lowered
 
 
 def check_host_options(name: str, hyper: dict, **options) -> HostOptions | None:
@@ -235,11 +265,8 @@ def _run(spec_name: str, param, grad, state: dict, hyper: dict, backend, step=No
     require_state(hyper, spec, state)
     check_update_arrays(param, grad, state)
     module = dispatch.resolve(backend, param)
-    extras = {}
-    if host is not None:
-        hyper, factor = host.lower(hyper, step if step is not None else 1)
-        extras["grad_mul"], extras["grad_clip"] = scaled_extras(factor, 1.0, math.inf)
-    getattr(module, spec.kernel)(param, grad, *(state[name] for name in spec.state), **hyper, **extras)
+    hyper = with_host_options(module, host, hyper, step if step is not None else 1)
+    getattr(module, spec.kernel)(param, grad, *(state[name] for name in spec.state), **hyper)
 
 
 def sgd_step(param, grad, velocity=None, *, lr, momentum=0.0, nesterov=False, weight_decay=0.0,

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import dispatch
 from ._checks import CONVENTIONS, check_array, check_disjoint, check_like, check_real, check_same_kind, dtype_of, shape_of
-from .functional import HOST_OPTIONS, SPECS, check_host_options, scaled_extras
+from .functional import HOST_OPTIONS, SPECS, check_host_options, with_host_options
 
 __all__ = ["Optimizer", "SGD", "AdaGrad", "RMSProp", "AdaDelta", "Adam", "AdamW", "DeltaBarDelta"]
 
@@ -371,12 +371,8 @@ class Optimizer:
             keywords["grad_clip"] = grad_clip
             if avgs is not None:
                 keywords["avg_weight"] = self._avg_weight(first["avg_steps"] + 1)
-            if host is not None:
-                keywords, factor = host.lower(keywords, first["step"] + 1)
-                if factor != 1.0:  # a GPU multiplier is read back once (see docs/algorithms.md)
-                    multiplier = keywords["grad_mul"]
-                    multiplier = multiplier if isinstance(multiplier, float) else _host_float(module, multiplier)
-                    keywords["grad_mul"], keywords["grad_clip"] = scaled_extras(factor, multiplier, grad_clip)
+            keywords = with_host_options(module, host, keywords, first["step"] + 1,
+                                         lambda multiplier: _host_float(module, multiplier))
             if len(ks) == 1:
                 getattr(module, spec.kernel)(plist[0], grads[ks[0]], *states[0],
                                              avg=None if avgs is None else avgs[0], **keywords)

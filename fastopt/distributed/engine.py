@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import dispatch
 from .._checks import check_array, check_like, check_real, dtype_of
-from ..functional import SPECS
+from ..functional import SPECS, with_host_options
 from . import partition
 from .comm import Agreement, check_comm, check_same, mpi
 
@@ -376,12 +376,7 @@ class DataParallel:
             if opt.polyak is not None:
                 avgs = [self._state_for(p, "avg", group) for p in pieces]
                 keywords["avg_weight"] = opt._avg_weight(avg_steps + 1)
-            if host is not None:
-                from ..functional import scaled_extras
-
-                keywords, factor = host.lower(keywords, step + 1)
-                if factor != 1.0:
-                    keywords["grad_mul"], keywords["grad_clip"] = scaled_extras(factor, keywords["grad_mul"], grad_clip)
+            keywords = with_host_options(module, host, keywords, step + 1)
             module.multi_step(spec.kernel, [p.param for p in pieces], [p.grad for p in pieces], states, avgs,
                               **keywords)
 

@@ -25,6 +25,10 @@ from .extras import (
     zeros_like,
 )
 
+# The update functions implement torch's maximize, dampening and lr_decay from their equations;
+# the kernel backends get them lowered to their scalars (fastopt.functional.with_host_options).
+takes_host_options = True
+
 sgd_step = with_step_extras(_optim.sgd_step)
 adagrad_step = with_step_extras(_optim.adagrad_step)
 rmsprop_step = with_step_extras(_optim.rmsprop_step)

@@ -27,6 +27,11 @@ __all__ = [
 ]
 
 
+def _ascent(grad, maximize):
+    """−g when maximizing (torch's ``maximize``: the update ascends), else g itself."""
+    return -grad if maximize else grad
+
+
 def _l2(grad, param, weight_decay):
     """g + λθ as a new array (the L2 penalty (λ/2)‖θ‖²); ``grad`` itself when λ = 0."""
     if weight_decay == 0:
@@ -34,8 +39,9 @@ def _l2(grad, param, weight_decay):
     return grad + weight_decay * param
 
 
-def sgd_step(param, grad, velocity, *, lr, momentum, nesterov, weight_decay, convention):
-    """SGD with optional momentum or Nesterov momentum, after g ← g + λθ.
+def sgd_step(param, grad, velocity, *, lr, momentum, nesterov, weight_decay, convention, maximize=False,
+             dampening=0.0, step=1):
+    """SGD with optional momentum or Nesterov momentum, after g ← −g (``maximize``) and g ← g + λθ.
 
     plain (α = 0):       θ ← θ − εg
     textbook momentum:   v ← αv − εg;  θ ← θ + v
@@ -44,11 +50,17 @@ def sgd_step(param, grad, velocity, *, lr, momentum, nesterov, weight_decay, con
     torch nesterov:      b ← αb + g;   θ ← θ − ε(g + αb)
 
     ``velocity`` holds v (textbook) or b (torch); it is not touched when α = 0.
+
+    ``dampening`` τ (torch's, with momentum, not Nesterov): from update ``step`` = 2 on, g in the
+    velocity's update is (1 − τ)g (the first update copies g into b = 0 undamped):
+    textbook v ← αv − ε(1 − τ)g, torch b ← αb + (1 − τ)g.
     """
-    g = _l2(grad, param, weight_decay)
+    g = _l2(_ascent(grad, maximize), param, weight_decay)
     if momentum == 0:
         param[...] = param - lr * g
         return
+    if dampening != 0 and step > 1:
+        g = (1 - dampening) * g
     if convention == "textbook":
         velocity[...] = momentum * velocity - lr * g
         if nesterov:
@@ -63,20 +75,24 @@ def sgd_step(param, grad, velocity, *, lr, momentum, nesterov, weight_decay, con
             param[...] = param - lr * velocity
 
 
-def adagrad_step(param, grad, accumulator, *, lr, eps, weight_decay):
+def adagrad_step(param, grad, accumulator, *, lr, eps, weight_decay, maximize=False, lr_decay=0.0, step=1):
     """AdaGrad, after g ← g + λθ (both conventions):
 
     r ← r + g ⊙ g
     θ ← θ − ε g / (δ + √r)
+
+    g is −g first with ``maximize``; with ``lr_decay`` κ, update ``step`` = t (1 on the first) uses
+    ε/(1 + (t − 1)κ) for ε (torch's rule).
     """
-    g = _l2(grad, param, weight_decay)
+    g = _l2(_ascent(grad, maximize), param, weight_decay)
+    lr = lr / (1 + (int(step) - 1) * float(lr_decay))
     accumulator[...] = accumulator + g * g
     param[...] = param - lr * g / (eps + np.sqrt(accumulator))
 
 
 def rmsprop_step(param, grad, square_avg, grad_avg, velocity, *, lr, rho, eps, momentum, nesterov,
-                 centered, weight_decay, convention):
-    """RMSProp, optionally centered and with momentum, after g ← g + λθ.
+                 centered, weight_decay, convention, maximize=False):
+    """RMSProp, optionally centered and with momentum, after g ← −g (``maximize``) and g ← g + λθ.
 
     r ← ρr + (1 − ρ) g ⊙ g
     s ← ρs + (1 − ρ) g                      (centered only; ``grad_avg`` holds s)
@@ -89,7 +105,7 @@ def rmsprop_step(param, grad, square_avg, grad_avg, velocity, *, lr, rho, eps, m
         θ ← θ − εg / d                       (α = 0)
         b ← αb + g / d;  θ ← θ − εb          (momentum; ``velocity`` holds b)
     """
-    g = _l2(grad, param, weight_decay)
+    g = _l2(_ascent(grad, maximize), param, weight_decay)
     square_avg[...] = rho * square_avg + (1 - rho) * g * g
     r = square_avg
     if centered:
@@ -122,8 +138,9 @@ def rmsprop_step(param, grad, square_avg, grad_avg, velocity, *, lr, rho, eps, m
             param[...] = param - lr * velocity
 
 
-def adadelta_step(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay, convention):
-    """AdaDelta, after g ← g + λθ (``square_avg`` holds r, ``acc_delta`` holds u):
+def adadelta_step(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay, convention, maximize=False):
+    """AdaDelta, after g ← −g (``maximize``) and g ← g + λθ (``square_avg`` holds r, ``acc_delta``
+    holds u):
 
     r ← ρr + (1 − ρ) g ⊙ g
     Δ ← √(u + δ) / √(r + δ) ⊙ g
@@ -131,7 +148,7 @@ def adadelta_step(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_de
     textbook: u ← ρu + (1 − ρ) (εΔ) ⊙ (εΔ)     (the squared step actually applied)
     torch:    u ← ρu + (1 − ρ) Δ ⊙ Δ
     """
-    g = _l2(grad, param, weight_decay)
+    g = _l2(_ascent(grad, maximize), param, weight_decay)
     square_avg[...] = rho * square_avg + (1 - rho) * g * g
     delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * g
     param[...] = param - lr * delta
@@ -143,8 +160,9 @@ def adadelta_step(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_de
 
 
 def adam_step(param, grad, m, v, v_max, *, step, lr, beta1, beta2, eps, weight_decay,
-              decoupled_weight_decay, amsgrad):
-    """Adam (L2 weight decay g ← g + λθ) or AdamW (decoupled: θ ← θ − ελθ first, g as is).
+              decoupled_weight_decay, amsgrad, maximize=False):
+    """Adam (L2 weight decay g ← g + λθ) or AdamW (decoupled: θ ← θ − ελθ first, g as is), after
+    g ← −g with ``maximize``.
 
     m ← β1 m + (1 − β1) g
     v ← β2 v + (1 − β2) g ⊙ g
@@ -154,6 +172,7 @@ def adam_step(param, grad, m, v, v_max, *, step, lr, beta1, beta2, eps, weight_d
 
     ``step`` is t, 1 on the first update.
     """
+    grad = _ascent(grad, maximize)
     if decoupled_weight_decay:
         if weight_decay != 0:
             param[...] = param - lr * weight_decay * param

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from ..functional import SPECS, check_host_options, scaled_extras
+from ..functional import SPECS, check_host_options, with_host_options
 from ..optim import _check_options, _host_float, _Multipliers
 from ._arrays import as_array, backend_module, check_tensor
 
@@ -204,13 +204,8 @@ class FusedStep:
             keywords["grad_clip"] = grad_clip
             if bucket.avgs is not None:
                 keywords["avg_weight"] = self._avg_weight(bucket.avg_steps + 1)
-            if host is not None:
-                keywords, factor = host.lower(keywords, t)
-                if factor != 1.0:
-                    multiplier = keywords["grad_mul"]
-                    if not isinstance(multiplier, float):
-                        multiplier = _host_float(bucket.module, multiplier)
-                    keywords["grad_mul"], keywords["grad_clip"] = scaled_extras(factor, multiplier, grad_clip)
+            keywords = with_host_options(bucket.module, host, keywords, t,
+                                         lambda multiplier: _host_float(bucket.module, multiplier))
             bucket.module.multi_step(spec.kernel, bucket.params, [as_array(grads[j]) for j in bucket.members],
                                      bucket.states, bucket.avgs, **keywords)
             if bucket.counts is not None:

@@ -90,6 +90,8 @@ SELECTIONS: dict[str, Selection] = {
     "optim-large": Selection(("tests/test_optim_backends.py",), "sgd and numba and 1048579"),
     # the NumPy reference against steps computed by hand (no numba)
     "reference-optim": Selection(("tests/test_reference_optim.py",)),
+    # torch's maximize, dampening and lr_decay: the reference and the kernels' lowering against torch.optim
+    "torch-options": Selection(("tests/test_torch_options.py",)),
     # an infinite parameter with zero weight decay, both backends (the L2 term must be skipped)
     "zero-decay": Selection(("tests/test_optim_backends.py",), "zero_weight_decay"),
     # every optimizer x convention x switch x dtype at random non-default hyperparameters, numba
@@ -413,9 +415,10 @@ MUTANTS: list[Mutant] = [
        "reference AdaGrad: δ hard-coded to its default 1e-7",
        "hyperparameter default", "optimizer", "sweep-adagrad"),
     _m("numpy-rmsprop-rho-default", REF_OPTIM,
-       "    g = _l2(grad, param, weight_decay)\n    square_avg[...] = rho * square_avg + (1 - rho) * g * g\n"
+       "    g = _l2(_ascent(grad, maximize), param, weight_decay)\n"
+       "    square_avg[...] = rho * square_avg + (1 - rho) * g * g\n"
        "    r = square_avg",
-       "    rho = 0.9\n    g = _l2(grad, param, weight_decay)\n"
+       "    rho = 0.9\n    g = _l2(_ascent(grad, maximize), param, weight_decay)\n"
        "    square_avg[...] = rho * square_avg + (1 - rho) * g * g\n    r = square_avg",
        "reference RMSProp: ρ hard-coded to its default 0.9",
        "hyperparameter default", "optimizer", "sweep-rmsprop"),
@@ -425,9 +428,10 @@ MUTANTS: list[Mutant] = [
        "reference torch centered RMSProp: the −s⊙s term dropped",
        "dropped term", "optimizer", "reference-optim"),
     _m("numpy-adadelta-rho-default", REF_OPTIM,
-       "    g = _l2(grad, param, weight_decay)\n    square_avg[...] = rho * square_avg + (1 - rho) * g * g\n"
+       "    g = _l2(_ascent(grad, maximize), param, weight_decay)\n"
+       "    square_avg[...] = rho * square_avg + (1 - rho) * g * g\n"
        "    delta =",
-       "    rho = 0.9\n    g = _l2(grad, param, weight_decay)\n"
+       "    rho = 0.9\n    g = _l2(_ascent(grad, maximize), param, weight_decay)\n"
        "    square_avg[...] = rho * square_avg + (1 - rho) * g * g\n    delta =",
        "reference AdaDelta: ρ hard-coded to its default 0.9",
        "hyperparameter default", "optimizer", "sweep-adadelta"),
@@ -441,6 +445,16 @@ MUTANTS: list[Mutant] = [
        "applied = delta",
        "reference textbook AdaDelta: u accumulates Δ² instead of the applied step (εΔ)²",
        "dropped term", "optimizer", "reference-optim"),
+    _m("numpy-sgd-dampening-first-step", REF_OPTIM,
+       "    if dampening != 0 and step > 1:",
+       "    if dampening != 0:",
+       "reference SGD: dampening applied on the first update too (torch copies g undamped)",
+       "off-by-one", "optimizer", "torch-options"),
+    _m("numpy-adagrad-lr-decay-from-zero", REF_OPTIM,
+       "    lr = lr / (1 + (int(step) - 1) * float(lr_decay))",
+       "    lr = lr / (1 + int(step) * float(lr_decay))",
+       "reference AdaGrad: lr_decay counted from t instead of t − 1",
+       "off-by-one", "optimizer", "torch-options"),
     _m("numpy-adam-eps-default", REF_OPTIM,
        "param[...] = param - lr * m_hat / (eps + np.sqrt(v_hat))",
        "param[...] = param - lr * m_hat / (1e-8 + np.sqrt(v_hat))",

@@ -19,7 +19,10 @@ backend's current state (so a float32 run cannot drift away from its comparison)
 replaced: each hyperparameter by its default (``lr`` by the previous step's value), each switch
 flipped, the convention swapped. A replacement must move some checked array beyond the tolerance at
 one step at least; otherwise the sweep fails, since a kernel that ignored that value would have
-passed. This is what makes the sweep able to catch a kernel that hard-codes ρ = 0.9.
+passed. This is what makes the sweep able to catch a kernel that hard-codes ρ = 0.9. torch's
+options are drawn too (``maximize`` on or off, SGD's ``dampening``, AdaGrad's ``lr_decay``): the
+reference implements them from their equations and the kernels get them lowered to their scalars
+(``functional.with_host_options``), so the sweep checks the lowering on every backend.
 
 State arrays the configuration does not use hold random values and must come back bit for bit.
 """
@@ -97,10 +100,19 @@ def draw_lr(op, rng) -> float:
 
 
 def draw_hyper(variant, rng) -> dict:
-    """The functional keywords of ``variant`` except ``lr``, each drawn away from its default."""
+    """The functional keywords of ``variant`` except ``lr``, each drawn away from its default;
+    with torch's options (``functional.HOST_OPTIONS``): ``maximize`` on or off at random,
+    SGD's ``dampening`` with plain momentum, AdaGrad's ``lr_decay``."""
     op, convention, switches = variant
     names = [n for n in inspect.signature(functional.SPECS[op].check).parameters if n not in ("lr", "convention")]
     hyper = {"convention": convention}
+    host = functional.HOST_OPTIONS.get(op, ())
+    if "maximize" in host:
+        hyper["maximize"] = bool(rng.integers(2))
+    if "dampening" in host and "momentum" in switches and "nesterov" not in switches:
+        hyper["dampening"] = float(rng.uniform(0.2, 0.7))
+    if "lr_decay" in host:
+        hyper["lr_decay"] = float(rng.uniform(0.1, 0.5))
     for name in names:
         if name in ("nesterov", "centered", "amsgrad"):
             hyper[name] = name in switches
@@ -147,11 +159,22 @@ def _alternatives(op, hyper: dict, previous_lr: float | None) -> dict:
                 other = 0.0
         changed = dict(hyper, **{name: other})
         try:
-            functional.SPECS[op].check(**{k: v for k, v in changed.items() if k != "step"})
+            checked = functional.SPECS[op].check(**_algorithm_keywords(op, changed))
+            functional.check_host_options(op, checked, **_host_keywords(op, changed))
         except ValueError:
             continue  # e.g. nesterov with the torch convention of RMSProp
         out[name] = changed
     return out
+
+
+def _host_keywords(op, hyper: dict) -> dict:
+    """torch's options among ``hyper``."""
+    return {k: v for k, v in hyper.items() if k in functional.HOST_OPTIONS.get(op, ())}
+
+
+def _algorithm_keywords(op, hyper: dict) -> dict:
+    """``hyper`` without the step count and torch's options: what ``SPECS[op].check`` takes."""
+    return {k: v for k, v in hyper.items() if k != "step" and k not in functional.HOST_OPTIONS.get(op, ())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,8 +201,8 @@ def _initial_state(op, shape, dtype, rng) -> dict:
 
 def _grad(rng, param, hyper):
     grad = rng.standard_normal(param.shape).astype(param.dtype)
-    if hyper.get("weight_decay"):
-        grad = np.copysign(grad, param)  # g + λθ never cancels (see tests/test_optim_backends.py)
+    if hyper.get("weight_decay"):  # g + λθ never cancels (see tests/test_optim_backends.py); −g with maximize
+        grad = np.copysign(grad, -param if hyper.get("maximize") else param)
     return grad
 
 
@@ -218,7 +241,7 @@ def run_functional(variant, backend: str, dtype, *, shape=(5003,), steps=STEPS, 
     spec = functional.SPECS[op]
     step_fn = getattr(functional, f"{op}_step")
     hyper = draw_hyper(variant, rng)
-    used = spec.uses(spec.check(**hyper, **({} if op == "delta_bar_delta" else {"lr": 1.0})))
+    used = spec.uses(spec.check(**_algorithm_keywords(op, hyper), **({} if op == "delta_bar_delta" else {"lr": 1.0})))
     first_step = int(rng.integers(1, 20))
 
     param = rng.standard_normal(shape).astype(dtype)
@@ -230,7 +253,7 @@ def run_functional(variant, backend: str, dtype, *, shape=(5003,), steps=STEPS, 
     for t in range(first_step, first_step + steps):
         previous_lr, lr = lr, draw_lr(op, rng)
         keywords = dict(hyper) if op == "delta_bar_delta" else dict(hyper, lr=lr)
-        if spec.step_count:
+        if spec.step_count or "dampening" in hyper or "lr_decay" in hyper:
             keywords["step"] = t
         grad = _grad(rng, to_host(d_param), hyper)
         start_param = to_host(d_param).astype(np.float64)

@@ -148,13 +148,12 @@ def run(args) -> int:
         comm.Allgatherv(MPI.IN_PLACE, [params, (counts, displs), mpitype])
 
     from .engine import DEFAULT_BUCKET_BYTES
-    from .partition import bucket_bounds, slice_bounds
+    from .partition import bucket_bounds, bucket_parts, rank_bounds
 
-    buckets = []
+    buckets = []  # as the sharded step: rank r owns [⌊n·r/N⌋, ⌊n·(r+1)/N⌋), each bucket holds parts of it
     for lo, hi in bucket_bounds(n, DEFAULT_BUCKET_BYTES // dtype.itemsize):
-        bucket_cuts = slice_bounds(lo, hi, world)
-        buckets.append((lo, hi, tuple(int(c) for c in np.diff(bucket_cuts)),
-                        tuple(int(d) for d in bucket_cuts[:-1] - lo), int(bucket_cuts[rank]) - lo))
+        bucket_counts, bucket_displs = bucket_parts(lo, hi, rank_bounds(n, world))
+        buckets.append((lo, hi, bucket_counts, bucket_displs, bucket_displs[rank]))
     bucket_recv = np.empty(n, dtype)
 
     def floor_bucketed():

@@ -5,15 +5,18 @@ Per dtype the parameters form one flat index space (``partition``), and so does 
 buffer the optimizer hands out (``grad_buffers()``: one flat array per dtype, one view per
 parameter). Collectives run per bucket, non-blocking, on that memory:
 
-sharded (``shard_state=True``), per bucket j:
-    1. ``Ireduce_scatter``: rank r receives Σ_ranks g over its slice of the bucket;
-    2. the fused update of the slice's pieces, with gradient multiplier
+sharded (``shard_state=True``): rank r owns one contiguous 1/N of each dtype's space,
+[⌊T·r/N⌋, ⌊T·(r+1)/N⌋), whatever the bucket size; a bucket covers parts of one or several
+ranks' ranges (``partition``), and per bucket j:
+    1. ``Ireduce_scatter`` with per-rank counts: rank r receives Σ_ranks g over its part of the
+       bucket (possibly empty), into the matching place of its receive buffer of T/N elements;
+    2. the fused update of the part's pieces, with gradient multiplier
            grad_mul = (1/N for ``grad_reduce="mean"``) · (1/grad_scale) · clip factor
        where the clip factor min(1, c/(‖g‖ + 1e-6)) uses the global norm ‖g‖² = Allreduce(Σ over
-       this rank's slices of g²), and ``nonfinite`` acts on that same allreduced sum (so every
-       rank skips or raises together); Polyak averaging runs on the slice;
-    3. ``Iallgather`` (in place, variable counts) of the updated slices into the bucket.
-    Optimizer state exists only for this rank's slices: T/N elements per state array.
+       this rank's range of g²), and ``nonfinite`` acts on that same allreduced sum (so every
+       rank skips or raises together); Polyak averaging runs on the part;
+    3. ``Iallgatherv`` (in place, the same counts) of the updated parts into the bucket.
+    Optimizer state exists only for this rank's range: T/N elements per state array.
 replicated (``shard_state=False``), per bucket j:
     1. ``Iallreduce`` in place on the gradient bucket; 2. every rank updates the whole bucket
     with the same grad_mul. State is replicated, in the ordinary per-parameter layout.
@@ -24,7 +27,7 @@ needs every bucket first, and the overlap is between updates and the allgathers.
 
 Parameters: when the parameters of a dtype are consecutive views of one buffer
 (``fastopt.distributed.flat_arrays`` makes such parameters) the allgather writes into them
-directly. Otherwise it goes through a flat copy: this rank's slice is copied in (T/N elements)
+directly. Otherwise it goes through a flat copy: this rank's range is copied in (T/N elements)
 and the gathered parameters are copied out (T elements) — one extra read and write of the
 parameters per step. Gradients given as separate arrays (not the views of ``grad_buffers()``) are
 packed into the buffer first: one copy of T elements.
@@ -66,15 +69,16 @@ def _address(array: np.ndarray) -> int:
 
 
 class _Bucket:
-    """One bucket of a dtype's space: its bounds, the cut points among ranks, this rank's pieces."""
+    """One bucket [lo, hi) of a dtype's space: every rank's part of it (MPI's counts and
+    displacements, ``partition.bucket_parts``), this rank's part [my_lo, my_hi) (possibly empty;
+    the whole bucket when replicated), its pieces, and where the part sits in the receive buffer."""
 
-    def __init__(self, lo, hi, cuts, my_lo, my_hi, pieces, recv_at):
+    def __init__(self, lo, hi, counts, displs, my_lo, my_hi, pieces, recv_at):
         self.lo, self.hi = lo, hi
-        self.counts = tuple(int(c) for c in np.diff(cuts))  # MPI's recvcounts and displacements
-        self.displs = tuple(int(d) for d in cuts[:-1] - lo)
+        self.counts, self.displs = counts, displs
         self.my_lo, self.my_hi = my_lo, my_hi
         self.pieces = pieces  # list of _Piece
-        self.recv_at = recv_at  # where this rank's slice sits in the space's receive buffer
+        self.recv_at = recv_at  # where this rank's part sits in the space's receive buffer
 
 
 class _Piece:
@@ -104,27 +108,28 @@ class _Space:
         if sharded and self.flat_params is None:
             self.staging = np.empty(self.total, dtype)
         flat_param_views = [params[k].reshape(-1) for k in ks]
-        layout = []  # per bucket: (lo, hi, cut points, this rank's [my_lo, my_hi), its place in recv)
-        owned = 0
-        for lo, hi in partition.bucket_bounds(self.total, bucket_elems):
-            cuts = partition.slice_bounds(lo, hi, world)
-            my_lo, my_hi = (int(cuts[rank]), int(cuts[rank + 1])) if sharded else (lo, hi)
-            layout.append((lo, hi, cuts, my_lo, my_hi, owned))
-            owned += my_hi - my_lo
-        self.owned = owned  # elements this rank updates (T/N sharded, T replicated)
-        self.recv = np.zeros(owned, dtype) if sharded else None  # Ireduce_scatter's output
+        cuts = partition.rank_bounds(self.total, world)
+        # this rank's range of the space: one contiguous 1/N sharded, everything replicated
+        self.range = (int(cuts[rank]), int(cuts[rank + 1])) if sharded else (0, self.total)
+        range_lo, range_hi = self.range
+        self.owned = range_hi - range_lo  # elements this rank updates (T/N sharded, T replicated)
+        self.recv = np.zeros(self.owned, dtype) if sharded else None  # Ireduce_scatter's output
         self.buckets = []
-        for lo, hi, cuts, my_lo, my_hi, at in layout:
+        for lo, hi in partition.bucket_bounds(self.total, bucket_elems):
+            counts, displs = partition.bucket_parts(lo, hi, cuts)
+            my_lo = min(max(range_lo, lo), hi)
+            my_hi = max(min(range_hi, hi), my_lo)
+            at = my_lo - range_lo
             pieces = []
             for p in partition.pieces_in(self.offsets, my_lo, my_hi):
                 k = ks[p.param]
                 if sharded:
-                    grad = self.recv[at + p.flat - my_lo:at + p.flat - my_lo + p.size]
+                    grad = self.recv[p.flat - range_lo:p.flat - range_lo + p.size]
                 else:
                     grad = self.grad[p.flat:p.flat + p.size]
                 pieces.append(_Piece(k, group_of[k], p.start, p.stop, p.flat,
                                      flat_param_views[p.param][p.start:p.stop], grad))
-            self.buckets.append(_Bucket(lo, hi, cuts, my_lo, my_hi, pieces, at))
+            self.buckets.append(_Bucket(lo, hi, counts, displs, my_lo, my_hi, pieces, at))
 
     def _flat_view(self, params):
         """The parameters as one flat array when they are consecutive views of one buffer, else None."""

@@ -1,18 +1,29 @@
-"""Who owns which elements: a pure function of (parameter sizes, world size, bucket size).
+"""Who owns which elements: a pure function of (parameter sizes, world size), and how the buckets
+the collectives run in cut across that ownership.
 
 The parameters of one dtype, in the optimizer's order, form one flat index space [0, T): parameter
-k occupies [o_k, o_k + n_k) with o_k = n_0 + … + n_(k−1) (its elements in C order). That space is
-cut into buckets of at most E elements, [b_j, b_(j+1)) with b_j = j·E, and each bucket is split
-among the N ranks into contiguous slices
+k occupies [o_k, o_k + n_k) with o_k = n_0 + … + n_(k−1) (its elements in C order). Rank r of N
+owns one contiguous 1/N of the whole space,
 
-    slice(j, r) = [b_j + ⌊L_j·r/N⌋, b_j + ⌊L_j·(r+1)/N⌋),   L_j = b_(j+1) − b_j,
+    range(r) = [c_r, c_(r+1)),   c_r = ⌊T·r/N⌋,
 
-so rank r owns ⌊L_j/N⌋ or ⌈L_j/N⌉ elements of every bucket: T/N in all, to within one element per
-bucket. With one bucket (T ≤ E, the default for models below 25 MB) rank r owns one contiguous
-1/N of the space. A slice may cut a parameter anywhere: a tensor may straddle two ranks (and two
-buckets). Any rank can compute any other rank's slices (checkpoints record only N and E).
+so it owns ⌊T/N⌋ or ⌈T/N⌉ elements, whatever the bucket size. A range may cut a parameter
+anywhere: a tensor may straddle two (or more) ranks. Any rank can compute any other rank's range
+(checkpoints record N and where each piece sits).
 
-``Piece`` is the intersection of one parameter with one slice: the unit the fused update runs on.
+The collectives run in buckets of at most E elements, [b_j, b_(j+1)) with b_j = j·E. A bucket
+covers parts of one or several ranks' ranges: rank r's part of bucket j is
+
+    part(j, r) = [clip(c_r), clip(c_(r+1))),   clip(x) = min(max(x, b_j), b_(j+1)),
+
+possibly empty. The parts of a bucket are contiguous and in rank order, so one reduce-scatter
+with per-rank counts |part(j, r)| (``Ireduce_scatter(send, recv, counts)``) gives each rank the
+sum over ranks of its part, and one allgather with counts and displacements (``Iallgatherv``)
+returns every rank's updated part; empty parts are counts of 0. Rank r's parts of consecutive
+buckets are consecutive pieces of its range: bucket j's part lands at clip(c_r) − c_r of the
+rank's receive buffer.
+
+``Piece`` is the intersection of one parameter with one part: the unit the fused update runs on.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Piece", "bucket_bounds", "offsets_of", "pieces_in", "slice_bounds"]
+__all__ = ["Piece", "bucket_bounds", "bucket_parts", "offsets_of", "pieces_in", "rank_bounds"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +63,21 @@ def bucket_bounds(total: int, bucket_elems: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + bucket_elems, total)) for lo in range(0, total, bucket_elems)]
 
 
-def slice_bounds(lo: int, hi: int, world_size: int) -> np.ndarray:
-    """The N + 1 cut points of bucket [lo, hi): rank r owns [cuts[r], cuts[r + 1])."""
-    length = hi - lo
-    return lo + (length * np.arange(world_size + 1, dtype=np.int64)) // world_size
+def rank_bounds(total: int, world_size: int) -> np.ndarray:
+    """The N + 1 cut points c_r = ⌊T·r/N⌋ of the space: rank r owns [c_r, c_(r+1))."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    return (total * np.arange(world_size + 1, dtype=np.int64)) // world_size
+
+
+def bucket_parts(lo: int, hi: int, cuts: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(counts, displs) of bucket [lo, hi) among the ranks whose cut points are ``cuts``: rank r's
+    part is [lo + displs[r], lo + displs[r] + counts[r]) (counts[r] = 0 when its range misses the
+    bucket), the recvcounts and displacements of the bucket's collectives."""
+    clipped = np.clip(cuts, lo, hi)
+    counts = tuple(int(c) for c in np.diff(clipped))
+    displs = tuple(int(d) for d in clipped[:-1] - lo)
+    return counts, displs
 
 
 def pieces_in(offsets: np.ndarray, lo: int, hi: int) -> list[Piece]:

@@ -4,9 +4,9 @@ Each rank holds its own part of the batch, m_r values per channel (any m_r ≥ 0
 batch may leave a rank with none). With x̂ = (x − μ)·invstd and g = dy (masked by the ReLU):
 
 forward (training)
-    1. each rank's per-channel (m_r, μ_r, M2_r), M2_r = Σ (x − μ_r)², from its own values (in
-       float64 with NumPy, two passes: Σx, then Σ(x − μ_r)²; a fused one-pass kernel is not
-       written yet);
+    1. each rank's per-channel (m_r, μ_r, M2_r), M2_r = Σ (x − μ_r)², from its own values, by the
+       backend's ``batchnorm_statistics`` (float64 accumulation; the numba backend reads x once,
+       block by block, and merges the blocks with Chan's formula below);
     2. one ``Allgather`` of those 2C + 1 numbers per rank, then every rank merges them in rank
        order with Chan et al.'s pairwise formula (ranks with m_r = 0 skipped)
            m = m_a + m_b,  δ = μ_b − μ_a,  μ = μ_a + δ·m_b/m,  M2 = M2_a + M2_b + δ²·m_a·m_b/m
@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 
+from .. import dispatch
 from .._checks import check_bool, check_disjoint, check_real, shape_of
 from .comm import Agreement, check_comm, mpi
 
@@ -77,23 +78,18 @@ def _layout(x, axis):
     return axes, tuple(shape), math.prod(x.shape[a] for a in axes)
 
 
-def _local_row(x, axis) -> np.ndarray:
-    """(m_r, μ_r, M2_r) of this rank's values, in float64 (two passes over x)."""
-    axes, shape, m = _layout(x, axis)
+def _local_row(x, axis, backend) -> np.ndarray:
+    """(m_r, μ_r[C], M2_r[C]) of this rank's values in float64: the backend's
+    ``batchnorm_statistics`` writes μ_r and M2_r straight into the row (one pass over x with the
+    numba backend; zeros when m_r = 0, a row the merge skips)."""
+    module = dispatch.resolve(backend, x)  # on every rank, an empty one too: a bad backend fails everywhere
+    _, _, m = _layout(x, axis)
     channels = x.shape[axis]
     row = np.zeros(1 + 2 * channels)
     row[0] = m
     if m:
-        mean = x.sum(axis=axes, dtype=np.float64) / m
-        centered = x - mean.reshape(shape)  # float64 (mean is float64)
-        row[1:1 + channels] = mean
-        row[1 + channels:] = np.einsum(_sum_sq_spec(x.ndim, axis), centered, centered)
+        module.batchnorm_statistics(x, row[1:1 + channels], row[1 + channels:], channel_axis=axis)
     return row
-
-
-def _sum_sq_spec(ndim, axis) -> str:
-    letters = "abcdefghijklmnop"[:ndim]
-    return f"{letters},{letters}->{letters[axis]}"
 
 
 def _validate_forward(x, weight, bias, running_mean, running_var, momentum, eps, channel_axis, relu, out):
@@ -135,7 +131,7 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, comm, train
     try:
         axis, relu, momentum, eps = _validate_forward(x, weight, bias, running_mean, running_var, momentum, eps,
                                                       channel_axis, relu, out)
-        row = _local_row(x, axis)
+        row = _local_row(x, axis, backend)
     except Exception as exc:  # agreed on below
         error = exc
     Agreement(comm)(error, "batchnorm_forward")

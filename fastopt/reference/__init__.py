@@ -8,7 +8,7 @@ take the training-step extras of ``docs/backends.md`` (``grad_mul``, ``grad_clip
 """
 
 from . import optim as _optim
-from .batchnorm import batchnorm_backward, batchnorm_forward
+from .batchnorm import batchnorm_backward, batchnorm_forward, batchnorm_statistics
 from .extras import (
     copy_from_numpy,
     empty,
@@ -42,6 +42,7 @@ __all__ = [
     "adam_step",
     "batchnorm_backward",
     "batchnorm_forward",
+    "batchnorm_statistics",
     "copy_from_numpy",
     "delta_bar_delta_step",
     "empty",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["batchnorm_backward", "batchnorm_forward"]
+__all__ = ["batchnorm_backward", "batchnorm_forward", "batchnorm_statistics"]
 
 
 def _per_channel(x, channel_axis):
@@ -117,3 +117,26 @@ def batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweigh
         dx[...] = scale * (g - sum_g.reshape(shape) / m - x_hat * sum_g_xhat.reshape(shape) / m)
     else:
         dx[...] = scale * g
+
+
+def batchnorm_statistics(x, mean, m2, *, channel_axis):
+    """The per-channel statistics of x that ranks merge (synchronized batch norm), writing the
+    float64 arrays ``mean`` and ``m2`` of shape (C,).
+
+        m  = the number of values per channel (x.size / C),
+        μ  = Σx/m           (refined once, μ ← μ + Σ(x − μ)/m, as in forward),
+        M2 = Σ(x − μ)²      (so σ² = M2/m; never m·(E[x²] − E[x]²)).
+
+    Sums run over every axis but ``channel_axis``, in float64. With m = 0 both are NaN; with
+    m = 1, μ is the value and M2 = 0.
+    """
+    axes, shape, m = _per_channel(x, channel_axis)
+    if m == 0:
+        mean[...] = np.nan
+        m2[...] = np.nan
+        return
+    x64 = x.astype(np.float64)
+    mu = x64.sum(axis=axes) / m
+    mu = mu + (x64 - mu.reshape(shape)).sum(axis=axes) / m  # one refinement step
+    mean[...] = mu
+    m2[...] = ((x64 - mu.reshape(shape)) ** 2).sum(axis=axes)

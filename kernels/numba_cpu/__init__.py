@@ -20,6 +20,7 @@ from ..._host_arrays import (
     zeros_like,
 )
 from .batchnorm import batchnorm_backward, batchnorm_forward
+from .bnstats import batchnorm_statistics
 from .optim import (
     adadelta_step,
     adagrad_step,
@@ -31,6 +32,7 @@ from .optim import (
 )
 from .reduce import grad_multiplier, grad_sumsq, scale_grads_
 from . import batchnorm as _bn
+from . import bnstats as _bnstats
 from . import optim as _optim
 from . import reduce as _reduce
 
@@ -70,6 +72,7 @@ KERNELS: dict[str, dict] = {
     "batchnorm_backward": _named(_bn._mask_coefficients, _bn._reduce_channel_first, _bn._reduce_channels_last,
                                  _bn._backward_coefficients, _bn._input_grad_channel_first,
                                  _bn._input_grad_channels_last),
+    "batchnorm_statistics": _named(_bn._stats_channel_first, _bn._stats_channels_last, _bnstats._merge_mean_m2),
     "grad_sumsq": _named(_reduce._sumsq),
     "scale_grads_": _named(_reduce._scale),
 }
@@ -81,6 +84,7 @@ __all__ = [
     "adam_step",
     "batchnorm_backward",
     "batchnorm_forward",
+    "batchnorm_statistics",
     "copy_from_numpy",
     "delta_bar_delta_step",
     "empty",

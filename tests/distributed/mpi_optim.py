@@ -51,18 +51,48 @@ def trajectory(name, dtypes, shard, extras, flat, buffers, bucket_bytes=None):
 
 
 def state_memory(dtype):
-    """Sharded Adam holds m and v for T/N elements (+1 per bucket), counted from its arrays."""
+    """Sharded Adam holds m and v for its range of ⌊T/N⌋ or ⌈T/N⌉ elements, one bucket or many,
+    counted from its arrays."""
     params = initial_params([dtype] * 4)
     total = sum(p.size for p in params)
-    for bucket_bytes, buckets in ((None, 1), (64 * np.dtype(dtype).itemsize, -(-total // 64))):
+    for bucket_bytes in (None, 64 * np.dtype(dtype).itemsize):
         opt = fastopt.Adam(params, backend=BACKEND, comm=COMM, bucket_bytes=bucket_bytes)
         opt.step(gradients(params, 0, N, MINE))
         held = opt._dist.state_bytes() // (2 * np.dtype(dtype).itemsize)
-        assert total // N - buckets <= held <= total // N + buckets, (held, total, N)
-        assert COMM.allreduce(held) == total  # the slices cover the space exactly once
+        assert held == total * (RANK + 1) // N - total * RANK // N, (held, total, N, bucket_bytes)
+        assert COMM.allreduce(held) == total  # the ranges cover the space exactly once
         replicated = fastopt.Adam(params, backend=BACKEND, comm=COMM, shard_state=False)
         replicated.step(gradients(params, 0, N, MINE))
         assert replicated._dist.state_bytes() == 2 * total * np.dtype(dtype).itemsize
+
+
+def owned_ranges():
+    """With several buckets (of 7 and 25 float64 elements: smaller than T/N, ending inside ranks'
+    ranges, some holding parts of two ranks, some of one), rank r's pieces, bucket after bucket,
+    cover exactly [⌊T·r/N⌋, ⌊T·(r+1)/N⌋) of each dtype's space, with no gap; every bucket's counts
+    are the sizes of each rank's part of it; the ranks' ranges tile the space in rank order."""
+    params = initial_params([np.float32, np.float64] * 2)
+    for bucket_elems in (7, 25):
+        opt = fastopt.Adam(params, backend=BACKEND, comm=COMM, bucket_bytes=8 * bucket_elems)
+        for space in opt._dist.spaces:
+            total = space.total
+            lo, hi = total * RANK // N, total * (RANK + 1) // N
+            elems = max(1, 8 * bucket_elems // space.dtype.itemsize)
+            assert len(space.buckets) == -(-total // elems) > 1, (len(space.buckets), total, elems)
+            at = lo
+            for bucket in space.buckets:
+                part = (min(max(lo, bucket.lo), bucket.hi), max(min(hi, bucket.hi), bucket.lo))
+                assert (bucket.my_lo, bucket.my_hi) == (part[0], max(part)), (bucket.lo, bucket.hi, part)
+                assert bucket.counts[RANK] == bucket.my_hi - bucket.my_lo
+                assert bucket.lo + bucket.displs[RANK] == bucket.my_lo or bucket.counts[RANK] == 0
+                assert sum(bucket.counts) == bucket.hi - bucket.lo
+                for piece in bucket.pieces:
+                    assert piece.flat == at, (piece.flat, at, bucket_elems)
+                    at += piece.stop - piece.start
+            assert at == hi, (at, hi, bucket_elems)
+            assert space.recv.size == hi - lo
+            ranges = COMM.allgather((lo, hi))
+            assert [r[0] for r in ranges] == [0] + [r[1] for r in ranges[:-1]] and ranges[-1][1] == total
 
 
 def groups_sum_and_scale(shard):
@@ -124,6 +154,7 @@ for name in ("adam-amsgrad", "sgd-nesterov"):
 checks.run("adamw mixed float32/float64, 3 buckets", trajectory, "adamw", [np.float32, np.float64] * 2, True, True,
            flat=True, buffers=False, bucket_bytes=512)
 checks.run("sharded state memory float64", state_memory, np.float64)
+checks.run("owned range: one contiguous 1/N of the space, several buckets", owned_ranges)
 for shard in (True, False):
     checks.run(f"groups=, grad_reduce='sum', grad_scale, maximize shard={shard}", groups_sum_and_scale, shard)
     checks.run(f"LossScaler shard={shard}", loss_scaler, shard)

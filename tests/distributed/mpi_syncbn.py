@@ -1,7 +1,8 @@
 """Under mpiexec -n 3: synchronized batch norm against single-process batch norm (the reference
 backend) on the concatenated batch: NCHW and channels-last, float32 and float64, with and without
 the ReLU and the affine parameters, even, uneven and empty local batches; forward, backward,
-running statistics; bad input on one rank."""
+running statistics; bad input on one rank. Argument: the backend of half the cases (the other
+half runs "numba", whose one-pass local statistics are ``kernels/numba_cpu/bnstats.py``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def close(actual, expected, dtype, what):
                                err_msg=what)
 
 
-def case(sizes, dtype, channels_last, relu, affine, seed):
+def case(sizes, dtype, channels_last, relu, affine, seed, backend):
     rng = np.random.default_rng(seed)
     spatial = (3, 2)
     total = sum(sizes)
@@ -49,7 +50,7 @@ def case(sizes, dtype, channels_last, relu, affine, seed):
     my_rm, my_rv = rm.copy(), rv.copy()
     x_local = np.ascontiguousarray(x[mine])
     y, mean, invstd = syncbn.batchnorm_forward(x_local, weight, bias, my_rm, my_rv, comm=COMM, channel_axis=axis,
-                                               relu=relu, backend=BACKEND)
+                                               relu=relu, backend=backend)
     close(y, y_ref[mine], dtype, "y")
     close(mean, mean_ref, dtype, "saved_mean")
     close(invstd, invstd_ref, dtype, "saved_invstd")
@@ -59,7 +60,7 @@ def case(sizes, dtype, channels_last, relu, affine, seed):
     dx_ref, dw_ref, db_ref = fastopt.batchnorm_backward(dy, x, weight, mean_ref, invstd_ref, bias=bias,
                                                         channel_axis=axis, relu=relu, backend="numpy")
     dx, dw, db = syncbn.batchnorm_backward(np.ascontiguousarray(dy[mine]), x_local, weight, mean, invstd, bias=bias,
-                                           comm=COMM, channel_axis=axis, relu=relu, backend=BACKEND)
+                                           comm=COMM, channel_axis=axis, relu=relu, backend=backend)
     close(dx, dx_ref[mine], dtype, "dx")
     close(COMM.allreduce(dw.astype(np.float64)).astype(dtype), dw_ref, dtype, "dweight summed over ranks")
     close(COMM.allreduce(db.astype(np.float64)).astype(dtype), db_ref, dtype, "dbias summed over ranks")
@@ -136,8 +137,10 @@ for sizes in ([2, 2, 2], [3, 0, 2], [1, 4, 0]):
         for channels_last in (False, True):
             seed += 1
             relu, affine = seed % 2 == 0, seed % 3 != 0
+            backend = BACKEND if seed % 4 < 2 else "numba"  # the local statistics of both host backends
             checks.run(f"sizes={sizes} {np.dtype(dtype).name} channels_last={channels_last} relu={relu} "
-                       f"affine={affine}", case, sizes, dtype, channels_last, relu, affine, seed)
+                       f"affine={affine} backend={backend}", case, sizes, dtype, channels_last, relu, affine, seed,
+                       backend)
 checks.run("empty global batch", empty_global_batch)
 checks.run("one value per channel over all ranks", one_value_in_all)
 checks.run("bad channels on one rank", bad_channels_on_one_rank)

@@ -7,7 +7,7 @@ import pytest
 
 from . import mpirun
 
-OPTIM_CHECKS = 42
+OPTIM_CHECKS = 43
 
 
 @pytest.mark.long

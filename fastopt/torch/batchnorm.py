@@ -14,10 +14,13 @@ backends through ``__cuda_array_interface__``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .. import batchnorm as _bn
+from .. import dispatch
 from ._arrays import as_array, check_tensor
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d",
@@ -44,6 +47,36 @@ def _optional(t):
     return None if t is None else as_array(t)
 
 
+def _span(t):
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _host_module(x, weight, bias, running_mean, running_var, training, momentum, eps, backend):
+    """The backend module when a CPU call may skip ``fastopt.batchnorm``'s checks, which cost more
+    than the kernels on small inputs; None sends the call through them (where anything unusual
+    gets its error). Checked here: what those functions would check that the tensor checks above
+    did not (channel vectors of shape (C,), the running statistics given together, one value per
+    channel in training, ranges of eps and momentum, no written buffer sharing x's memory)."""
+    if x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
+        return None
+    channels = x.shape[1]
+    vectors = (weight, bias, running_mean, running_var)
+    if any(t is not None and (t.dim() != 1 or t.shape[0] != channels or not t.is_contiguous()) for t in vectors):
+        return None
+    if (running_mean is None) != (running_var is None) or (not training and running_mean is None):
+        return None
+    if (training and x.numel() == channels) or not (0 < eps < math.inf) or not 0 <= momentum <= 1:
+        return None
+    if training and running_mean is not None:  # written in place: must not overlap what is read
+        lo, hi = _span(x)
+        for t in (running_mean, running_var):
+            a, b = _span(t)
+            if a < hi and lo < b:
+                return None
+    return dispatch.resolve(backend, as_array(running_mean if running_mean is not None else x))
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x) on fastopt's kernels; backward is fastopt's ``batchnorm_backward``.
     Running statistics are updated in place in training, as ``torch.nn.functional.batch_norm``."""
@@ -63,27 +96,40 @@ class BatchNormFunction(torch.autograd.Function):
         y = torch.empty_like(x)
         saved_mean = x.new_empty(channels)
         saved_invstd = x.new_empty(channels)
-        _bn.batchnorm_forward(_view(x, perm), _optional(weight), _optional(bias), _optional(running_mean),
-                              _optional(running_var), training=training, momentum=momentum, eps=eps,
-                              channel_axis=axis, relu=relu, backend=backend,
-                              out=(_view(y, perm), as_array(saved_mean), as_array(saved_invstd)))
+        module = _host_module(x, weight, bias, running_mean, running_var, training, momentum, eps, backend)
+        if module is not None:  # y and the saved statistics are new: nothing to check about them
+            module.batchnorm_forward(_view(x, perm), _optional(weight), _optional(bias), _optional(running_mean),
+                                     _optional(running_var), _view(y, perm),
+                                     as_array(saved_mean), as_array(saved_invstd), training=training,
+                                     momentum=momentum, eps=eps, channel_axis=axis % x.dim(), relu=relu)
+        else:
+            _bn.batchnorm_forward(_view(x, perm), _optional(weight), _optional(bias), _optional(running_mean),
+                                  _optional(running_var), training=training, momentum=momentum, eps=eps,
+                                  channel_axis=axis, relu=relu, backend=backend,
+                                  out=(_view(y, perm), as_array(saved_mean), as_array(saved_invstd)))
         ctx.save_for_backward(x, weight, bias, saved_mean, saved_invstd)
-        ctx.options = (perm, axis, training, relu, backend)
+        ctx.options = (perm, axis, training, relu, backend, module)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, saved_mean, saved_invstd = ctx.saved_tensors
-        perm, axis, training, relu, backend = ctx.options
+        perm, axis, training, relu, backend, module = ctx.options
         dy = dy.contiguous(memory_format=_LAST_FORMATS[x.dim()] if perm is not None else torch.contiguous_format)
         dx = torch.empty_like(x)
         channels = x.shape[1]
         dweight = x.new_empty(channels)
         dbias = x.new_empty(channels)
-        _bn.batchnorm_backward(_view(dy, perm), _view(x, perm), _optional(weight), as_array(saved_mean),
-                               as_array(saved_invstd), bias=_optional(bias), training=training,
-                               channel_axis=axis, relu=relu, backend=backend,
-                               out=(_view(dx, perm), as_array(dweight), as_array(dbias)))
+        if module is not None and dy.dtype == x.dtype and dy.shape == x.shape:  # as forward chose; outputs new
+            module.batchnorm_backward(_view(dy, perm), _view(x, perm), _optional(weight), _optional(bias),
+                                      as_array(saved_mean), as_array(saved_invstd), _view(dx, perm),
+                                      as_array(dweight), as_array(dbias), training=training,
+                                      channel_axis=axis % x.dim(), relu=relu)
+        else:
+            _bn.batchnorm_backward(_view(dy, perm), _view(x, perm), _optional(weight), as_array(saved_mean),
+                                   as_array(saved_invstd), bias=_optional(bias), training=training,
+                                   channel_axis=axis, relu=relu, backend=backend,
+                                   out=(_view(dx, perm), as_array(dweight), as_array(dbias)))
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (dx if need_x else None, dweight if need_w and weight is not None else None,
                 dbias if need_b and bias is not None else None, None, None, None, None, None, None, None)

@@ -8,7 +8,8 @@ are plain functions in ``fastopt.functional``. Batch normalization is ``batchnor
 ``backends()`` says which are available here. Around the update, optimizers fuse gradient
 clipping, loss scaling, a non-finite policy and Polyak averaging (``fastopt.schedules`` holds
 learning-rate schedules, ``LossScaler`` dynamic loss scaling, ``clip_grad_norm_`` standalone
-clipping).
+clipping). ``quantize_blockwise`` and ``dequantize_blockwise`` are the block-wise 8-bit quantizer
+that 8-bit optimizer state will use (issue 13).
 """
 
 from . import functional, schedules
@@ -16,6 +17,7 @@ from .batchnorm import BatchNorm, batchnorm_backward, batchnorm_forward
 from .clip import clip_grad_norm_
 from .dispatch import BackendUnavailableError, backends
 from .optim import SGD, AdaDelta, AdaGrad, Adam, AdamW, DeltaBarDelta, Optimizer, RMSProp
+from .quantize import dequantize_blockwise, quantize_blockwise
 from .scaling import LossScaler
 
 __version__ = "0.1.0"
@@ -36,6 +38,8 @@ __all__ = [
     "batchnorm_backward",
     "batchnorm_forward",
     "clip_grad_norm_",
+    "dequantize_blockwise",
     "functional",
+    "quantize_blockwise",
     "schedules",
 ]

@@ -326,7 +326,7 @@ def test_compile_list_names_every_operation_and_compiles_nothing(tmp_path):
     table = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
     assert set(table) == {"sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "delta_bar_delta",
                           "batchnorm_forward", "batchnorm_backward", "batchnorm_statistics", "grad_sumsq",
-                          "scale_grads_"}
+                          "scale_grads_", "quantize_blockwise"}
     assert table["adam"] == ("adam.plain, adam.plain.serial, adam.averaged, adam.averaged.serial, "
                              "adam_amsgrad.plain, adam_amsgrad.plain.serial, adam_amsgrad.averaged, "
                              "adam_amsgrad.averaged.serial")

@@ -17,7 +17,7 @@ import pytest
 
 from fastopt import precompile
 from fastopt.kernels import numba_cpu
-from fastopt.kernels.numba_cpu import _jit, batchnorm, bnstats, optim, reduce
+from fastopt.kernels.numba_cpu import _jit, batchnorm, bnstats, optim, quantize, reduce
 
 
 def _axpy(x, a, y):
@@ -96,7 +96,7 @@ def test_signatures_must_differ_in_a_dtype():
 def _house_kernels():
     """Every house kernel in the backend's modules, also inside the optimizer kernels' wrappers."""
     found = {}
-    for module in (optim, batchnorm, bnstats, reduce):
+    for module in (optim, batchnorm, bnstats, reduce, quantize):
         for name, obj in vars(module).items():
             if isinstance(obj, _jit._Kernel):
                 found[id(obj)] = f"{module.__name__}.{name}"
@@ -113,9 +113,9 @@ def test_the_compile_table_holds_every_kernel_for_both_dtypes():
     found = _house_kernels()
     listed = {id(k): k for table in numba_cpu.KERNELS.values() for k in table.values()}
     # 30 optimizer kernels (15 × plain/averaged), 13 batch-norm kernels and the statistics' merge,
-    # 2 reduction kernels; the 40 parallel ones each with a serial twin
-    assert len(found) == 86
-    assert sum(1 for k in listed.values() if k.parallel) == 40
+    # 2 reduction kernels, 2 quantization kernels; the 42 parallel ones each with a serial twin
+    assert len(found) == 90
+    assert sum(1 for k in listed.values() if k.parallel) == 42
     assert set(found) == set(listed), sorted(found[i] for i in set(found) - set(listed))
     assert all(k.dtypes == ("float32", "float64") for k in listed.values())
     assert numba_cpu.KERNELS["adamw"] == numba_cpu.KERNELS["adam"]
@@ -127,7 +127,7 @@ def test_jobs_list_each_kernel_once_per_dtype():
         (name, "float32", ("adam", "adamw"))
         for kernel in ("adam", "adam_amsgrad") for variant in ("plain", "averaged")
         for name in (f"{kernel}.{variant}", f"{kernel}.{variant}.serial")]
-    assert len(precompile.jobs()) == 172
+    assert len(precompile.jobs()) == 180
     with pytest.raises(ValueError, match="unknown operation 'nope'"):
         precompile.jobs(["nope"])
     with pytest.raises(ValueError, match="unknown dtype 'float16'"):

@@ -8,6 +8,7 @@ take the training-step extras of ``docs/backends.md`` (``grad_mul``, ``grad_clip
 """
 
 from . import optim as _optim
+from .quantize import dequantize_blockwise, dynamic_map, quantize_blockwise
 from .batchnorm import batchnorm_backward, batchnorm_forward, batchnorm_statistics
 from .extras import (
     copy_from_numpy,
@@ -45,6 +46,8 @@ __all__ = [
     "batchnorm_statistics",
     "copy_from_numpy",
     "delta_bar_delta_step",
+    "dequantize_blockwise",
+    "dynamic_map",
     "empty",
     "empty_like",
     "from_numpy",
@@ -53,6 +56,7 @@ __all__ = [
     "grad_sumsq",
     "multi_step",
     "owns",
+    "quantize_blockwise",
     "rmsprop_step",
     "scale_grads_",
     "sgd_step",

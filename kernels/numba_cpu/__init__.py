@@ -2,7 +2,7 @@
 
 Exposes every operation of the backend contract (``docs/backends.md``) under its public name:
 the optimizer updates with the training-step extras and ``multi_step`` (``optim``, over the tensor
-lists of ``multi``), the gradient reductions (``reduce``), batch normalization (``batchnorm``), and
+lists of ``multi``), the gradient reductions (``reduce``), batch normalization (``batchnorm``), block-wise quantization (``quantize``), and
 the array helpers of the NumPy-array backends (``fastopt._host_arrays``).
 
 ``KERNELS`` lists, per operation, the compiled kernels it may launch (what ``fastopt compile``
@@ -30,10 +30,12 @@ from .optim import (
     rmsprop_step,
     sgd_step,
 )
+from .quantize import dequantize_blockwise, quantize_blockwise
 from .reduce import grad_multiplier, grad_sumsq, scale_grads_
 from . import batchnorm as _bn
 from . import bnstats as _bnstats
 from . import optim as _optim
+from . import quantize as _quantize
 from . import reduce as _reduce
 
 
@@ -75,6 +77,7 @@ KERNELS: dict[str, dict] = {
     "batchnorm_statistics": _named(_bn._stats_channel_first, _bn._stats_channels_last, _bnstats._merge_mean_m2),
     "grad_sumsq": _named(_reduce._sumsq),
     "scale_grads_": _named(_reduce._scale),
+    "quantize_blockwise": _named(_quantize._quantize, _quantize._dequantize),
 }
 
 __all__ = [
@@ -87,6 +90,7 @@ __all__ = [
     "batchnorm_statistics",
     "copy_from_numpy",
     "delta_bar_delta_step",
+    "dequantize_blockwise",
     "empty",
     "empty_like",
     "from_numpy",
@@ -95,6 +99,7 @@ __all__ = [
     "grad_sumsq",
     "multi_step",
     "owns",
+    "quantize_blockwise",
     "rmsprop_step",
     "scale_grads_",
     "sgd_step",

@@ -67,6 +67,16 @@ class _Multipliers(dict):
         return value
 
 
+def polyak_weight(polyak, avg_steps: int) -> float:
+    """w in θ̂ ← θ̂ + w(θ − θ̂) for the ``avg_steps``-th averaged iterate (1 on the first):
+    1/avg_steps for ``polyak="mean"``, 1 − α for an EMA with ``polyak=α``."""
+    if avg_steps == 1:
+        return 1.0
+    if polyak == "mean":
+        return 1.0 / avg_steps
+    return 1.0 - polyak
+
+
 def _check_options(clip_grad_norm, clip_grad_value, nonfinite, polyak) -> dict:
     """The training-step options every optimizer takes (see ``Optimizer``)."""
     if clip_grad_norm is not None:
@@ -226,12 +236,7 @@ class Optimizer:
         return sorted(int(i) for i in selected)
 
     def _avg_weight(self, avg_steps: int) -> float:
-        """w in θ̂ ← θ̂ + w(θ − θ̂) for the ``avg_steps``-th averaged iterate (1 on the first)."""
-        if avg_steps == 1:
-            return 1.0
-        if self.polyak == "mean":
-            return 1.0 / avg_steps
-        return 1.0 - self.polyak
+        return polyak_weight(self.polyak, avg_steps)
 
     def step(self, grads, *, grad_scale=None, groups=None) -> None:
         """Update the parameters in place from ``grads``, aligned with the parameters in group

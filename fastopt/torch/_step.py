@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..functional import SPECS, check_host_options, with_host_options
-from ..optim import _check_options, _host_float, _Multipliers
+from ..optim import _check_options, _host_float, _Multipliers, polyak_weight
 from ._arrays import as_array, backend_module, check_tensor
 
 __all__ = ["FusedStep"]
@@ -203,7 +203,7 @@ class FusedStep:
             keywords["grad_mul"] = grad_mul if isinstance(grad_mul, float) else grad_mul[bucket.dtype]
             keywords["grad_clip"] = grad_clip
             if bucket.avgs is not None:
-                keywords["avg_weight"] = self._avg_weight(bucket.avg_steps + 1)
+                keywords["avg_weight"] = polyak_weight(self.polyak, bucket.avg_steps + 1)
             keywords = with_host_options(bucket.module, host, keywords, t,
                                          lambda multiplier: _host_float(bucket.module, multiplier))
             bucket.module.multi_step(spec.kernel, bucket.params, [as_array(grads[j]) for j in bucket.members],
@@ -216,13 +216,6 @@ class FusedStep:
                     state["avg_steps"] = bucket.avg_steps
         if any(b.first for b in plan):
             self._plans = {}  # SGD's buffers exist now: the next step is not a first step
-
-    def _avg_weight(self, avg_steps: int) -> float:
-        if avg_steps == 1:
-            return 1.0
-        if self.polyak == "mean":
-            return 1.0 / avg_steps
-        return 1.0 - self.polyak
 
     def _plan(self, index, group, name, checked, members) -> list:
         """The group's buckets for these parameters with gradients (cached, see the module doc)."""

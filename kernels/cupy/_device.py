@@ -33,8 +33,10 @@ from __future__ import annotations
 import contextlib
 import math
 from typing import NamedTuple
-
 import numpy as np
+
+from .._streams import (LEGACY_STREAM, PER_THREAD_STREAM, StreamPlan, advertised_stream, device_arrays,
+                       stream_plan)
 
 __all__ = [
     "LEGACY_STREAM",
@@ -143,46 +145,8 @@ def device_of(array) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# streams: the rules of __cuda_array_interface__ v3 and of torch (docs/backends.md, "Streams")
-
-LEGACY_STREAM = 1  # the v3 handle of the legacy default stream
-PER_THREAD_STREAM = 2  # the v3 handle of the calling thread's per-thread default stream
-
-
-class StreamPlan(NamedTuple):
-    """Where a call's kernels go: ``launch`` None (no array names a stream: CuPy's current stream)
-    or a stream handle (1 legacy, 2 per-thread, else that stream); ``waits`` the other streams the
-    arrays name, which ``launch`` must wait on first (distinct, in argument order)."""
-
-    launch: int | None
-    waits: tuple[int, ...]
-
-
-def advertised_stream(interface: dict) -> int | None:
-    """The stream a ``__cuda_array_interface__`` names: None when it names none (version 2, or
-    ``"stream": None``); a 0, which version 3 forbids as ambiguous, is read as none too."""
-    stream = interface.get("stream")
-    return int(stream) if stream else None
-
-
-def stream_plan(array_kind: str, advertised, torch_stream: int | None = None) -> StreamPlan:
-    """The stream plan of one call (a pure function; the same rule as the numba-cuda backend's).
-
-    ``array_kind`` "torch": torch's current stream of the tensors' device, handle ``torch_stream`` (0,
-    torch's default stream, is the legacy default stream), no waits. Any other kind: ``advertised``
-    holds each array's stream (None or 0: none); the first named stream is launched on and every
-    other one waited on; none named: CuPy's current stream. CuPy arrays advertise nothing here
-    (``_advertised``): CuPy's own rule is its current stream, which is also what they export.
-    """
-    if array_kind == "torch":
-        if torch_stream is None:
-            raise ValueError("torch_stream is required for torch tensors")
-        return StreamPlan(int(torch_stream) or LEGACY_STREAM, ())
-    named = [int(s) for s in advertised if s]
-    if not named:
-        return StreamPlan(None, ())
-    launch = named[0]
-    return StreamPlan(launch, tuple(dict.fromkeys(s for s in named if s != launch)))
+# streams: the rules of __cuda_array_interface__ v3 and of torch (docs/backends.md, "Streams");
+# the choice itself is ``stream_plan`` of ``kernels/_streams.py``, shared with numba-cuda
 
 
 def _advertised(k: str, arrays) -> list:
@@ -195,14 +159,9 @@ def _advertised(k: str, arrays) -> list:
     return [advertised_stream(_interface(a)) for a in arrays]
 
 
-def _device_arrays(arrays) -> list:
-    """The arrays of a call, without None entries and host numbers (a host ``grad_mul``)."""
-    return [a for a in arrays if a is not None and not isinstance(a, (int, float, np.number))]
-
-
 def plan_for(arrays) -> StreamPlan:
     """The stream plan for a call on ``arrays`` (of one kind). Imports torch only for torch tensors."""
-    arrays = _device_arrays(arrays)
+    arrays = device_arrays(arrays)
     if not arrays:
         return StreamPlan(None, ())
     k = kind(arrays[0])

@@ -769,23 +769,16 @@ def _stats_channels_last(x, chunks, shifted, part_mean, part_m2, scratch):
             count = total
 
 
-@kernel(_sigs("void(float64[:, ::1], float64[:, ::1], int64, int64, int64, int64, float64, float64, "
-              "{t}[::1], {t}[::1], boolean, float64[:, ::1])"), parallel=False)
-def _merge_statistics(part_mean, part_m2, groups, pieces, outer, inner, eps, momentum, running_mean, running_var,
-                      update_running, stats):
-    """Merge the task partials per channel (Chan), update the running statistics, write
-    ``stats[0] = μ`` and ``stats[1] = invstd = 1/√(σ² + δ)`` in float64.
-
-    running_mean ← (1 − α)·running_mean + α·μ;  running_var ← (1 − α)·running_var + α·M2/(m − 1).
-    Chunk k held the values ``_chunk_values(k, groups, pieces, outer, inner)`` of each channel
-    (channels-last: rows k·outer//chunks to (k + 1)·outer//chunks, i.e. pieces = inner = 1).
-    A chunk's share of the values, and so the weights of its update, is the same for every
-    channel: they are computed once per chunk, and the channels (contiguous in the partials) are
-    the inner loop, each one's chain of updates in chunk order. Serial: it is tiny next to a pass.
-    """
+@njit(cache=True)
+def _merge_chunks(part_mean, part_m2, groups, pieces, outer, inner, mean, m2):
+    """Merge the chunks' (μ_k, M2_k) per channel with Chan's update, in chunk order, into ``mean``
+    and ``m2`` (float64, overwritten); returns m, the values per channel. Chunk k held the values
+    ``_chunk_values(k, groups, pieces, outer, inner)`` of each channel (channels-last: rows
+    k·outer//chunks to (k + 1)·outer//chunks, i.e. pieces = inner = 1); chunks with none are
+    skipped. A chunk's weights n_b/n and n_a·n_b/n are the same for every channel: they are
+    computed once per chunk, and the channels (contiguous in the partials) are the inner loop,
+    each one's chain of updates in chunk order."""
     chunks, channels = part_mean.shape
-    mean = stats[0]
-    m2 = stats[1]  # M2 until the last loop turns it into invstd
     for c in range(channels):
         mean[c] = 0.0
         m2[c] = 0.0
@@ -805,7 +798,23 @@ def _merge_statistics(part_mean, part_m2, groups, pieces, outer, inner, eps, mom
             mean[c] += delta * weight
             m2[c] += chunk_m2[c] + delta * delta * cross
         count = total
-    for c in range(channels):
+    return count
+
+
+@kernel(_sigs("void(float64[:, ::1], float64[:, ::1], int64, int64, int64, int64, float64, float64, "
+              "{t}[::1], {t}[::1], boolean, float64[:, ::1])"), parallel=False)
+def _merge_statistics(part_mean, part_m2, groups, pieces, outer, inner, eps, momentum, running_mean, running_var,
+                      update_running, stats):
+    """Merge the task partials per channel (Chan), update the running statistics, write
+    ``stats[0] = μ`` and ``stats[1] = invstd = 1/√(σ² + δ)`` in float64.
+
+    running_mean ← (1 − α)·running_mean + α·μ;  running_var ← (1 − α)·running_var + α·M2/(m − 1).
+    The merge is ``_merge_chunks``. Serial: it is tiny next to a pass.
+    """
+    mean = stats[0]
+    m2 = stats[1]  # M2 until the last loop turns it into invstd
+    count = _merge_chunks(part_mean, part_m2, groups, pieces, outer, inner, mean, m2)
+    for c in range(part_mean.shape[1]):
         if update_running:
             running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
             running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (m2[c] / (count - 1.0))

@@ -17,22 +17,19 @@ does the same updates before it turns M2 into invstd. Inputs below
 the size threshold run the kernels' serial twins (``_sized``); scratch comes from the per-thread
 workspace (``_scratch``), so a call allocates no array memory once the workspace has grown.
 
-Which values chunk k holds is the chunking of the statistics kernels: channel-first chunk
-k = j·pieces + q is piece q of row group j (rows j·outer//groups to (j + 1)·outer//groups,
-positions q·inner//pieces to (q + 1)·inner//pieces); channels-last chunk k holds rows
-k·outer//chunks to (k + 1)·outer//chunks (groups = chunks, pieces = inner = 1). ``_chunk_count``
-computes its share n_k of the m values from that rule alone.
+Which values chunk k holds is the chunking of the statistics kernels (``batchnorm._chunk_values``);
+the merge is forward's own, ``batchnorm._merge_chunks``, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from ._jit import kernel
 from .batchnorm import (
     _channel_first_chunks,
     _chunks,
+    _merge_chunks,
     _scratch,
     _sized,
     _stats_channel_first,
@@ -43,46 +40,14 @@ from .batchnorm import (
 __all__ = ["batchnorm_statistics"]
 
 
-@njit(cache=True)
-def _chunk_count(k, groups, pieces, outer, inner):
-    """n_k: how many of a channel's values chunk k holds (module docstring): the values
-    e0..e1 with e0 = n0·inner + q·inner//pieces, e1 = (n1 − 1)·inner + (q + 1)·inner//pieces."""
-    j = k // pieces
-    q = k - j * pieces
-    n0 = j * outer // groups
-    n1 = (j + 1) * outer // groups
-    return (n1 - 1) * inner + (q + 1) * inner // pieces - (n0 * inner + q * inner // pieces)
-
-
 @kernel([f"void({t}[:, :, ::1], float64[:, ::1], float64[:, ::1], int64, int64, float64[::1], float64[::1])"
          for t in ("float32", "float64")], parallel=False)
 def _merge_mean_m2(x, part_mean, part_m2, groups, pieces, mean, m2):
-    """Merge the chunks' (μ_k, M2_k) per channel with Chan's update, in chunk order, into
-    ``mean`` = μ and ``m2`` = M2 (float64); chunks holding no values are skipped. x (viewed as
-    (outer, C, inner)) is read for its shape only: it says which values each chunk held. A
-    chunk's weights n_b/n and n_a·n_b/n are the same for every channel, so they are computed once
-    per chunk and the channels (contiguous in the partials) are the inner loop. Serial: it is tiny
-    next to the pass."""
+    """Merge the chunks' (μ_k, M2_k) per channel into ``mean`` = μ and ``m2`` = M2 (float64) with
+    forward's merge, ``batchnorm._merge_chunks``. x (viewed as (outer, C, inner)) is read for its
+    shape only: it says which values each chunk held (and gives the kernel its two dtypes)."""
     outer, _, inner = x.shape
-    chunks, channels = part_mean.shape
-    for c in range(channels):
-        mean[c] = 0.0
-        m2[c] = 0.0
-    count = 0.0
-    for k in range(chunks):
-        nb = float(_chunk_count(k, groups, pieces, outer, inner))
-        if nb == 0.0:
-            continue
-        total = count + nb
-        weight = nb / total
-        cross = count * nb / total
-        chunk_mean = part_mean[k]
-        chunk_m2 = part_m2[k]
-        for c in range(channels):
-            delta = chunk_mean[c] - mean[c]
-            mean[c] += delta * weight
-            m2[c] += chunk_m2[c] + delta * delta * cross
-        count = total
+    _merge_chunks(part_mean, part_m2, groups, pieces, outer, inner, mean, m2)
 
 
 def batchnorm_statistics(x, mean, m2, *, channel_axis):

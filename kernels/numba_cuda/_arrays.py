@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import NamedTuple
-
 import numpy as np
 from numba import cuda, types
 
+from .._streams import (LEGACY_STREAM, PER_THREAD_STREAM, StreamPlan, advertised_stream, device_arrays,
+                       stream_plan)
 from ._jit import SIMULATOR, THREADS, blocks_for, kernel
 
 __all__ = [
@@ -155,49 +155,9 @@ def flat(array):
 #
 # The rules are those of ``__cuda_array_interface__`` v3 (a consumer must wait on the stream an
 # array names before using it, or run on it) and of torch (work on a tensor goes to torch's current
-# stream of its device). ``stream_plan`` is the choice itself, a pure function of what the arrays
-# advertise; ``stream_of`` gathers that, makes the CUDA stream objects and issues the waits.
-
-LEGACY_STREAM = 1  # the v3 handle of the legacy default stream
-PER_THREAD_STREAM = 2  # the v3 handle of the calling thread's per-thread default stream
-
-
-class StreamPlan(NamedTuple):
-    """Where a call's kernels go: ``launch`` None (no array names a stream: the backend's default
-    stream) or a stream handle (1 legacy, 2 per-thread, else that stream); ``waits`` the other
-    streams the arrays name, which ``launch`` must wait on first (distinct, in argument order)."""
-
-    launch: int | None
-    waits: tuple[int, ...]
-
-
-def advertised_stream(interface: dict) -> int | None:
-    """The stream a ``__cuda_array_interface__`` names: None when it names none (version 2, or
-    ``"stream": None``). A 0, which version 3 forbids as ambiguous, is read as none too: numba-cuda
-    before fastopt's fix exported it for arrays on the default stream."""
-    stream = interface.get("stream")
-    return int(stream) if stream else None
-
-
-def stream_plan(array_kind: str, advertised, torch_stream: int | None = None) -> StreamPlan:
-    """The stream plan of one call, from the kind of its arrays and the streams they advertise.
-
-    ``array_kind`` "torch": the tensors name no stream (torch exports interface version 2); the work
-    goes to torch's current stream of their device, whose handle ``torch_stream`` is
-    (``torch.cuda.current_stream(device).cuda_stream``; 0, torch's default stream, is the legacy
-    default stream), and waits on nothing: torch orders its own work on that stream.
-    Any other kind: ``advertised`` holds each array's stream (None or 0: none), the first named
-    stream is launched on and every other one is waited on; none named: the default stream.
-    """
-    if array_kind == "torch":
-        if torch_stream is None:
-            raise ValueError("torch_stream is required for torch tensors")
-        return StreamPlan(int(torch_stream) or LEGACY_STREAM, ())
-    named = [int(s) for s in advertised if s]
-    if not named:
-        return StreamPlan(None, ())
-    launch = named[0]
-    return StreamPlan(launch, tuple(dict.fromkeys(s for s in named if s != launch)))
+# stream of its device). ``stream_plan`` (``kernels/_streams.py``, shared with the cupy backend) is
+# the choice itself, a pure function of what the arrays advertise; ``stream_of`` gathers that, makes
+# the CUDA stream objects and issues the waits.
 
 
 def _is_torch(array) -> bool:
@@ -224,14 +184,9 @@ def _advertised(kind: str, arrays) -> list:
     return [advertised_stream(_interface(a)) for a in arrays]
 
 
-def _device_arrays(arrays) -> list:
-    """The arrays of a call, without None entries and host numbers (a host ``grad_mul``)."""
-    return [a for a in arrays if a is not None and not isinstance(a, (int, float, np.number))]
-
-
 def plan_for(arrays) -> StreamPlan:
     """The stream plan for a call on ``arrays`` (of one kind; None entries and numbers skipped)."""
-    arrays = _device_arrays(arrays)
+    arrays = device_arrays(arrays)
     if not arrays:
         return StreamPlan(None, ())
     kind = _kind(arrays[0])
@@ -300,7 +255,7 @@ def stream_of(*arrays):
     ``stream_plan``): torch's current stream for torch tensors, else the first stream an array
     names, else numba's default stream. It is first made to wait on the other streams the arrays
     name (no host synchronization)."""
-    arrays = _device_arrays(arrays)
+    arrays = device_arrays(arrays)
     plan = plan_for(arrays)
     torch_device = arrays[0].device if arrays and _is_torch(arrays[0]) else None
     stream = _stream_object(plan.launch, torch_device)

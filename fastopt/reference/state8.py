@@ -1,0 +1,130 @@
+"""Optimizer updates with 8-bit state, the reference (``"numpy"`` backend): ``docs/algorithms.md``,
+"Optimizers with 8-bit state" (Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
+ICLR 2022), straight from its three steps, sharing no code with the kernels:
+
+    for each tensor and each 8-bit state k (pair codes, absmax):
+        s_k = dequantize_blockwise(codes_k, absmax_k)            float32 copies
+    θ, s ← update(θ, g, s)                                       the reference float32 update
+                                                                 (``optim.py``, with the extras)
+    codes_k, absmax_k = quantize_blockwise(s_k)                  every state requantized
+
+Signed map for first moments and momentum (Adam m, SGD velocity, RMSProp velocity), unsigned for
+second moments (Adam v, AdaGrad accumulator, RMSProp square_avg). Same signature and the same
+rules as ``kernels/numba_cpu/state8.py``:
+
+    state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
+                avg_weight=0.0, block=256, **hyper)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import optim
+from .extras import with_step_extras
+from .quantize import dequantize_blockwise, quantize_blockwise
+
+__all__ = ["SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
+
+SUPPORTED = {
+    "adam_step": "Adam and AdamW (m signed, v unsigned); not amsgrad",
+    "sgd_step": "SGD with momentum or Nesterov, both conventions (velocity signed); not momentum = 0",
+    "adagrad_step": "AdaGrad (accumulator unsigned)",
+    "rmsprop_step": "RMSProp, plain or with momentum / Nesterov (textbook) (square_avg unsigned, "
+                    "velocity signed); not centered",
+}
+
+_KEYWORDS = {
+    "adam_step": {"step", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay",
+                  "amsgrad"},
+    "sgd_step": {"lr", "momentum", "nesterov", "weight_decay", "convention"},
+    "adagrad_step": {"lr", "eps", "weight_decay"},
+    "rmsprop_step": {"lr", "rho", "eps", "momentum", "nesterov", "centered", "weight_decay",
+                     "convention"},
+}
+_STATE_LENGTH = {"adam_step": 3, "sgd_step": 1, "adagrad_step": 1, "rmsprop_step": 3}
+
+
+def state8_supported(op, **hyper) -> str | None:
+    """None when ``op`` with these hyperparameters has 8-bit state, else the reason why not."""
+    if op not in _KEYWORDS:
+        return (f"op {op!r} has no 8-bit state; supported: {', '.join(_KEYWORDS)} (AdaDelta's two "
+                "second moments and delta-bar-delta's rates are not quantized, see docs/algorithms.md)")
+    missing = _KEYWORDS[op] - set(hyper)
+    extra = set(hyper) - _KEYWORDS[op]
+    if missing or extra:
+        return (f"{op} takes the hyperparameters {sorted(_KEYWORDS[op])}; missing {sorted(missing)}, "
+                f"unexpected {sorted(extra)}")
+    if op == "adam_step" and hyper["amsgrad"]:
+        return ("amsgrad=True: v_max ← max(v_max, v) of two independently quantized states is "
+                "not monotone after requantization; not supported in 8 bits")
+    if op == "sgd_step" and hyper["momentum"] == 0:
+        return "sgd_step with momentum=0 has no state to quantize"
+    if op == "rmsprop_step":
+        if hyper["centered"]:
+            return ("centered=True: the variance r − s⊙s is a difference of two 8-bit states whose "
+                    "quantization errors (up to 0.7% of their block's absmax) exceed it when the "
+                    "gradient's mean dominates, giving √ of a negative number; not supported")
+        if hyper["momentum"] != 0 and hyper["nesterov"] and hyper["convention"] != "textbook":
+            return "nesterov=True is defined for convention='textbook' only"
+    return None
+
+
+def state8_layout(op, **hyper) -> tuple[tuple[int, bool], ...]:
+    """(state-tuple index, signed map) of each 8-bit state of ``op`` with these hyperparameters."""
+    reason = state8_supported(op, **hyper)
+    if reason is not None:
+        raise ValueError(reason)
+    if op == "adam_step":
+        return ((0, True), (1, False))  # m, v
+    if op == "sgd_step":
+        return ((0, True),)  # velocity
+    if op == "adagrad_step":
+        return ((0, False),)  # accumulator
+    if hyper["momentum"] == 0:
+        return ((0, False),)  # square_avg
+    return ((0, False), (2, True))  # square_avg, velocity
+
+
+def _check(array, where, dtype, shape):
+    if not isinstance(array, np.ndarray) or array.dtype != dtype or array.shape != shape:
+        raise ValueError(f"{where} must be a numpy.ndarray of dtype {np.dtype(dtype)} and shape "
+                         f"{shape}, got {type(array).__name__} {getattr(array, 'dtype', None)} "
+                         f"{getattr(array, 'shape', None)}")
+    if not array.flags.c_contiguous or not array.flags.writeable:
+        raise ValueError(f"{where} must be C-contiguous and writeable")
+
+
+def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
+                avg_weight=0.0, block=256, **hyper) -> None:
+    """``op`` with 8-bit state, tensor by tensor: dequantize, reference update, requantize.
+    Raises ValueError before writing anything for an unsupported configuration or bad argument."""
+    layout = state8_layout(op, **hyper)
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    for t, param in enumerate(params):
+        shape = getattr(param, "shape", None)
+        _check(param, f"params[{t}]", np.float32, shape)
+        if not isinstance(grads[t], np.ndarray) or grads[t].dtype != np.float32 or grads[t].shape != shape:
+            raise ValueError(f"grads[{t}] must be a float32 numpy.ndarray of shape {shape}")
+        if avgs is not None:
+            _check(avgs[t], f"avgs[{t}]", np.float32, shape)
+        for slot, _ in layout:
+            codes, absmax = states[t][slot]
+            _check(codes, f"states[{t}][{slot}][0] (codes)", np.uint8, shape)
+            _check(absmax, f"states[{t}][{slot}][1] (absmax)", np.float32, (-(-param.size // block),))
+
+    update = with_step_extras(getattr(optim, op))
+    for t, (param, grad) in enumerate(zip(params, grads)):
+        full = [None] * _STATE_LENGTH[op]
+        for slot, signed in layout:
+            codes, absmax = states[t][slot]
+            full[slot] = np.empty(param.shape, np.float32)
+            dequantize_blockwise(codes, absmax, full[slot], signed=signed, block=block)
+        update(param, grad, *full, grad_mul=grad_mul, grad_clip=grad_clip,
+               avg=None if avgs is None else avgs[t], avg_weight=avg_weight, **hyper)
+        for slot, signed in layout:
+            codes, absmax = states[t][slot]
+            quantize_blockwise(full[slot], codes, absmax, signed=signed, block=block)

@@ -1,0 +1,624 @@
+"""Optimizer updates with 8-bit state, ``"numba"`` backend: ``docs/algorithms.md``, "Optimizers with
+8-bit state" (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022).
+
+    state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
+                avg_weight=0.0, block=256, **hyper)
+
+``op`` is ``"adam_step"``, ``"sgd_step"``, ``"adagrad_step"`` or ``"rmsprop_step"``; ``hyper`` the
+keywords of that op's host function in ``optim.py``. ``params``/``grads`` are lists of float32
+C-contiguous arrays; ``states[t]`` a tuple in the op's state order (Adam (m, v, v_max), SGD
+(velocity,), AdaGrad (accumulator,), RMSProp (square_avg, grad_avg, velocity)) whose used
+entries (``state8_layout``) are pairs ``(codes, absmax)``: codes uint8 of the param's shape,
+absmax float32 of ⌈n / block⌉ entries; the others None. ``avgs``: float32 Polyak averages or None.
+Everything in place.
+
+One pass per block of ``block`` elements, for each tensor (the block is the quantizer's, see
+``quantize.py``; the map, thresholds and zero code are that module's constants):
+
+    for i in the block:                   (θ, g, codes read; θ, θ̂ written; the new state to L1)
+        s_k = m_k[q_k,i] · a_k,b          dequantize every state k (a_k,b its block's absmax)
+        g ← clamp(g · grad_mul, ±grad_clip)
+        θᵢ, s_k ← update(θᵢ, g, s_k)      the op's float32 update, as the reference evaluates it
+        θ̂ᵢ ← θ̂ᵢ + w (θᵢ − θ̂ᵢ)              (averaged variant)
+        scratch_k[i] = s_k;  A_k = max(A_k, |s_k|)
+    for each state k:                     (requantize from the 256-float scratch, still in L1)
+        a_k,b = A_k  (NaN if the block holds NaN or ±inf; codes = the zero code then, and if A_k = 0)
+        q_k,i = #{j : s_k,i / a_k,b > t_j}     (8-step branch-free search over the 255 midpoints)
+
+The element updates evaluate the expressions of ``fastopt/reference/optim.py`` in its order and
+rounding (Adam as θ − (ε · (m / (1 − β1ᵗ))) / (δ + √(v / (1 − β2ᵗ))), unlike the float32 kernel of
+``optim.py``), so θ, the codes and absmax equal the reference's (``fastopt/reference/state8.py``:
+dequantize, reference update, requantize) bit for bit.
+
+Maps: first moments and momentum (Adam m, SGD velocity, RMSProp velocity) signed; second moments
+(Adam v, AdaGrad accumulator, RMSProp square_avg) unsigned. Not supported (``ValueError``, before
+anything is written): Adam with amsgrad, SGD without momentum (no state), centered RMSProp (the
+variance r − s ⊙ s is a difference of two quantized states and goes negative), RMSProp Nesterov
+with the torch convention (undefined), and the other optimizers (``state8_supported``).
+
+Parallelism: the tensors' blocks form one flat block index space cut into parts of whole blocks
+(a block never spans two threads); ``prange`` over the parts, each with a scratch buffer of
+2 × block float32. Lists of fewer than ``multi.SERIAL_BELOW`` elements run the serial twin.
+
+Memory traffic per element, k quantized states (float32 θ, g):
+
+    read  4 (θ) + 4 (g) + k (codes),  write 4 (θ) + k (codes),  plus 2 · 4k / block (absmax read and written)
+    = 12 + 2k + 8k / block bytes;  Adam (k = 2): 16 B + 2 · 8/256;  SGD momentum, AdaGrad, RMSProp (k = 1): 14 B + 8/256
+
+against 12 + 8k bytes with float32 state (Adam 28 B); the averaged variant adds 8 B (θ̂ read and
+written).
+
+Float32 only inside: every scalar arrives as float32 (``hyper``), comparisons are with float32
+zeros, and no literal float enters the arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.extending import intrinsic
+from numba.np.unsafe.ndarray import to_fixed_tuple
+
+from ._jit import kernel
+from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
+from .quantize import MAP_AS, THRESHOLDS, ZERO
+
+__all__ = ["SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
+
+# op -> what gets 8-bit state; the configurations state8_supported rejects are listed there
+SUPPORTED = {
+    "adam_step": "Adam and AdamW (m signed, v unsigned); not amsgrad",
+    "sgd_step": "SGD with momentum or Nesterov, both conventions (velocity signed); not momentum = 0",
+    "adagrad_step": "AdaGrad (accumulator unsigned)",
+    "rmsprop_step": "RMSProp, plain or with momentum / Nesterov (textbook) (square_avg unsigned, "
+                    "velocity signed); not centered",
+}
+
+# table columns
+_PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE = range(8)
+_COLUMNS = 8
+_F32 = np.dtype(np.float32)
+
+_element = numba.njit(inline="always", error_model="numpy")
+
+
+@intrinsic
+def _bytes(typingctx, address):
+    """A uint8 pointer at the integer ``address``."""
+    if not isinstance(address, types.Integer):
+        return None
+    signature = types.CPointer(types.uint8)(address)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+@_element
+def _l2(g, p, weight_decay):
+    """g + λθ; g itself when λ = 0 (as the reference's ``_l2``)."""
+    if weight_decay != 0:
+        return g + weight_decay * p
+    return g
+
+
+@_element
+def _transformed(g, grad_mul, grad_clip):
+    """g · grad_mul clamped to ±grad_clip; NaN passes through."""
+    g = g * grad_mul
+    if g > grad_clip:
+        g = grad_clip
+    elif g < -grad_clip:
+        g = -grad_clip
+    return g
+
+
+@_element
+def _requantize(scratch, k, count, amax, check, codes, i0, absmax, b, thresholds, zero):
+    """absmax[b] and codes[i0 : i0 + count] of the ``count`` values scratch[k, :count] (the
+    quantizer of ``quantize.py``: NaN absmax and zero codes for a non-finite block, zero codes for
+    an all-zero one, else the count of midpoints below x / a)."""
+    if check != check or np.isinf(amax):
+        absmax[b] = check - check  # NaN
+        for i in range(count):
+            codes[i0 + i] = zero
+    elif amax == 0:
+        absmax[b] = amax
+        for i in range(count):
+            codes[i0 + i] = zero
+    else:
+        absmax[b] = amax
+        for i in range(count):
+            s = scratch[k, i] / amax
+            q = 0
+            step = 128
+            while step > 0:
+                if s > thresholds[q + step - 1]:
+                    q += step
+                step >>= 1
+            codes[i0 + i] = q
+
+
+def _update8(scalars: int, states: int):
+    """Turn an element update ``element(p, g, s0, s1, h) -> (θᵢ, s0, s1)`` (dequantized float32
+    states in, new ones out; s1 unused when ``states`` is 1) taking ``scalars`` host scalars into
+    ``run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, block)``, which
+    runs one part (a range of whole blocks) of the tensor list: dequantize, update, requantize.
+
+    ``offsets`` are in blocks; ``table[t]`` holds θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁
+    addresses and θ's size; ``thresholds``, ``values`` and ``zeros`` the midpoints, map and zero code
+    of each state's map (row k for state k)."""
+
+    def wrap(element):
+        update = numba.njit(inline="always", error_model="numpy")(element)
+
+        def run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+            h = to_fixed_tuple(hyper, scalars)
+            grad_mul = hyper[scalars]
+            grad_clip = hyper[scalars + 1]
+            zero_f = np.float32(0)
+            scratch = np.empty((2, block), np.float32)
+            lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
+            t = last_at_most(offsets, lo)
+            while lo < hi:
+                b0, b1, lo = next_span(offsets, t, lo, hi)
+                n = table[t, _SIZE]
+                param = pointer(table[t, _PARAM], grad_mul)
+                grad = pointer(table[t, _GRAD], grad_mul)
+                codes0 = _bytes(table[t, _CODES0])
+                absmax0 = pointer(table[t, _ABSMAX0], grad_mul)
+                codes1 = _bytes(table[t, _CODES1])
+                absmax1 = pointer(table[t, _ABSMAX1], grad_mul)
+                avg = pointer(table[t, _AVG], grad_mul)  # null unless averaged
+                for b in range(b0, b1):
+                    i0 = b * block
+                    count = min(block, n - i0)
+                    a0 = absmax0[b]
+                    a1 = absmax1[b] if states > 1 else zero_f
+                    amax0 = zero_f
+                    amax1 = zero_f
+                    check0 = zero_f
+                    check1 = zero_f
+                    for j in range(count):
+                        i = i0 + j
+                        g = _transformed(grad[i], grad_mul, grad_clip)
+                        s0 = values[0, codes0[i]] * a0
+                        s1 = values[1, codes1[i]] * a1 if states > 1 else zero_f
+                        p, s0, s1 = update(param[i], g, s0, s1, h)
+                        param[i] = p
+                        if avg_weight is not None:
+                            a = avg[i]
+                            avg[i] = a + avg_weight * (p - a)
+                        scratch[0, j] = s0
+                        v0 = abs(s0)
+                        if v0 > amax0:
+                            amax0 = v0
+                        check0 += s0 - s0
+                        if states > 1:
+                            scratch[1, j] = s1
+                            v1 = abs(s1)
+                            if v1 > amax1:
+                                amax1 = v1
+                            check1 += s1 - s1
+                    _requantize(scratch, 0, count, amax0, check0, codes0, i0, absmax0, b,
+                                thresholds[0], zeros[0])
+                    if states > 1:
+                        _requantize(scratch, 1, count, amax1, check1, codes1, i0, absmax1, b,
+                                    thresholds[1], zeros[1])
+                t += 1
+
+        run.__name__ = run.__qualname__ = f"{element.__name__}_run"  # see optim._update
+        run = numba.njit(error_model="numpy")(run)
+        run.element = update
+        run.scalars = scalars
+        run.states = states
+        run.__doc__ = element.__doc__
+        return run
+
+    return wrap
+
+
+class _Kernel8:
+    """A state8 kernel in its two variants, each compiled on first use: ``plain`` (avg_weight
+    typed None) and ``averaged``; float32 only, each with its serial twin."""
+
+    def __init__(self, shell, update):
+        self.__name__ = shell.__name__
+        self.__doc__ = update.__doc__
+        self.update = update
+        self.scalars = update.scalars
+        self.states = update.states
+        self.plain = kernel([self._signature(types.none)])(shell)
+        self.averaged = kernel([self._signature(types.float32)])(shell)
+
+    @staticmethod
+    def _signature(avg_type):
+        f32 = types.float32
+        return types.void(types.int64[:, ::1], types.int64[::1], f32[::1], avg_type, f32[:, ::1],
+                          f32[:, ::1], types.uint8[::1], types.int64)
+
+    @property
+    def variants(self):
+        return (self.plain, self.averaged)
+
+
+def _kernel8(update):
+    def wrap(shell):
+        return _Kernel8(shell, update)
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------------------------
+# Element updates (dequantized float32 states in and out), in the reference's expression order
+# ---------------------------------------------------------------------------------------------
+
+
+@_update8(10, 2)
+def _adam8_update(p, g, m, v, h):
+    """Adam (λ = weight_decay, L2) and AdamW (decay = ελ, decoupled); the host zeroes the other:
+
+    θ ← θ − ελθ                 (AdamW, when ελ ≠ 0)
+    g ← g + λθ                  (Adam, when λ ≠ 0)
+    m ← β1 m + (1 − β1) g       (m signed 8-bit)
+    v ← β2 v + (1 − β2) g ⊙ g   (v unsigned 8-bit)
+    θ ← θ − ε (m / (1 − β1ᵗ)) / (δ + √(v / (1 − β2ᵗ)))
+    """
+    lr, bc1, bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay = h
+    if decay != 0:
+        p = p - decay * p
+    g = _l2(g, p, l2)
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
+    return p - lr * (m / bc1) / (eps + math.sqrt(v / bc2)), m, v
+
+
+@_kernel8(_adam8_update)
+def _adam8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
+    parts = min(parts, offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        _adam8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros,
+                      block)
+
+
+@_update8(4, 1)
+def _sgd_momentum8_update(p, g, v, unused, h):
+    """SGD with momentum, both conventions through c and k (velocity signed 8-bit):
+
+    g ← g + λθ   (when λ ≠ 0)
+    v ← αv + c g;   θ ← θ + k v
+    textbook (c = −ε, k = 1): v ← αv − εg; θ ← θ + v     torch (c = 1, k = −ε): b ← αb + g; θ ← θ − εb
+    """
+    momentum, c, k, weight_decay = h
+    g = _l2(g, p, weight_decay)
+    v = momentum * v + c * g
+    return p + k * v, v, unused
+
+
+@_kernel8(_sgd_momentum8_update)
+def _sgd_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
+    parts = min(parts, offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        _sgd_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
+                              zeros, block)
+
+
+@_update8(3, 1)
+def _sgd_nesterov8_update(p, g, v, unused, h):
+    """SGD with Nesterov momentum, textbook (velocity signed 8-bit):
+
+    g ← g + λθ   (when λ ≠ 0)
+    v ← αv − εg;   θ ← θ + αv − εg    (v the new velocity)
+    """
+    lr, momentum, weight_decay = h
+    g = _l2(g, p, weight_decay)
+    v = momentum * v - lr * g
+    return p + momentum * v - lr * g, v, unused
+
+
+@_kernel8(_sgd_nesterov8_update)
+def _sgd_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
+    parts = min(parts, offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        _sgd_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
+                              zeros, block)
+
+
+@_update8(3, 1)
+def _sgd_nesterov_torch8_update(p, g, b, unused, h):
+    """SGD with Nesterov momentum, torch (buffer b signed 8-bit):
+
+    g ← g + λθ   (when λ ≠ 0)
+    b ← αb + g;   θ ← θ − ε(g + αb)   (b the new buffer)
+    """
+    lr, momentum, weight_decay = h
+    g = _l2(g, p, weight_decay)
+    b = momentum * b + g
+    return p - lr * (g + momentum * b), b, unused
+
+
+@_kernel8(_sgd_nesterov_torch8_update)
+def _sgd_nesterov_torch8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
+    parts = min(parts, offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        _sgd_nesterov_torch8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
+                                    values, zeros, block)
+
+
+@_update8(3, 1)
+def _adagrad8_update(p, g, r, unused, h):
+    """AdaGrad (accumulator unsigned 8-bit):
+
+    g ← g + λθ   (when λ ≠ 0)
+    r ← r + g ⊙ g;   θ ← θ − εg / (δ + √r)
+    """
+    lr, eps, weight_decay = h
+    g = _l2(g, p, weight_decay)
+    r = r + g * g
+    return p - lr * g / (eps + math.sqrt(r)), r, unused
+
+
+@_kernel8(_adagrad8_update)
+def _adagrad8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
+    parts = min(parts, offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        _adagrad8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
+                         zeros, block)
+
+
+@_update8(6, 1)
+def _rmsprop8_update(p, g, r, unused, h):
+    """RMSProp without momentum, both conventions (square_avg unsigned 8-bit):
+
+    g ← g + λθ   (when λ ≠ 0)
+    r ← ρr + (1 − ρ) g ⊙ g
+    d = √(δ_in + r) + δ_out     (textbook √(δ + r), torch √r + δ; adding the zero is exact)
+    θ ← θ − εg / d
+    """
+    lr, rho, one_minus_rho, eps_in, eps_out, weight_decay = h
+    g = _l2(g, p, weight_decay)
+    r = rho * r + one_minus_rho * g * g
+    return p - lr * g / (math.sqrt(eps_in + r) + eps_out), r, unused
+
+
+@_kernel8(_rmsprop8_update)
+def _rmsprop8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
+    parts = min(parts, offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        _rmsprop8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
+                         zeros, block)
+
+
+@_update8(8, 2)
+def _rmsprop_momentum8_update(p, g, r, v, h):
+    """RMSProp with momentum, both conventions through δ_in, δ_out, c and k (square_avg unsigned,
+    velocity signed 8-bit):
+
+    g ← g + λθ   (when λ ≠ 0)
+    r ← ρr + (1 − ρ) g ⊙ g
+    d = √(δ_in + r) + δ_out
+    v ← αv + c g / d;   θ ← θ + k v
+    textbook (c = −ε, k = 1): v ← αv − εg/d; θ ← θ + v    torch (c = 1, k = −ε): b ← αb + g/d; θ ← θ − εb
+    """
+    rho, one_minus_rho, eps_in, eps_out, momentum, c, k, weight_decay = h
+    g = _l2(g, p, weight_decay)
+    r = rho * r + one_minus_rho * g * g
+    d = math.sqrt(eps_in + r) + eps_out
+    v = momentum * v + c * g / d
+    return p + k * v, r, v
+
+
+@_kernel8(_rmsprop_momentum8_update)
+def _rmsprop_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
+    parts = min(parts, offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        _rmsprop_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
+                                  values, zeros, block)
+
+
+@_update8(6, 2)
+def _rmsprop_nesterov8_update(p, g, r, v, h):
+    """RMSProp with Nesterov momentum, textbook (square_avg unsigned, velocity signed 8-bit):
+
+    g ← g + λθ   (when λ ≠ 0)
+    r ← ρr + (1 − ρ) g ⊙ g
+    u = εg / √(δ + r);   v ← αv − u;   θ ← θ + αv − u    (v the new velocity)
+    """
+    lr, rho, one_minus_rho, eps, momentum, weight_decay = h
+    g = _l2(g, p, weight_decay)
+    r = rho * r + one_minus_rho * g * g
+    u = lr * g / math.sqrt(eps + r)
+    v = momentum * v - u
+    return p + momentum * v - u, r, v
+
+
+@_kernel8(_rmsprop_nesterov8_update)
+def _rmsprop_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
+    parts = min(parts, offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        _rmsprop_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
+                                  values, zeros, block)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: op, hyperparameters -> kernel, (state slot, signed) pairs in the kernel's order, scalars
+# ---------------------------------------------------------------------------------------------
+
+
+def _adam8_plan(*, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad):
+    bc1 = 1 - beta1 ** int(step)  # as the reference: Python floats, rounded once to float32
+    bc2 = 1 - beta2 ** int(step)
+    if decoupled_weight_decay:
+        l2, decay = 0.0, lr * weight_decay
+    else:
+        l2, decay = weight_decay, 0.0
+    return _adam8, ((0, True), (1, False)), (lr, bc1, bc2, beta1, 1 - beta1, beta2, 1 - beta2,
+                                              eps, l2, decay)
+
+
+def _sgd8_plan(*, lr, momentum, nesterov, weight_decay, convention):
+    if nesterov:
+        nesterov_kernel = _sgd_nesterov8 if convention == "textbook" else _sgd_nesterov_torch8
+        return nesterov_kernel, ((0, True),), (lr, momentum, weight_decay)
+    c, k = (-lr, 1.0) if convention == "textbook" else (1.0, -lr)
+    return _sgd_momentum8, ((0, True),), (momentum, c, k, weight_decay)
+
+
+def _adagrad8_plan(*, lr, eps, weight_decay):
+    return _adagrad8, ((0, False),), (lr, eps, weight_decay)
+
+
+def _rmsprop8_plan(*, lr, rho, eps, momentum, nesterov, centered, weight_decay, convention):
+    one_minus_rho = 1 - rho
+    eps_in, eps_out = (eps, 0.0) if convention == "textbook" else (0.0, eps)
+    if momentum == 0:
+        return _rmsprop8, ((0, False),), (lr, rho, one_minus_rho, eps_in, eps_out, weight_decay)
+    slots = ((0, False), (2, True))
+    if nesterov:
+        return _rmsprop_nesterov8, slots, (lr, rho, one_minus_rho, eps, momentum, weight_decay)
+    c, k = (-lr, 1.0) if convention == "textbook" else (1.0, -lr)
+    return _rmsprop_momentum8, slots, (rho, one_minus_rho, eps_in, eps_out, momentum, c, k,
+                                       weight_decay)
+
+
+_PLANS = {
+    "adam_step": _adam8_plan,
+    "sgd_step": _sgd8_plan,
+    "adagrad_step": _adagrad8_plan,
+    "rmsprop_step": _rmsprop8_plan,
+}
+_STATE_LENGTH = {"adam_step": 3, "sgd_step": 1, "adagrad_step": 1, "rmsprop_step": 3}
+_KEYWORDS = {
+    "adam_step": {"step", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay",
+                  "amsgrad"},
+    "sgd_step": {"lr", "momentum", "nesterov", "weight_decay", "convention"},
+    "adagrad_step": {"lr", "eps", "weight_decay"},
+    "rmsprop_step": {"lr", "rho", "eps", "momentum", "nesterov", "centered", "weight_decay",
+                     "convention"},
+}
+
+
+def state8_supported(op, **hyper) -> str | None:
+    """None when ``op`` with these hyperparameters runs with 8-bit state, else the reason why not."""
+    if op not in _PLANS:
+        return (f"op {op!r} has no 8-bit state; supported: {', '.join(_PLANS)} (AdaDelta's two "
+                "second moments and delta-bar-delta's rates are not quantized, see docs/algorithms.md)")
+    missing = _KEYWORDS[op] - set(hyper)
+    extra = set(hyper) - _KEYWORDS[op]
+    if missing or extra:
+        return (f"{op} takes the hyperparameters {sorted(_KEYWORDS[op])}; missing {sorted(missing)}, "
+                f"unexpected {sorted(extra)}")
+    if op == "adam_step" and hyper["amsgrad"]:
+        return ("amsgrad=True: v_max ← max(v_max, v) of two independently quantized states is "
+                "not monotone after requantization; not supported in 8 bits")
+    if op == "sgd_step" and hyper["momentum"] == 0:
+        return "sgd_step with momentum=0 has no state to quantize"
+    if op == "rmsprop_step":
+        if hyper["centered"]:
+            return ("centered=True: the variance r − s⊙s is a difference of two 8-bit states whose "
+                    "quantization errors (up to 0.7% of their block's absmax) exceed it when the "
+                    "gradient's mean dominates, giving √ of a negative number; not supported")
+        if hyper["momentum"] != 0 and hyper["nesterov"] and hyper["convention"] != "textbook":
+            return "nesterov=True is defined for convention='textbook' only"
+    return None
+
+
+def state8_layout(op, **hyper) -> tuple[tuple[int, bool], ...]:
+    """The (state-tuple index, signed map) pairs of the 8-bit states ``op`` uses with these
+    hyperparameters (raises ValueError for an unsupported configuration)."""
+    reason = state8_supported(op, **hyper)
+    if reason is not None:
+        raise ValueError(reason)
+    return _PLANS[op](**hyper)[1]
+
+
+def _address(array) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def _table(params, grads, states, avgs, slots, block):
+    """The kernel's table and block offsets; raises ValueError naming the first bad argument."""
+    count = len(params)
+    for name, seq in (("grads", grads), ("states", states), ("avgs", avgs)):
+        if seq is not None and len(seq) != count:
+            raise ValueError(f"{name} has {len(seq)} entries, params has {count}")
+    table = np.zeros((count, _COLUMNS), np.int64)
+    offsets = np.zeros(count + 1, np.int64)
+
+    def check(array, where, dtype, shape, written):
+        if not isinstance(array, np.ndarray) or array.dtype != dtype:
+            raise ValueError(f"{where} must be a numpy.ndarray of dtype {np.dtype(dtype)}, got "
+                             f"{type(array).__name__} of dtype {getattr(array, 'dtype', None)}")
+        if array.shape != shape:
+            raise ValueError(f"{where} must have shape {shape}, got {array.shape}")
+        if not array.flags.c_contiguous or (written and not array.flags.writeable):
+            raise ValueError(f"{where} must be C-contiguous" + (" and writeable" if written else ""))
+        return _address(array)
+
+    for t in range(count):
+        param = params[t]
+        shape = getattr(param, "shape", None)
+        table[t, _PARAM] = check(param, f"params[{t}]", _F32, shape, True)
+        n = param.size
+        table[t, _GRAD] = check(grads[t], f"grads[{t}]", _F32, shape, False)
+        if avgs is not None:
+            table[t, _AVG] = check(avgs[t], f"avgs[{t}]", _F32, shape, True)
+        state = states[t]
+        if not isinstance(state, (tuple, list)) or len(state) < max(s for s, _ in slots) + 1:
+            raise ValueError(f"states[{t}] must be a tuple in the op's state order, got {state!r:.80}")
+        for k, (slot, _) in enumerate(slots):
+            pair = state[slot]
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"states[{t}][{slot}] must be a pair (codes, absmax), got {pair!r:.80}")
+            table[t, (_CODES0, _CODES1)[k]] = check(pair[0], f"states[{t}][{slot}][0] (codes)",
+                                                    np.uint8, shape, True)
+            table[t, (_ABSMAX0, _ABSMAX1)[k]] = check(pair[1], f"states[{t}][{slot}][1] (absmax)",
+                                                      _F32, (-(-n // block),), True)
+        table[t, _SIZE] = n
+        offsets[t + 1] = offsets[t] + -(-n // block)
+    return table, offsets
+
+
+_MAPS = {signed: (THRESHOLDS[(signed, _F32)], MAP_AS[(signed, _F32)], ZERO[signed])
+         for signed in (True, False)}
+
+
+def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
+                avg_weight=0.0, block=256, **hyper) -> None:
+    """``op`` with 8-bit block-wise quantized state on every tensor of the lists, in one kernel
+    call (see the module docstring); raises ValueError, before writing anything, for an
+    unsupported configuration or a bad argument."""
+    reason = state8_supported(op, **hyper)
+    if reason is not None:
+        raise ValueError(reason)
+    if not isinstance(block, int) or not 1 <= block:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if len(params) == 0:
+        return
+    update, slots, scalars = _PLANS[op](**hyper)
+    table, offsets = _table(params, grads, states, avgs, slots, block)
+    if offsets[-1] == 0:
+        return
+    rows = [slots[min(k, len(slots) - 1)][1] for k in range(2)]  # row 1 repeats row 0 when unused
+    thresholds = np.stack([_MAPS[s][0] for s in rows])
+    values = np.stack([_MAPS[s][1] for s in rows])
+    zeros = np.array([_MAPS[s][2] for s in rows], np.uint8)
+    hyper_array = np.array((*scalars, grad_mul, grad_clip), np.float32)
+    variant = update.plain if avgs is None else update.averaged
+    total = sum(int(p.size) for p in params)
+    if total < SERIAL_BELOW:
+        variant = variant.serial
+    variant(table, offsets, hyper_array, None if avgs is None else np.float32(avg_weight),
+            thresholds, values, zeros, block)

@@ -108,9 +108,10 @@ def _device_facts(array) -> tuple[np.dtype, bool, bool]:
     return dtype, contiguous, not interface["data"][1]
 
 
-def check_array(name: str, array, *, writeable: bool):
+def check_array(name: str, array, *, writeable: bool, low_precision: bool = False):
     """A C-contiguous float32/float64 array (writeable when the operation writes it): a NumPy
-    array, or a CUDA device array (``__cuda_array_interface__``) for the GPU backends."""
+    array, or a CUDA device array (``__cuda_array_interface__``) for the GPU backends.
+    ``low_precision`` also admits NumPy arrays of bfloat16 and float16 (``fastopt.precision``)."""
     if isinstance(array, np.ndarray):
         dtype, contiguous, can_write = array.dtype, array.flags.c_contiguous, array.flags.writeable
     elif is_device_array(array):
@@ -120,7 +121,13 @@ def check_array(name: str, array, *, writeable: bool):
     else:
         raise TypeError(f"{name} must be a numpy.ndarray or a CUDA device array, got {kind_name(array)}")
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
+        if low_precision and dtype.itemsize == 2 and dtype.name in ("bfloat16", "float16"):
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"{name} has dtype {dtype} on the device: the GPU backends do not take 16-bit "
+                                "parameters yet; the host backends 'numba' and 'numpy' do")
+        else:
+            raise TypeError(f"{name} must have dtype float32 or float64"
+                            + (", or bfloat16 or float16 on the host" if low_precision else "") + f", got {dtype}")
     if not contiguous:
         raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray), got strides "
                          f"{getattr(array, 'strides', None)}")

@@ -14,8 +14,8 @@ import operator
 
 import numpy as np
 
-from . import dispatch
-from ._checks import CONVENTIONS, check_array, check_disjoint, check_like, check_real, check_same_kind, dtype_of, shape_of
+from . import dispatch, precision
+from ._checks import CONVENTIONS, check_array, check_disjoint, check_real, check_same_kind, dtype_of, shape_of
 from .functional import HOST_OPTIONS, SPECS, check_host_options, with_host_options
 
 __all__ = ["Optimizer", "SGD", "AdaGrad", "RMSProp", "AdaDelta", "Adam", "AdamW", "DeltaBarDelta"]
@@ -130,7 +130,10 @@ class Optimizer:
 
     def __init__(self, params, defaults: dict, *, convention: str = "textbook", backend: str | None = None,
                  clip_grad_norm=None, clip_grad_value=None, nonfinite="propagate", polyak=None,
+                 master_weights=None, rounding="nearest", seed=0, state_dtype="float32", min_8bit_size=4096,
                  comm=None, shard_state=None, grad_reduce="mean", bucket_bytes=None):
+        if comm is not None and (master_weights, rounding, seed, state_dtype) != (None, "nearest", 0, "float32"):
+            raise ValueError("master_weights, rounding, seed and state_dtype are not supported with comm= yet")
         if comm is not None:  # every rank builds, then all agree (docs/distributed.md); imports mpi4py
             from .distributed.engine import attach
 
@@ -142,6 +145,7 @@ class Optimizer:
         if (shard_state, grad_reduce, bucket_bytes) != (None, "mean", None):
             raise ValueError("shard_state, grad_reduce and bucket_bytes need comm= (an mpi4py communicator)")
         dispatch.check_backend_name(backend)
+        self.precision = precision.check_options(self._spec, master_weights, rounding, seed, state_dtype, min_8bit_size)
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
         options = _check_options(clip_grad_norm, clip_grad_value, nonfinite, polyak)
@@ -171,13 +175,20 @@ class Optimizer:
         self.param_groups = groups
         flat = self._params()
         for k, p in enumerate(flat):
-            check_array(f"params[{k}]", p, writeable=True)
+            check_array(f"params[{k}]", p, writeable=True, low_precision=True)
             check_same_kind(f"params[{k}]", p, "params[0]", flat[0])
         check_disjoint({f"params[{k}]": p for k, p in enumerate(flat)})
         if backend is not None:  # an explicitly named backend must be usable now, not at the first step
             dispatch.resolve(backend, flat[0])
+        if any(precision.is_low(dtype_of(p)) for p in flat):  # 16-bit parameters: a host backend that takes them
+            precision.mixed_module(dispatch.resolve(backend, flat[0]), backend or dispatch.default_backend(flat[0]))
+        if any(self.precision.eight_bit(p) for p in flat):
+            precision.eight_bit_module(dispatch.resolve(backend, flat[0]), backend or dispatch.default_backend(flat[0]))
+            for k, p in enumerate(flat):
+                if self.precision.eight_bit(p):
+                    precision.check_eight_bit_param(f"params[{k}]", p)
         for i, group in enumerate(groups):
-            self._check_group(i, group, 0)
+            self._check_eight_bit(i, self._check_group(i, group, 0)[0])
         self.state: list[dict] = [{"step": 0} for _ in flat]
         self._layout = None  # see _grads_plainly_fine
         self._bucket_cache: dict[int, tuple] = {}  # see _buckets
@@ -217,6 +228,17 @@ class Optimizer:
             raise type(exc)(f"param group {index}: {exc}") from None
         except KeyError as exc:
             raise ValueError(f"param group {index} lacks hyperparameter {exc}") from None
+
+    def _check_eight_bit(self, index: int, hyper: dict) -> None:
+        """With ``state_dtype="int8"``: the group's configuration must have 8-bit state, if any of
+        its parameters is large enough to get it."""
+        if self.precision.state_dtype != "int8":
+            return
+        params = self.param_groups[index]["params"]
+        if any(self.precision.eight_bit(p) for p in params):
+            module = dispatch.resolve(self.backend, params[0])
+            spec = SPECS[self._spec]
+            precision.check_eight_bit(module, spec.kernel, dict(hyper, step=1) if spec.step_count else hyper, index)
 
     def _selected(self, groups) -> list[int]:
         if groups is None:
@@ -287,6 +309,7 @@ class Optimizer:
         plan = []
         for i in selected:
             hyper, host = self._check_group(i, self.param_groups[i], self.steps)
+            self._check_eight_bit(i, hyper)
             plan.append((i, self.param_groups[i], hyper, host, spec.uses(hyper)))
         ranges = [(first[i], first[i + 1]) for i in selected]
         if not self._grads_plainly_fine(params, grads, ranges):
@@ -295,12 +318,12 @@ class Optimizer:
         grad_mul = inv_scale
         if self.clip_grad_norm is not None or self.nonfinite != "propagate":
             stepped = [k for lo, hi in ranges for k in range(lo, hi)]
-            sumsq = module.grad_sumsq([grads[k] for k in stepped])
+            sumsq = precision.sumsq(module, [grads[k] for k in stepped])
             if self.nonfinite != "propagate" and not math.isfinite(_host_float(module, sumsq)):
                 if self.nonfinite == "skip":
                     self.skipped_steps += 1
                     return
-                bad = next(k for k in stepped if not math.isfinite(_host_float(module, module.grad_sumsq([grads[k]]))))
+                bad = next(k for k in stepped if not math.isfinite(_host_float(module, precision.sumsq(module, [grads[k]]))))
                 raise FloatingPointError(f"grads[{bad}] contains NaN or Inf (nonfinite='raise'); nothing was updated")
             if self.clip_grad_norm is not None:
                 grad_mul = _Multipliers(module, sumsq, self.clip_grad_norm, inv_scale)
@@ -315,9 +338,8 @@ class Optimizer:
         written, read = {}, {}
         for k in stepped:
             param, grad = params[k], grads[k]
-            check_array(f"params[{k}]", param, writeable=True)
-            check_array(f"grads[{k}]", grad, writeable=False)
-            check_like(f"grads[{k}]", grad, f"params[{k}]", param)
+            check_array(f"params[{k}]", param, writeable=True, low_precision=True)
+            precision.check_grad(f"grads[{k}]", grad, f"params[{k}]", param)
             read[f"grads[{k}]"] = grad
         for k, param in enumerate(params):
             written[f"params[{k}]"] = param
@@ -346,7 +368,7 @@ class Optimizer:
         those checks."""
         written = {}
         for k, p in enumerate(params):
-            check_array(f"params[{k}]", p, writeable=True)
+            check_array(f"params[{k}]", p, writeable=True, low_precision=True)
             check_same_kind(f"params[{k}]", p, "params[0]", params[0])
             written[f"params[{k}]"] = p
             for name, value in self.state[k].items():
@@ -378,7 +400,12 @@ class Optimizer:
                 keywords["avg_weight"] = self._avg_weight(first["avg_steps"] + 1)
             keywords = with_host_options(module, host, keywords, first["step"] + 1,
                                          lambda multiplier: _host_float(module, multiplier))
-            if len(ks) == 1:
+            if precision.is_low(dtype):
+                self._mixed_update(module, spec, ks, plist, [grads[k] for k in ks], states, avgs, keywords)
+            elif self.precision.eight_bit(plist[0]):
+                precision.eight_bit_module(module, self.backend).state8_step(
+                    spec.kernel, plist, [grads[k] for k in ks], states, avgs, block=precision.BLOCK, **keywords)
+            elif len(ks) == 1:
                 getattr(module, spec.kernel)(plist[0], grads[ks[0]], *states[0],
                                              avg=None if avgs is None else avgs[0], **keywords)
             else:
@@ -388,6 +415,15 @@ class Optimizer:
                 state["step"] += 1
                 if avgs is not None:
                     state["avg_steps"] += 1
+
+    def _mixed_update(self, module, spec, ks, plist, grads, states, avgs, keywords) -> None:
+        """One bucket of 16-bit parameters (``fastopt.precision``): the backend's ``mixed_step``,
+        with the float32 master copies or the rounding of the parameters themselves."""
+        options = self.precision
+        masters = [self.state[k]["master"] for k in ks] if options.master(plist[0].dtype) else None
+        precision.mixed_module(module, self.backend).mixed_step(
+            spec.kernel, plist, grads, masters, states, avgs, rounding=options.rounding, seed=options.seed,
+            counter=self.state[ks[0]]["step"] + 1, indices=ks, **keywords)
 
     def _buckets(self, module, spec, i, group, indices, params, used) -> list:
         """The group's tensors bucketed by (dtype, step, avg_steps), with their state arrays
@@ -401,24 +437,43 @@ class Optimizer:
         keyed: dict[tuple, list[int]] = {}
         for k in indices:
             param, state = params[k], self.state[k]
+            eight_bit = self.precision.eight_bit(param)
+            signed = {}
+            if eight_bit:
+                hyper = self._check_group(i, group, self.steps)[0]
+                layout = module.state8_layout(spec.kernel, **(dict(hyper, step=1) if spec.step_count else hyper))
+                signed = {spec.state[slot]: sign for slot, sign in layout}
             for name in used:
                 if name not in state:
                     value = self._initial_value(name, group)
-                    state[name] = module.zeros_like(param) if value == 0.0 else module.full_like(param, value)
+                    if name in signed:
+                        state[name], state[name + precision.ABSMAX] = precision.quantized_state(
+                            module, param, value, signed[name])
+                    else:
+                        state[name] = precision.state_array(module, param, value)
+            if self.precision.master(dtype_of(param)) and "master" not in state:
+                state["master"] = param.astype(np.float32)
             if self.polyak is not None and "avg" not in state:
                 # θ̂ starts at the first averaged iterate; a zero start makes the first lerp exact
-                state["avg"] = module.zeros_like(param)
+                state["avg"] = precision.state_array(module, param, 0.0)
                 state["avg_steps"] = 0
-            keyed.setdefault((dtype_of(param), state["step"], state.get("avg_steps", 0)), []).append(k)
+            keyed.setdefault((dtype_of(param), state["step"], state.get("avg_steps", 0), eight_bit), []).append(k)
         buckets = [
             (ks, key[0], [params[k] for k in ks],
-             [tuple(self.state[k].get(name) for name in spec.state) for k in ks],
+             [tuple(self._state_entry(self.state[k], name) for name in spec.state) for k in ks],
              [self.state[k]["avg"] for k in ks] if self.polyak is not None else None)
             for key, ks in keyed.items()
         ]
         self._layout = None  # state arrays may be new: the next step rebuilds the layout
         self._bucket_cache[i] = (used, members, buckets)
         return buckets
+
+    @staticmethod
+    def _state_entry(state: dict, name: str):
+        """A state array as the backend takes it: the array, or (codes, absmax) when quantized."""
+        if name + precision.ABSMAX in state:
+            return (state[name], state[name + precision.ABSMAX])
+        return state.get(name)
 
     def averaged_params(self) -> list:
         """The Polyak averages θ̂, one per parameter in group order (the parameter itself for one
@@ -511,13 +566,28 @@ class Optimizer:
             for name, value in entry.items():
                 if name in ("step", "avg_steps"):
                     continue
-                if name not in (*spec.state, "avg"):
-                    raise ValueError(f"state_dict state[{k}] has unknown entry {name!r}; expected {spec.state}")
+                low = precision.is_low(dtype_of(param))
+                eight_bit = self.precision.eight_bit(param)
+                absmax = tuple(n + precision.ABSMAX for n in spec.state) if eight_bit else ()
+                if name not in (*spec.state, "avg", *(("master",) if low else ()), *absmax):
+                    raise ValueError(f"state_dict state[{k}] has unknown entry {name!r}; expected {spec.state}"
+                                     + (" (with float32 state: saved with state_dtype='int8'?)"
+                                        if name.endswith(precision.ABSMAX) else ""))
                 if not isinstance(value, np.ndarray):
                     raise TypeError(f"state_dict state[{k}][{name!r}] must be a numpy.ndarray, got {type(value).__name__}")
-                if shape_of(value) != shape_of(param) or dtype_of(value) != dtype_of(param):
-                    raise ValueError(f"state_dict state[{k}][{name!r}] must have the shape and dtype of params[{k}] "
-                                     f"({shape_of(param)}, {dtype_of(param)}), got ({value.shape}, {value.dtype})")
+                # a 16-bit parameter's state is float32; an 8-bit state is uint8 codes and float32 absmax
+                wanted, shape = (np.dtype(np.float32) if low else dtype_of(param)), shape_of(param)
+                if name in absmax:
+                    wanted, shape = np.dtype(np.float32), (-(-int(np.prod(shape)) // precision.BLOCK),)
+                elif name + precision.ABSMAX in absmax and name != "avg":
+                    if name + precision.ABSMAX not in entry:
+                        raise ValueError(f"state_dict state[{k}][{name!r}] is float32 state, but this optimizer keeps "
+                                         f"it in 8 bits (state_dtype='int8'): its codes and {name + precision.ABSMAX!r}")
+                    wanted = np.dtype(np.uint8)
+                if shape_of(value) != shape or dtype_of(value) != wanted:
+                    hint = " (saved with state_dtype='int8'?)" if value.dtype == np.uint8 else ""
+                    raise ValueError(f"state_dict state[{k}][{name!r}] must have shape {shape} and dtype "
+                                     f"{wanted}, got ({value.shape}, {value.dtype}){hint}")
                 restored[name] = module.from_numpy(np.ascontiguousarray(value), param)
             new_state.append(restored)
         self.param_groups = new_groups

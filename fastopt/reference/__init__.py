@@ -9,6 +9,8 @@ take the training-step extras of ``docs/backends.md`` (``grad_mul``, ``grad_clip
 
 from . import optim as _optim
 from .quantize import dequantize_blockwise, dynamic_map, quantize_blockwise
+from .mixed import mixed_step, mixed_sumsq
+from .state8 import state8_layout, state8_step, state8_supported
 from .batchnorm import batchnorm_backward, batchnorm_forward, batchnorm_statistics
 from .extras import (
     copy_from_numpy,
@@ -54,12 +56,17 @@ __all__ = [
     "full_like",
     "grad_multiplier",
     "grad_sumsq",
+    "mixed_step",
+    "mixed_sumsq",
     "multi_step",
     "owns",
     "quantize_blockwise",
     "rmsprop_step",
     "scale_grads_",
     "sgd_step",
+    "state8_layout",
+    "state8_step",
+    "state8_supported",
     "to_numpy",
     "zeros_like",
 ]

@@ -21,6 +21,8 @@ from ..._host_arrays import (
 )
 from .batchnorm import batchnorm_backward, batchnorm_forward
 from .bnstats import batchnorm_statistics
+from .mixed import mixed_step, mixed_sumsq
+from .state8 import state8_layout, state8_step, state8_supported
 from .optim import (
     adadelta_step,
     adagrad_step,
@@ -97,12 +99,17 @@ __all__ = [
     "full_like",
     "grad_multiplier",
     "grad_sumsq",
+    "mixed_step",
+    "mixed_sumsq",
     "multi_step",
     "owns",
     "quantize_blockwise",
     "rmsprop_step",
     "scale_grads_",
     "sgd_step",
+    "state8_layout",
+    "state8_step",
+    "state8_supported",
     "to_numpy",
     "zeros_like",
 ]

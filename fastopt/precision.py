@@ -1,0 +1,165 @@
+"""Low-precision training inside the optimizers: 16-bit parameters with float32 master weights or
+stochastic rounding, and 8-bit optimizer state (``docs/algorithms.md``, "Low-precision
+parameters" and "Optimizers with 8-bit state").
+
+The optimizer classes (``fastopt.optim``) take these keywords and hand every bucket of bfloat16
+or float16 parameters to the backend's ``mixed_step``, one fused pass per bucket:
+
+* ``master_weights`` (default: on for 16-bit parameters): the optimizer keeps a float32 copy of
+  each 16-bit parameter in its state (``state["master"]``), updates the copy, and writes the
+  rounded parameter in the same pass. ``False`` updates the 16-bit parameter itself.
+* ``rounding``: how a 16-bit parameter without master weights is stored, ``"nearest"`` (ties to
+  even) or ``"stochastic"`` (unbiased; element i of parameter k at its t-th step draws from a
+  counter-based stream keyed by ``(seed, t, k)``, so runs repeat and resume bit for bit).
+* State arrays of a 16-bit parameter are float32; gradients have the parameter's dtype or float32.
+* ``state_dtype="int8"`` (SGD with momentum, AdaGrad, RMSProp, Adam, AdamW; float32 parameters):
+  each state array of a parameter with at least ``min_8bit_size`` elements (default 4096, as
+  bitsandbytes) is kept as block-wise quantized codes, ``state[name]`` (uint8, the parameter's
+  shape) and ``state[name + "_absmax"]`` (float32, one per block of 256), and the backend's
+  ``state8_step`` dequantizes, updates and requantizes each block in the one fused pass. Smaller
+  parameters keep float32 state. ``state_dict`` holds codes and absmax as they are.
+
+Only the host backends take 16-bit arrays (``"numba"`` and the reference ``"numpy"``); the GPU
+backends raise ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._checks import check_array, check_same_kind, dtype_of, shape_of
+
+__all__ = ["LOW_PRECISION", "Precision", "check_options", "is_low", "sumsq"]
+
+LOW_PRECISION = ("bfloat16", "float16")
+ROUNDINGS = ("nearest", "stochastic")
+STATE_DTYPES = ("float32", "int8")
+EIGHT_BIT = ("sgd", "adagrad", "rmsprop", "adam", "adamw")  # optimizers (spec names) with 8-bit state
+BLOCK = 256  # elements per absmax of 8-bit state (docs/algorithms.md: why 256)
+ABSMAX = "_absmax"  # suffix of the state entry that holds a quantized state's absmax
+_FLOAT32 = np.dtype(np.float32)
+
+
+def is_low(dtype) -> bool:
+    """Whether ``dtype`` is a 16-bit float the optimizers store with float32 arithmetic."""
+    dtype = np.dtype(dtype)
+    return dtype.itemsize == 2 and dtype.name in LOW_PRECISION
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The low-precision options of one optimizer, checked."""
+
+    master_weights: bool | None = None
+    rounding: str = "nearest"
+    seed: int = 0
+    state_dtype: str = "float32"
+    min_8bit_size: int = 4096
+
+    def master(self, dtype) -> bool:
+        """Whether parameters of ``dtype`` keep a float32 master copy."""
+        return is_low(dtype) and self.master_weights is not False
+
+    def eight_bit(self, param) -> bool:
+        """Whether ``param``'s state is kept in 8 bits."""
+        return self.state_dtype == "int8" and int(np.prod(shape_of(param))) >= self.min_8bit_size
+
+
+def check_options(spec_name, master_weights, rounding, seed, state_dtype, min_8bit_size) -> Precision:
+    """The keywords of every optimizer, checked (``ValueError``/``TypeError`` naming the argument)."""
+    if state_dtype not in STATE_DTYPES:
+        extra = " ('bfloat16' state is not implemented yet)" if state_dtype == "bfloat16" else ""
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}{extra}, got {state_dtype!r}")
+    if state_dtype == "int8" and spec_name not in EIGHT_BIT:
+        raise ValueError(f"state_dtype='int8' is for SGD with momentum, AdaGrad, RMSProp, Adam and AdamW, not {spec_name}: "
+                         "AdaDelta's two second moments and delta-bar-delta's per-element rates are not quantized "
+                         "(docs/algorithms.md, 'Optimizers with 8-bit state')")
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, numbers.Integral) or min_8bit_size < 0:
+        raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+    if master_weights is not None and not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights must be None (on for 16-bit parameters), True or False, got {master_weights!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding == "stochastic" and master_weights is not False:
+        raise ValueError("rounding='stochastic' rounds the 16-bit parameter itself: it needs master_weights=False "
+                         "(with master weights the parameter is the float32 copy rounded to nearest)")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return Precision(master_weights, rounding, int(seed), state_dtype, int(min_8bit_size))
+
+
+def check_grad(name: str, grad, param_name: str, param) -> None:
+    """A gradient for ``param``: its shape and kind, and its dtype or, for a 16-bit parameter, float32."""
+    check_array(name, grad, writeable=False, low_precision=True)
+    check_same_kind(name, grad, param_name, param)
+    if shape_of(grad) != shape_of(param):
+        raise ValueError(f"{name} must have the shape of {param_name} {shape_of(param)}, got {shape_of(grad)}")
+    wanted = dtype_of(param)
+    if dtype_of(grad) != wanted and not (is_low(wanted) and dtype_of(grad) == _FLOAT32):
+        allowed = f"{wanted} or float32" if is_low(wanted) else str(wanted)
+        raise TypeError(f"{name} must have the dtype of {param_name} ({allowed}), got {dtype_of(grad)}")
+
+
+def state_array(module, param, value: float):
+    """A new state array for ``param``: the parameter's dtype, or float32 for a 16-bit parameter."""
+    if is_low(param.dtype):
+        return np.full(param.shape, value, _FLOAT32)
+    return module.zeros_like(param) if value == 0.0 else module.full_like(param, value)
+
+
+def mixed_module(module, backend):
+    """``module`` if it takes 16-bit parameters, else ``TypeError``."""
+    if not hasattr(module, "mixed_step"):
+        raise TypeError(f"backend {backend!r} does not take bfloat16 or float16 parameters; use 'numba' or 'numpy'")
+    return module
+
+
+def sumsq(module, grads) -> float:
+    """Σ g² over gradients of any dtypes: 16-bit ones through the backend's ``mixed_sumsq``."""
+    low = [g for g in grads if is_low(dtype_of(g))]
+    if not low:
+        return module.grad_sumsq(grads)
+    rest = [g for g in grads if not is_low(dtype_of(g))]
+    total = 0.0
+    for dtype in {g.dtype for g in low}:
+        total += module.mixed_sumsq([g for g in low if g.dtype == dtype])
+    if rest:
+        value = module.grad_sumsq(rest)
+        total += value if isinstance(value, float) else float(module.to_numpy(value).reshape(-1)[0])
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit state
+# ---------------------------------------------------------------------------------------------
+
+
+def eight_bit_module(module, backend):
+    """``module`` if it has 8-bit state, else ``TypeError``."""
+    if not hasattr(module, "state8_step"):
+        raise TypeError(f"backend {backend!r} has no 8-bit optimizer state; use 'numba' or 'numpy'")
+    return module
+
+
+def check_eight_bit(module, kernel: str, hyper: dict, group_index: int) -> None:
+    """``ValueError`` when this configuration has no 8-bit state (``state8_supported``)."""
+    reason = module.state8_supported(kernel, **hyper)
+    if reason is not None:
+        raise ValueError(f"param group {group_index}: state_dtype='int8': {reason}")
+
+
+def check_eight_bit_param(name: str, param) -> None:
+    if dtype_of(param) != _FLOAT32:
+        raise TypeError(f"{name} has dtype {dtype_of(param)}: 8-bit state (state_dtype='int8') is for float32 "
+                        "parameters")
+
+
+def quantized_state(module, param, value: float, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, absmax) of a new state array of ``param`` filled with ``value``."""
+    codes = np.empty(param.shape, np.uint8)
+    absmax = np.empty(-(-param.size // BLOCK), np.float32)
+    module.quantize_blockwise(np.full(param.shape, value, np.float32), codes, absmax, signed=signed, block=BLOCK)
+    return codes, absmax

@@ -1,0 +1,302 @@
+"""Low-precision parameters of the ``"numba"`` backend: bfloat16 and float16 θ, fused with the update.
+
+``mixed_step`` runs any optimizer update of ``optim.py`` on parameters stored in bfloat16
+(``ml_dtypes.bfloat16``) or float16, with gradients in the parameters' dtype or in float32, in
+one pass over the arrays. The arithmetic is float32: each element is decoded from its 16 bits
+(``lowbits.py``), updated by the optimizer's own element update (the same inlined function the
+float32 kernels run, so the update is the float32 update code for code), and encoded again:
+
+    p ← m[i]                  (master weights: the float32 copy)  or  p ← f32(θ[i])
+    g ← f32(g[i]) · grad_mul, clamped to ±grad_clip
+    p ← update(p, g, state)   (state float32, as ``optim.py``)
+    m[i] ← p                  (master weights)
+    θ[i] ← rn(p)              (round to nearest even)  or  sr(p, uniform(key_t, i))
+    θ̂[i] ← θ̂[i] + w (p − θ̂[i])   (Polyak average, float32, of the float32 value p)
+
+``sr`` is stochastic rounding with the counter-based uniform number of element i of tensor t
+(``lowbits.uniform``; ``key_t`` = ``lowbits.tensor_key(seed, step, k)`` for the tensor's index k
+in its optimizer, computed once per tensor on the host), so runs repeat and resume bit for bit.
+
+Memory traffic per element (b = 2 bytes for θ, b_g = 2 or 4 for g, s float32 state arrays):
+with master weights θ is only written: b_g + 4 + 4s read, 2 + 4 + 4s written, so bfloat16 Adam
+with master weights and bfloat16 gradients moves 2 + 4 + 8 read + 2 + 4 + 8 written = 28 B,
+the same as float32 Adam (the master copy replaces θ's four bytes; the low-precision copy and
+gradient are what the model's forward and backward passes read at half the width); without
+master weights 2 + b_g + 4s read, 2 + 4s written (bfloat16 Adam: 20 B). The Polyak average adds 8.
+
+Variants are compiled per combination of (master weights, stochastic rounding, float32
+gradients, float16 rather than bfloat16, Polyak average) on first use: each is a type in the
+kernel's signature (``None`` for off), and numba prunes the branches a variant does not take, so
+every inner loop is straight-line code for its combination.
+"""
+
+from __future__ import annotations
+
+import math
+import types as pytypes
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.extending import intrinsic
+from numba.np.unsafe.ndarray import to_fixed_tuple
+
+from . import optim as _optim
+from ._jit import kernel
+from .lowbits import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, stochastic_bf16, stochastic_f16, tensor_key, uniform
+from .multi import AVG, GRAD, PARAM, SERIAL_BELOW, STATE, last_at_most, next_span, part_range, parts_for, pointer
+
+__all__ = ["LOW_DTYPES", "mixed_step", "mixed_sumsq", "is_low_precision"]
+
+MASTER = 6  # the table's extra column: the float32 master copy (0 when none)
+COLUMNS = 7
+
+
+def _bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError:  # no bfloat16 arrays can exist without it
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+LOW_DTYPES = tuple(d for d in (_bfloat16(), np.dtype(np.float16)) if d is not None)
+
+
+def is_low_precision(dtype) -> bool:
+    """Whether ``dtype`` is one of the 16-bit float formats this module stores (bfloat16, float16)."""
+    return np.dtype(dtype) in LOW_DTYPES
+
+
+@intrinsic
+def _pointer16(typingctx, address):
+    """A uint16 pointer at the integer ``address``."""
+    if not isinstance(address, types.Integer):
+        return None
+    signature = types.CPointer(types.uint16)(address)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+_inline = numba.njit(inline="always", error_model="numpy")
+
+
+@_inline
+def _decode(bits, half):
+    if half is None:
+        return bf16_to_f32(bits)
+    return f16_to_f32(bits)
+
+
+@_inline
+def _encode(x, half, keys, t, i):
+    if keys is None:
+        if half is None:
+            return f32_to_bf16(x)
+        return f32_to_f16(x)
+    u = uniform(keys[t], i)
+    if half is None:
+        return stochastic_bf16(x, u)
+    return stochastic_f16(x, u)
+
+
+def _mixed_runner(update, scalars: int, name: str):
+    """``run(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half)``: the
+    low-precision counterpart of ``optim._update``'s runner, around the same element update."""
+
+    def run(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half):
+        h = to_fixed_tuple(hyper, scalars)
+        grad_mul = hyper[scalars]
+        grad_clip = hyper[scalars + 1]
+        lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
+        t = last_at_most(offsets, lo)
+        while lo < hi:
+            i0, i1, lo = next_span(offsets, t, lo, hi)
+            low = _pointer16(table[t, PARAM])
+            grad16 = _pointer16(table[t, GRAD])
+            grad = pointer(table[t, GRAD], grad_mul)
+            copy = pointer(table[t, MASTER], grad_mul)
+            avg = pointer(table[t, AVG], grad_mul)
+            state = (pointer(table[t, STATE], grad_mul), pointer(table[t, STATE + 1], grad_mul),
+                     pointer(table[t, STATE + 2], grad_mul))
+            for i in range(i0, i1):
+                if grad32 is None:
+                    g = _decode(grad16[i], half)
+                else:
+                    g = grad[i]
+                g = _optim._transformed(g, grad_mul, grad_clip)
+                if master is None:
+                    p = _decode(low[i], half)
+                else:
+                    p = copy[i]
+                p = update(p, g, state, i, h)
+                if master is not None:
+                    copy[i] = p
+                low[i] = _encode(p, half, keys, t, i)
+                if avg_weight is not None:
+                    a = avg[i]
+                    avg[i] = a + avg_weight * (p - a)
+            t += 1
+
+    run.__name__ = run.__qualname__ = name  # see optim._update: one name per runner
+    return numba.njit(error_model="numpy")(run)
+
+
+def _copy(func, name: str, **names):
+    """A copy of ``func`` under the name and qualified name ``name`` (numba names a function's
+    disk-cache files after its qualified name, so each copy caches on its own), with ``names``
+    added to its globals."""
+    copy = pytypes.FunctionType(func.__code__, {**func.__globals__, **names}, name)
+    copy.__qualname__ = name
+    copy.__module__ = func.__module__
+    return copy
+
+
+def _shell(table, offsets, hyper, avg_weight, master, keys, grad32, half):
+    parts = parts_for(offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        _RUN(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half)  # noqa: F821
+
+
+def _signature(averaged: bool, master: bool, stochastic: bool, grad32: bool, half: bool):
+    f32 = types.float32
+    return types.void(types.int64[:, ::1], types.int64[::1], f32[::1], f32 if averaged else types.none,
+                      types.boolean if master else types.none, types.int64[::1] if stochastic else types.none,
+                      types.boolean if grad32 else types.none, types.boolean if half else types.none)
+
+
+class _MixedKernel:
+    """One optimizer kernel of ``optim.py`` for low-precision parameters: a shell of its own
+    (qualified name ``_mixed_<kernel>``, so its disk cache is its own), and one lazily compiled
+    ``_jit`` kernel per variant, each with its serial twin."""
+
+    def __init__(self, update_kernel):
+        run = update_kernel.update
+        name = f"_mixed{update_kernel.__name__}"
+        runner = _mixed_runner(run.element, run.scalars, f"{name}_run")
+        shell = _copy(_shell, name, _RUN=runner)
+        shell.__doc__ = update_kernel.__doc__
+        self.__name__ = name
+        self._shell = shell
+        self._variants: dict[tuple, object] = {}
+
+    def variant(self, averaged: bool, master: bool, stochastic: bool, grad32: bool, half: bool):
+        key = (averaged, master, stochastic, grad32, half)
+        found = self._variants.get(key)
+        if found is None:
+            found = self._variants[key] = kernel([_signature(*key)])(self._shell)
+        return found
+
+    def variants(self):
+        """Every variant (32 combinations; stochastic rounding never with master weights)."""
+        return [self.variant(*key) for key in np.ndindex(2, 2, 2, 2, 2) if not (key[1] and key[2])]
+
+
+_KERNELS: dict[int, _MixedKernel] = {}
+
+
+def mixed_kernel(update_kernel) -> _MixedKernel:
+    """The low-precision counterpart of an ``optim.py`` kernel (made once per process)."""
+    found = _KERNELS.get(id(update_kernel))
+    if found is None:
+        found = _KERNELS[id(update_kernel)] = _MixedKernel(update_kernel)
+    return found
+
+
+def _address(array) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def _table(params, grads, masters, states, avgs, slots):
+    n = len(params)
+    table = np.zeros((n, COLUMNS), np.int64)
+    offsets = np.zeros(n + 1, np.int64)
+    for t in range(n):
+        table[t, PARAM] = _address(params[t])
+        table[t, GRAD] = _address(grads[t])
+        if masters is not None:
+            table[t, MASTER] = _address(masters[t])
+        if avgs is not None:
+            table[t, AVG] = _address(avgs[t])
+        for j, slot in enumerate(slots):
+            table[t, STATE + j] = _address(states[t][slot])
+        offsets[t + 1] = offsets[t] + params[t].size
+    return table, offsets
+
+
+def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", seed=0, counter=0, indices=None,
+               grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper):
+    """``op`` (``"adam_step"``, ...) on low-precision parameters, in place, in one kernel call.
+
+    ``params``: C-contiguous arrays of one 16-bit float dtype (bfloat16 or float16), writeable;
+    ``grads``: arrays of that dtype or float32 (one dtype for the list), each the size of its
+    parameter; ``masters``: a list of float32 master copies, or None to update θ itself;
+    ``states``: per tensor the op's state tuple (float32 arrays, as ``optim.multi_step``);
+    ``avgs``: float32 Polyak averages or None. ``rounding``: ``"nearest"`` or ``"stochastic"``
+    (only without master weights); stochastic rounding draws element i of tensor t from
+    ``lowbits.tensor_key(seed, counter, indices[t])`` (``counter`` the step's number, ``indices``
+    the tensors' places in their optimizer).
+    The arrays are checked by the caller (``fastopt.precision``)."""
+    if not params:
+        return
+    update, slots, scalars = _optim._PLANS[op](**hyper)
+    half = params[0].dtype == np.float16
+    grad32 = grads[0].dtype == np.float32
+    stochastic = rounding == "stochastic"
+    table, offsets = _table(params, grads, masters, states, avgs, slots)
+    variant = mixed_kernel(update).variant(avgs is not None, masters is not None, stochastic, grad32, half)
+    if offsets[-1] < SERIAL_BELOW:
+        variant = variant.serial
+    hyper_array = np.array((*scalars, grad_mul, grad_clip), np.float32)
+    variant(table, offsets, hyper_array, None if avgs is None else np.float32(avg_weight),
+            True if masters is not None else None,
+            np.array([tensor_key(seed, counter, k) for k in indices], np.int64) if stochastic else None,
+            True if grad32 else None, True if half else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sum of squares of low-precision gradients (the global norm for clip_grad_norm and the
+# non-finite check), in float64 per part, the parts added in order as reduce.py does
+# ---------------------------------------------------------------------------------------------
+
+
+def _sumsq_shell(table, offsets, sums, half):
+    parts = sums.shape[0]
+    for part in prange(parts):
+        lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
+        t = last_at_most(offsets, lo)
+        total = 0.0
+        while lo < hi:
+            i0, i1, lo = next_span(offsets, t, lo, hi)
+            grad = _pointer16(table[t, GRAD])
+            for i in range(i0, i1):
+                g = np.float64(_decode(grad[i], half))
+                total += g * g
+            t += 1
+        sums[part] = total
+
+
+_SUMSQ = {half: kernel([types.void(types.int64[:, ::1], types.int64[::1], types.float64[::1],
+                                   types.boolean if half else types.none)])(
+    _copy(_sumsq_shell, "_mixed_sumsq_f16" if half else "_mixed_sumsq_bf16"))
+    for half in (False, True)}
+
+
+def mixed_sumsq(grads) -> float:
+    """Σ g² over a list of bfloat16 or float16 arrays (one dtype), accumulated in float64."""
+    if not grads:
+        return 0.0
+    half = grads[0].dtype == np.float16
+    n = len(grads)
+    table = np.zeros((n, COLUMNS), np.int64)
+    offsets = np.zeros(n + 1, np.int64)
+    for t, g in enumerate(grads):
+        table[t, GRAD] = _address(g)
+        offsets[t + 1] = offsets[t] + g.size
+    sums = np.zeros(parts_for(offsets[-1]), np.float64)
+    k = _SUMSQ[half]
+    (k.serial if offsets[-1] < SERIAL_BELOW else k)(table, offsets, sums, True if half else None)
+    return float(sums.sum())

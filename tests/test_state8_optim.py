@@ -1,0 +1,120 @@
+"""state_dtype="int8" in the optimizer classes: which tensors get 8-bit state, the "numba" step
+against the reference, resume, memory, and bad input (fastopt.precision)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastopt
+
+SIZES = (5000, 100, 4096)  # 8-bit, float32 (below min_8bit_size), 8-bit exactly at the threshold
+
+
+def _build(cls, backend, hyper, seed=0, **options):
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    return params, getattr(fastopt, cls)(params, **hyper, backend=backend, state_dtype="int8", **options)
+
+
+def _grads(step):
+    rng = np.random.default_rng(100 + step)
+    return [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+
+
+CONFIGS = [
+    ("Adam", dict(lr=1e-2)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("AdaGrad", dict(lr=0.1, initial_accumulator_value=0.1)),
+    ("RMSProp", dict(lr=0.01, momentum=0.5)),
+]
+
+
+@pytest.mark.parametrize("cls, hyper", CONFIGS, ids=[c for c, _ in CONFIGS])
+def test_large_tensors_keep_8_bit_state_and_match_the_reference_bit_for_bit(cls, hyper):
+    runs = {}
+    for backend in ("numba", "numpy"):
+        params, opt = _build(cls, backend, hyper)
+        for step in range(3):
+            opt.step(_grads(step))
+        runs[backend] = params, opt
+    (got, opt), (want, ref) = runs["numba"], runs["numpy"]
+    for k in (0, 2):  # the 8-bit tensors: the fused kernel equals dequantize → update → requantize
+        np.testing.assert_array_equal(got[k], want[k])
+        for name, value in opt.state[k].items():
+            np.testing.assert_array_equal(value, ref.state[k][name], err_msg=f"state[{k}][{name!r}]")
+        quantized = [name for name, value in opt.state[k].items() if getattr(value, "dtype", None) == np.uint8]
+        assert quantized and all(f"{name}_absmax" in opt.state[k] for name in quantized)
+    assert all(getattr(v, "dtype", np.float32) == np.float32 for v in opt.state[1].values())  # below the threshold
+
+
+def test_adam_state_takes_about_2_bytes_per_parameter():
+    n = 256 * 64
+    param = np.zeros(n, np.float32)
+    opt = fastopt.Adam([param], state_dtype="int8")
+    opt.step([np.ones(n, np.float32)])
+    state_bytes = sum(v.nbytes for v in opt.state[0].values() if isinstance(v, np.ndarray))
+    assert state_bytes / n == 2 + 2 * 4 / 256  # m and v codes, one float32 absmax each per 256 elements
+    ref = fastopt.Adam([np.zeros(n, np.float32)])
+    ref.step([np.ones(n, np.float32)])
+    assert sum(v.nbytes for v in ref.state[0].values() if isinstance(v, np.ndarray)) / n == 8
+
+
+def test_resume_from_a_state_dict_is_bit_identical():
+    params_a, opt_a = _build("Adam", "numba", dict(lr=1e-2))
+    for step in range(4):
+        opt_a.step(_grads(step))
+    params_b, opt_b = _build("Adam", "numba", dict(lr=1e-2))
+    for step in range(2):
+        opt_b.step(_grads(step))
+    saved = opt_b.state_dict()
+    assert saved["state"][0]["m"].dtype == np.uint8 and saved["state"][0]["m_absmax"].dtype == np.float32
+    params_c, opt_c = _build("Adam", "numba", dict(lr=1e-2))
+    for p, q in zip(params_c, params_b):
+        p[...] = q
+    opt_c.load_state_dict(saved)
+    for step in range(2, 4):
+        opt_c.step(_grads(step))
+    for p, q in zip(params_a, params_c):
+        np.testing.assert_array_equal(p, q)
+    plain = fastopt.Adam([np.zeros(n, np.float32) for n in SIZES])  # float32 state cannot take 8-bit codes
+    with pytest.raises(ValueError, match=r"state\[0\]\['m'\] must have .* float32, got .*uint8.*state_dtype='int8'"):
+        plain.load_state_dict(saved)
+
+
+def test_min_8bit_size_picks_the_tensors():
+    params, opt = _build("Adam", "numba", dict(lr=1e-2), min_8bit_size=0)
+    opt.step(_grads(0))
+    assert all(opt.state[k]["m"].dtype == np.uint8 for k in range(3))
+
+
+def test_bad_input_raises_before_anything_changes():
+    with pytest.raises(ValueError, match="state_dtype='int8' is for SGD with momentum.*not adadelta"):
+        fastopt.AdaDelta([np.zeros(5000, np.float32)], state_dtype="int8")
+    with pytest.raises(ValueError, match="not delta_bar_delta"):
+        fastopt.DeltaBarDelta([np.zeros(5000, np.float32)], lr=0.1, kappa=0.1, phi=0.1, gamma=0.5, state_dtype="int8")
+    with pytest.raises(ValueError, match="amsgrad"):
+        fastopt.Adam([np.zeros(5000, np.float32)], amsgrad=True, state_dtype="int8")
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        fastopt.Adam([np.zeros(5000, np.float32)], state_dtype="int4")
+    with pytest.raises(ValueError, match="min_8bit_size"):
+        fastopt.Adam([np.zeros(5000, np.float32)], state_dtype="int8", min_8bit_size=-1)
+    with pytest.raises(TypeError, match="8-bit state .* is for float32 parameters"):
+        fastopt.Adam([np.zeros(5000, np.float64)], state_dtype="int8")
+    with pytest.raises(TypeError, match="8-bit state .* is for float32 parameters"):
+        fastopt.Adam([np.zeros(5000, ml_dtypes.bfloat16)], state_dtype="int8")
+    # a configuration changed to one without 8-bit state: the step raises and nothing is written
+    params = [np.ones(5000, np.float32), np.ones(5000, np.float32)]
+    opt = fastopt.Adam([{"params": [params[0]]}, {"params": [params[1]]}], lr=0.1, state_dtype="int8")
+    opt.step([np.ones(5000, np.float32)] * 2)
+    before = [p.copy() for p in params], [{k: np.copy(v) for k, v in s.items()} for s in opt.state]
+    opt.param_groups[1]["amsgrad"] = True
+    with pytest.raises(ValueError, match="param group 1: state_dtype='int8': amsgrad"):
+        opt.step([np.ones(5000, np.float32)] * 2)
+    for p, q in zip(params, before[0]):
+        np.testing.assert_array_equal(p, q)
+    for s, t in zip(opt.state, before[1]):
+        for key in t:
+            np.testing.assert_array_equal(s[key], t[key])

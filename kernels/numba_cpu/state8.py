@@ -63,6 +63,7 @@ from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from ._jit import kernel
+from .lowbits import f32_bits
 from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
 
@@ -118,7 +119,7 @@ def _transformed(g, grad_mul, grad_clip):
 
 
 @_element
-def _requantize(scratch, k, count, amax, check, codes, i0, absmax, b, thresholds, zero):
+def _requantize(scratch, k, count, amax, check, codes, i0, absmax, b, thresholds, zero, lookup):
     """absmax[b] and codes[i0 : i0 + count] of the ``count`` values scratch[k, :count] (the
     quantizer of ``quantize.py``: NaN absmax and zero codes for a non-finite block, zero codes for
     an all-zero one, else the count of midpoints below x / a)."""
@@ -134,19 +135,18 @@ def _requantize(scratch, k, count, amax, check, codes, i0, absmax, b, thresholds
         absmax[b] = amax
         for i in range(count):
             s = scratch[k, i] / amax
-            q = 0
-            step = 128
-            while step > 0:
-                if s > thresholds[q + step - 1]:
-                    q += step
-                step >>= 1
+            # the count of midpoints below s: the lookup gives the count below s's 2^-8-wide
+            # bucket of float32 values (``_lookup``), which holds at most one midpoint
+            q = lookup[f32_bits(s) >> _BUCKET_SHIFT]
+            if q < 255 and s > thresholds[q]:
+                q += 1
             codes[i0 + i] = q
 
 
 def _update8(scalars: int, states: int):
     """Turn an element update ``element(p, g, s0, s1, h) -> (θᵢ, s0, s1)`` (dequantized float32
     states in, new ones out; s1 unused when ``states`` is 1) taking ``scalars`` host scalars into
-    ``run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, block)``, which
+    ``run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block)``, which
     runs one part (a range of whole blocks) of the tensor list: dequantize, update, requantize.
 
     ``offsets`` are in blocks; ``table[t]`` holds θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁
@@ -156,7 +156,7 @@ def _update8(scalars: int, states: int):
     def wrap(element):
         update = numba.njit(inline="always", error_model="numpy")(element)
 
-        def run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+        def run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
             h = to_fixed_tuple(hyper, scalars)
             grad_mul = hyper[scalars]
             grad_clip = hyper[scalars + 1]
@@ -205,10 +205,10 @@ def _update8(scalars: int, states: int):
                                 amax1 = v1
                             check1 += s1 - s1
                     _requantize(scratch, 0, count, amax0, check0, codes0, i0, absmax0, b,
-                                thresholds[0], zeros[0])
+                                thresholds[0], zeros[0], lookup[0])
                     if states > 1:
                         _requantize(scratch, 1, count, amax1, check1, codes1, i0, absmax1, b,
-                                    thresholds[1], zeros[1])
+                                    thresholds[1], zeros[1], lookup[1])
                 t += 1
 
         run.__name__ = run.__qualname__ = f"{element.__name__}_run"  # see optim._update
@@ -239,7 +239,7 @@ class _Kernel8:
     def _signature(avg_type):
         f32 = types.float32
         return types.void(types.int64[:, ::1], types.int64[::1], f32[::1], avg_type, f32[:, ::1],
-                          f32[:, ::1], types.uint8[::1], types.int64)
+                          f32[:, ::1], types.uint8[::1], types.uint8[:, ::1], types.int64)
 
     @property
     def variants(self):
@@ -278,12 +278,12 @@ def _adam8_update(p, g, m, v, h):
 
 
 @_kernel8(_adam8_update)
-def _adam8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+def _adam8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _adam8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros,
-                      block)
+                      lookup, block)
 
 
 @_update8(4, 1)
@@ -301,12 +301,12 @@ def _sgd_momentum8_update(p, g, v, unused, h):
 
 
 @_kernel8(_sgd_momentum8_update)
-def _sgd_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+def _sgd_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _sgd_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                              zeros, block)
+                              zeros, lookup, block)
 
 
 @_update8(3, 1)
@@ -323,12 +323,12 @@ def _sgd_nesterov8_update(p, g, v, unused, h):
 
 
 @_kernel8(_sgd_nesterov8_update)
-def _sgd_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+def _sgd_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _sgd_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                              zeros, block)
+                              zeros, lookup, block)
 
 
 @_update8(3, 1)
@@ -345,12 +345,12 @@ def _sgd_nesterov_torch8_update(p, g, b, unused, h):
 
 
 @_kernel8(_sgd_nesterov_torch8_update)
-def _sgd_nesterov_torch8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+def _sgd_nesterov_torch8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _sgd_nesterov_torch8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                    values, zeros, block)
+                                    values, zeros, lookup, block)
 
 
 @_update8(3, 1)
@@ -367,12 +367,12 @@ def _adagrad8_update(p, g, r, unused, h):
 
 
 @_kernel8(_adagrad8_update)
-def _adagrad8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+def _adagrad8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _adagrad8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                         zeros, block)
+                         zeros, lookup, block)
 
 
 @_update8(6, 1)
@@ -391,12 +391,12 @@ def _rmsprop8_update(p, g, r, unused, h):
 
 
 @_kernel8(_rmsprop8_update)
-def _rmsprop8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+def _rmsprop8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _rmsprop8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                         zeros, block)
+                         zeros, lookup, block)
 
 
 @_update8(8, 2)
@@ -419,12 +419,12 @@ def _rmsprop_momentum8_update(p, g, r, v, h):
 
 
 @_kernel8(_rmsprop_momentum8_update)
-def _rmsprop_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+def _rmsprop_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _rmsprop_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                  values, zeros, block)
+                                  values, zeros, lookup, block)
 
 
 @_update8(6, 2)
@@ -444,12 +444,12 @@ def _rmsprop_nesterov8_update(p, g, r, v, h):
 
 
 @_kernel8(_rmsprop_nesterov8_update)
-def _rmsprop_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, block):
+def _rmsprop_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _rmsprop_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                  values, zeros, block)
+                                  values, zeros, lookup, block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,8 +591,32 @@ def _table(params, grads, states, avgs, slots, block):
     return table, offsets
 
 
-_MAPS = {signed: (THRESHOLDS[(signed, _F32)], MAP_AS[(signed, _F32)], ZERO[signed])
+_BUCKET_SHIFT = np.uint32(15)  # a bucket: the float32 values sharing sign, exponent and 8 mantissa bits
+
+
+def _lookup(thresholds: np.ndarray) -> np.ndarray:
+    """For each bucket of float32 values (the top 17 bits of the pattern), the number of
+    midpoints below the bucket's smallest value. The map's values are at least 1.4% apart
+    (relative) where they are densest, a bucket spans at most 2^-8 = 0.4%, so a bucket holds at most
+    one midpoint (checked here) and q = lookup + (x̂ > t[lookup]) is the count of midpoints below x̂,
+    as the 8-step search of ``quantize.py`` finds it, with one compare."""
+    first = np.arange(1 << 17, dtype=np.uint32) << np.uint32(15)
+    ends = np.stack([first.view(np.float32), (first | np.uint32(0x7FFF)).view(np.float32)])
+    finite = np.isfinite(ends).all(axis=0)  # the NaN buckets hold no x̂ (a NaN block is coded apart)
+    low, high = np.where(finite, ends.min(axis=0), 0), np.where(finite, ends.max(axis=0), 0)
+    below = np.where(finite, np.searchsorted(thresholds, low, side="left"), 0)
+    upto = np.where(finite, np.searchsorted(thresholds, high, side="right"), 0)
+    if (upto - below).max() > 1:
+        raise AssertionError("a bucket of the 8-bit lookup holds two midpoints")
+    return below.astype(np.uint8)
+
+
+_MAPS = {signed: (THRESHOLDS[(signed, _F32)], MAP_AS[(signed, _F32)], ZERO[signed],
+                  _lookup(THRESHOLDS[(signed, _F32)]))
          for signed in (True, False)}
+
+
+_LOOKUPS = {(a, b): np.stack([_MAPS[a][3], _MAPS[b][3]]) for a in (True, False) for b in (True, False)}
 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
@@ -615,10 +639,11 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     thresholds = np.stack([_MAPS[s][0] for s in rows])
     values = np.stack([_MAPS[s][1] for s in rows])
     zeros = np.array([_MAPS[s][2] for s in rows], np.uint8)
+    lookup = _LOOKUPS[tuple(rows)]
     hyper_array = np.array((*scalars, grad_mul, grad_clip), np.float32)
     variant = update.plain if avgs is None else update.averaged
     total = sum(int(p.size) for p in params)
     if total < SERIAL_BELOW:
         variant = variant.serial
     variant(table, offsets, hyper_array, None if avgs is None else np.float32(avg_weight),
-            thresholds, values, zeros, block)
+            thresholds, values, zeros, lookup, block)

@@ -216,6 +216,76 @@ def _optimizer_builder(name, cls_name, kwargs, torch_name, torch_kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
+# low precision: 8-bit state, 16-bit parameters (fastopt.precision)
+
+# (name, fastopt keywords, parameter dtype name, torch's comparison: its parameter dtype)
+LOW_PRECISION = [
+    ("adam-8bit-state", dict(state_dtype="int8"), "float32", "float32"),
+    ("adam-bf16-master", dict(), "bfloat16", "bfloat16"),
+    ("adam-bf16-stochastic", dict(master_weights=False, rounding="stochastic"), "bfloat16", "bfloat16"),
+]
+
+
+def _codes_apart(a, b) -> int:
+    def line(x):
+        bits = x.view(np.uint16).astype(np.int64)
+        return np.where(bits & 0x8000, -(bits & 0x7FFF), bits)
+    return int(np.max(np.abs(line(a) - line(b)), initial=0))
+
+
+def _low_precision_builder(name, options, dtype_name, torch_dtype_name):
+    def build(settings: Settings, backend: str) -> Prepared:
+        n = settings.n
+        if settings.dtype != np.float32:
+            raise Skip("the low-precision rows run with --dtype float32 (their own dtypes are fixed)")
+        dtype = np.dtype(np.float32) if dtype_name == "float32" else np.dtype(getattr(__import__("ml_dtypes"), dtype_name))
+        rng = _rng(settings, 5)
+        p0 = _normal(rng, n, np.float32).astype(dtype)
+        g = _normal(rng, n, np.float32, scale=0.1).astype(dtype)
+        p, p_ref = p0.copy(), p0.copy()
+        opt = fastopt.Adam([p], lr=1e-3, backend=backend, **options)
+        ref = fastopt.Adam([p_ref], lr=1e-3, backend="numpy", **options)
+
+        def run():
+            opt.step([g])
+
+        def reference():
+            ref.step([g])
+
+        def verify():
+            for _ in range(2):
+                run()
+                reference()
+            if dtype.itemsize == 2:  # one float32 rounding apart can round to the neighbouring code
+                if _codes_apart(p, p_ref) > 1:
+                    raise VerificationError(f"{name}: params differ from the reference by more than one code")
+                ours = {k: v for k, v in _state_arrays(opt).items()}
+                for key, value in ours.items():
+                    compare(f"{name}: state[{key!r}]", value, _state_arrays(ref)[key])
+            else:  # 8-bit state: the fused kernel equals dequantize → update → requantize
+                _compare_optimizers(name, [p], [p_ref], opt, ref)
+
+        if dtype.itemsize == 2:
+            master = options.get("master_weights", True)
+            traffic = lambda: _traffic.low_precision_optimizer(2, 2, master)  # noqa: E731
+        else:
+            traffic = lambda: _traffic.eight_bit_optimizer(2, fastopt.precision.BLOCK)  # noqa: E731
+        prepared = Prepared(run=run, verify=verify, elements=n, reference=reference, traffic=traffic)
+        torch = settings.torch
+        if torch is None:
+            prepared.torch_reason = settings.torch_reason
+        else:
+            tdtype = getattr(torch, torch_dtype_name)
+            tp = torch.from_numpy(p0.astype(np.float32)).to(tdtype)
+            tp.grad = torch.from_numpy(g.astype(np.float32)).to(tdtype)
+            topt, impl = _torch_optimizer(torch, "Adam", dict(lr=1e-3), [tp], np.float32)
+            prepared.torch, prepared.torch_impl = topt.step, f"{impl} {torch_dtype_name}"
+        return prepared
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------
 # batch normalization
 
 LAYOUTS = {"nchw": 1, "nhwc": -1}
@@ -509,6 +579,9 @@ def all_cases() -> list[Case]:
                       "one Adam step over ResNet-50's 161 parameter tensors", _many_builder("resnet50"), True))
     cases.append(Case("adam-200x1000", "many-tensors", "one Adam step over 200 tensors of 1,000 elements",
                       _many_builder("small"), True))
+    for name, options, dtype_name, torch_dtype_name in LOW_PRECISION:
+        cases.append(Case(name, "low-precision", f"one Adam step over n elements, {dtype_name} parameters, {options}",
+                          _low_precision_builder(name, options, dtype_name, torch_dtype_name), False))
     cases.append(Case("training-step", "training-step", "clip-by-global-norm + AdamW + EMA over n elements",
                       _training_step_builder, True))
     return cases

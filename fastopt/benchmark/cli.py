@@ -27,7 +27,7 @@ from .verify import VerificationError
 __all__ = ["add_arguments", "main", "run"]
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
-GROUPS = ("optimizer", "batchnorm", "many-tensors", "training-step")
+GROUPS = ("optimizer", "batchnorm", "many-tensors", "training-step", "low-precision")
 SMALL = dict(n=4099, bn_shape=(3, 5, 7, 9))
 
 

@@ -14,6 +14,9 @@ kernel (``a[i] += s·b[i]``, 3b, ``timing.stream_in_place``) measured in the sam
 | RMSProp centered or momentum, AdaDelta, Adam/AdamW, delta-bar-delta | 1 | θ, g, 2 states | θ, 2 states | 7b = 28 |
 | RMSProp centered + momentum, Adam/AdamW amsgrad | 1 | θ, g, 3 states | θ, 3 states | 9b = 36 |
 | training step: clip-by-global-norm + AdamW + EMA | 2 | g (norm); θ, g, m, v, θ̂ | θ, m, v, θ̂ | 10b = 40 |
+| Adam, float32 θ and g, 8-bit m and v (blocks of 256) | 1 | θ, g, 2 codes, 2 absmax/256 | θ, 2 codes, 2 absmax/256 | 4+4+2 + 4+2 + 2·2·4/256 = 16.0625 |
+| Adam, bfloat16 θ and g, float32 master and state | 1 | g, master, m, v | θ, master, m, v | 2+4+8 + 2+4+8 = 28 |
+| Adam, bfloat16 θ and g, no master (rounded θ) | 1 | θ, g, m, v | θ, m, v | 2+2+8 + 2+8 = 22 |
 | batch norm forward, training | 2 | x (statistics); x (normalize) | y | 3b = 12 (+b) |
 | batch norm forward, eval | 1 | x | y | 2b = 8 (+b) |
 | batch norm backward, training | 2 | dy, x (reductions); dy, x (elementwise) | dx | 5b = 20 (+b) |
@@ -29,14 +32,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Traffic", "batchnorm", "optimizer", "stream", "training_step", "BATCHNORM_PASSES"]
+__all__ = ["Traffic", "batchnorm", "eight_bit_optimizer", "low_precision_optimizer", "optimizer", "stream",
+           "training_step", "BATCHNORM_PASSES"]
 
 
 @dataclass(frozen=True)
 class Traffic:
     """Compulsory traffic of one kernel: bytes per element and the formula that gives them."""
 
-    bytes_per_element: int
+    bytes_per_element: float  # an int, but for 8-bit state's absmax (4 bytes per block)
     formula: str
     write_allocate: bool = False  # an out-of-place output: ordinary stores read it first (+itemsize)
 
@@ -56,6 +60,27 @@ def optimizer(state_arrays: int, itemsize: int) -> Traffic:
     return Traffic((reads + writes) * itemsize,
                    f"read θ, g + {k} state; write θ + {k} state (in place) = (3 + 2·{k}) × {itemsize} "
                    f"= {(reads + writes) * itemsize} B")
+
+
+def eight_bit_optimizer(states: int, block: int) -> Traffic:
+    """An in-place step over float32 θ and g with ``states`` 8-bit states (codes, and one float32
+    absmax per ``block`` elements, each read and written)."""
+    k = states
+    total = 4 + 4 + k + 4 + k + 2 * k * 4 / block
+    return Traffic(total, f"read θ, g (4 B each) + {k} codes (1 B) + absmax; write θ + {k} codes + absmax "
+                          f"= 12 + 2·{k} + 2·{k}·4/{block} = {total:g} B")
+
+
+def low_precision_optimizer(states: int, grad_size: int, master: bool) -> Traffic:
+    """An in-place step over 16-bit θ with float32 state; with a float32 master copy θ is only
+    written (the update reads the copy)."""
+    k = states
+    if master:
+        total = grad_size + 4 + 4 * k + 2 + 4 + 4 * k
+        return Traffic(total, f"read g ({grad_size} B), master (4 B) + {k} float32 state; write θ (2 B), master + "
+                              f"{k} state = {total} B")
+    total = 2 + grad_size + 4 * k + 2 + 4 * k
+    return Traffic(total, f"read θ (2 B), g ({grad_size} B) + {k} float32 state; write θ + {k} state = {total} B")
 
 
 def training_step(state_arrays: int, itemsize: int) -> Traffic:

@@ -327,9 +327,10 @@ def _format_hyper(hyper: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hyper.items())
 
 
-def _check_optimizer(name: str, hyper: dict, backend, parser) -> None:
+def _check_optimizer(name: str, hyper: dict, backend, parser, dtype: str = "float32", precision=None) -> None:
     """Unknown options are usage errors; bad values are fastopt's own errors, before any data is loaded."""
     from .demo import OPTIMIZERS, make_optimizer
+    from .demo.train import param_dtype
     from .dispatch import BackendUnavailableError
 
     allowed = _hyperparameters(OPTIMIZERS[name][0])
@@ -339,13 +340,18 @@ def _check_optimizer(name: str, hyper: dict, backend, parser) -> None:
             parser.error(f"{_option(dest)} does not apply to {name} (its options: "
                          f"{', '.join(_option(d) for d in allowed if d in known)})")
     try:
-        make_optimizer(name, [np.zeros(1, np.float32)], hyper, backend)
+        probe = dict(precision or {})
+        if probe.get("state_dtype", "float32") != "float32":
+            probe["min_8bit_size"] = 1  # the probe's one element gets 8-bit state: its rules are checked too
+        make_optimizer(name, [np.zeros(1, param_dtype(dtype))], hyper, backend, **probe)
     except BackendUnavailableError as exc:
         raise CLIError(str(exc)) from None
     except (ValueError, TypeError) as exc:
         message = str(exc)
         if message.startswith("param group 0: "):
             message = message[len("param group 0: "):]
+        if message.startswith("params[0] has dtype"):  # the probe's name for what --dtype set
+            message = "--dtype: the parameters have dtype" + message[len("params[0] has dtype"):]
         raise CLIError(f"{name}: {message}") from None
 
 
@@ -354,7 +360,10 @@ def _train_torch(args, parser) -> int:
     AdamW and fused BatchNormReLU2d (fastopt.torch.demo)."""
     unused = [flag for flag, given in (("--compare", args.compare is not None), ("--curriculum", args.curriculum),
                                        ("--backend", args.backend is not None),
-                                       ("--optimizer", args.optimizer != "adam")) if given]
+                                       ("--optimizer", args.optimizer != "adam"),
+                                       ("--dtype", args.dtype != "float32"),
+                                       ("--state-dtype", args.state_dtype != "float32"),
+                                       ("--[no-]master-weights", args.master_weights is not None)) if given]
     if unused:
         parser.error(f"--framework torch trains the CNN of examples/torch_cnn.py with fastopt.torch.AdamW; "
                      f"{', '.join(unused)} apply to the NumPy MLP only")
@@ -409,6 +418,15 @@ def cmd_train(args, parser) -> int:
                      f"got {args.threads}")
     if any(h < 1 for h in args.hidden):
         parser.error(f"--hidden sizes must be >= 1, got {args.hidden}")
+    if args.master_weights is not None and args.dtype == "float32":
+        parser.error(f"--{'' if args.master_weights else 'no-'}master-weights applies to --dtype bfloat16 or "
+                     "float16 (the float32 copy of 16-bit parameters), not to float32 parameters")
+    if comm is not None and args.dtype != "float32":
+        parser.error(f"under mpiexec, fastopt train takes --dtype float32 only (data-parallel optimizers take "
+                     f"float32 parameters), got --dtype {args.dtype}")
+    from .demo.train import precision_options
+
+    precision = precision_options(args.state_dtype, args.master_weights)
     hyper = _given_hyper(args)
     if args.compare is not None:
         if hyper:
@@ -423,10 +441,10 @@ def cmd_train(args, parser) -> int:
             parser.error(f"--compare: unknown optimizer {', '.join(map(repr, unknown)) or '(none given)'} "
                          f"(choose from {', '.join(demo.OPTIMIZERS)})")
         for name in names:
-            _check_optimizer(name, {}, args.backend, parser)
+            _check_optimizer(name, {}, args.backend, parser, args.dtype, precision)
         demo.data.require("matplotlib", "--compare's plot")  # before any data is loaded or trained on
     else:
-        _check_optimizer(args.optimizer, hyper, args.backend, parser)
+        _check_optimizer(args.optimizer, hyper, args.backend, parser, args.dtype, precision)
 
     data = demo.load_digits()
     hidden = tuple(args.hidden)
@@ -435,9 +453,13 @@ def cmd_train(args, parser) -> int:
           f"MLP {sizes}, Linear -> fastopt BatchNorm -> ReLU; init {args.init}"
           f"{', curriculum' if args.curriculum else ''}; backend {args.backend or 'numba (default)'}"
           f"{f'; data-parallel on {comm.Get_size()} MPI ranks' if comm is not None else ''}")
+    if (args.dtype, args.state_dtype) != ("float32", "float32"):  # a float32 run prints what it always did
+        codes = " (8-bit block-wise codes for tensors of at least 4096 elements)" if args.state_dtype == "int8" else ""
+        print(f"parameters {args.dtype}{_master_note(args)}; optimizer state {args.state_dtype}{codes}")
     options = dict(epochs=args.epochs, batch_size=args.batch_size, backend=args.backend, init=args.init,
                    hidden=hidden, curriculum=args.curriculum, seed=args.seed, data=data, log=print, progress=True,
-                   threads=args.threads, comm=comm)
+                   threads=args.threads, comm=comm, dtype=args.dtype, state_dtype=args.state_dtype,
+                   master_weights=args.master_weights)
     if args.compare is None:
         print(f"optimizer {args.optimizer} ({_format_hyper({**demo.OPTIMIZERS[args.optimizer][1], **hyper})})")
         result = demo.train(optimizer=args.optimizer, hyper=hyper, **options)
@@ -463,6 +485,14 @@ def cmd_train(args, parser) -> int:
 # what ``fastopt train`` reports as compile and train times (``fastopt.demo.TrainResult``)
 _TIMES = ("compile: the first call of each kernel, which compiles it or loads it from numba's cache; "
           "train: the epochs alone")
+
+
+def _master_note(args) -> str:
+    if args.dtype == "float32":
+        return ""
+    if args.master_weights is False:
+        return " (no master weights: the optimizer updates the 16-bit parameters)"
+    return " (float32 master weights in the optimizer; forward and backward in float32)"
 
 
 def _hidden(text: str) -> list[int]:
@@ -509,7 +539,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    description=_BENCH_HELP)
 
     from .demo.mlp import INITS
-    from .demo.train import DEFAULTS, OPTIMIZERS
+    from .demo.train import DEFAULTS, DTYPES, OPTIMIZERS, STATE_DTYPES
 
     p_train = sub.add_parser(
         "train", help="train an MLP with batch norm on the digits, entirely on fastopt",
@@ -543,6 +573,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_train.add_argument("--curriculum", action="store_true",
                          help="stochastic curriculum: mostly easy examples first (ranked by a softmax regression's "
                               "confidence), more hard ones each epoch until the data's own mix at half the epochs")
+    p_train.add_argument("--dtype", choices=DTYPES, default=DEFAULTS["dtype"],
+                         help="dtype of the parameters the optimizer updates (default: float32); bfloat16 and "
+                              "float16 keep float32 master weights in the optimizer, the MLP computing in float32 "
+                              "on the parameters cast up")
+    p_train.add_argument("--state-dtype", choices=STATE_DTYPES, default=DEFAULTS["state_dtype"],
+                         help="dtype of the optimizer's state (default: float32); int8: block-wise quantized 8-bit "
+                              "state (sgd with momentum, adagrad, rmsprop, adam, adamw; float32 parameters) for "
+                              "tensors of at least 4096 elements")
+    p_train.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=DEFAULTS["master_weights"],
+                         help="with --dtype bfloat16 or float16: keep float32 master weights (default) or, with "
+                              "--no-master-weights, update the 16-bit parameters themselves")
     p_train.add_argument("--seed", type=int, default=DEFAULTS["seed"], help=f"default: {DEFAULTS['seed']}")
     p_train.add_argument("--threads", type=int, default=DEFAULTS["threads"],
                          help="numba threads for the kernels (default: numba's; the kernels run small arrays such "

@@ -254,3 +254,13 @@ def test_a_16_bit_array_on_a_backend_that_cannot_take_it_raises():
         fastopt.SGD([_DeviceHalf()], lr=0.1)
     with pytest.raises(TypeError, match="works on"):
         fastopt.SGD([np.ones(3, BF16)], lr=0.1, backend="numba-cuda")
+
+
+def test_the_16_bit_kernels_compute_in_float32_only():
+    """No float64 in the LLVM of a low-precision variant (decode, update, stochastic encode)."""
+    from fastopt.kernels.numba_cpu import mixed, optim
+
+    variant = mixed.mixed_kernel(optim._adam).variant(False, False, True, True, True).serial
+    (dispatcher,) = variant.compile()
+    (llvm,) = dispatcher.inspect_llvm().values()
+    assert "double" not in llvm

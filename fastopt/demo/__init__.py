@@ -15,13 +15,15 @@ comparison (matplotlib, same extra, for the plot).
 from .curriculum import CurriculumSampler, confidence
 from .data import Digits, MissingExtraError, load_digits
 from .mlp import INITS, MLP, softmax_cross_entropy
-from .train import DEFAULTS, OPTIMIZERS, TrainResult, compare, make_optimizer, plot_losses, train
+from .train import DEFAULTS, DTYPES, OPTIMIZERS, STATE_DTYPES, TrainResult, compare, make_optimizer, plot_losses, train
 
 __all__ = [
     "DEFAULTS",
+    "DTYPES",
     "INITS",
     "MLP",
     "OPTIMIZERS",
+    "STATE_DTYPES",
     "CurriculumSampler",
     "Digits",
     "MissingExtraError",

@@ -3,6 +3,12 @@
 ``OPTIMIZERS`` maps each optimizer's name (the names of ``fastopt.functional.SPECS``) to its
 class and to the hyperparameters this demo uses unless told otherwise; they were chosen so each
 optimizer learns the digits in the default number of epochs.
+
+``dtype`` is the dtype of the parameters the optimizer updates (``DTYPES``); with ``bfloat16`` or
+``float16`` the optimizer holds 16-bit parameters (with float32 master weights unless
+``master_weights=False``), and the MLP computes in float32 on copies cast up from them after
+every step, its float32 gradients going to the optimizer as they are. ``state_dtype="int8"`` keeps
+the optimizer's state 8-bit (block-wise quantized; see ``fastopt.precision``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from .curriculum import CurriculumSampler, confidence
 from .data import Digits, load_digits, require
 from .mlp import MLP, softmax_cross_entropy
 
-__all__ = ["DEFAULTS", "OPTIMIZERS", "TrainResult", "compare", "make_optimizer", "plot_losses", "train"]
+__all__ = ["DEFAULTS", "DTYPES", "OPTIMIZERS", "STATE_DTYPES", "TrainResult", "compare", "make_optimizer",
+           "plot_losses", "train"]
 
 # name -> (class, demo hyperparameters)
 OPTIMIZERS: dict[str, tuple[type, dict]] = {
@@ -32,20 +39,59 @@ OPTIMIZERS: dict[str, tuple[type, dict]] = {
     "delta_bar_delta": (optim.DeltaBarDelta, dict(lr=0.05, kappa=5e-3, phi=0.3, gamma=0.7)),
 }
 
+# the dtypes of the parameters the optimizer updates, and of its state
+DTYPES = ("float32", "bfloat16", "float16")
+STATE_DTYPES = ("float32", "int8")
+
 # the defaults of ``train`` and of ``fastopt train``
-DEFAULTS = dict(optimizer="adam", epochs=10, batch_size=64, init="glorot", hidden=(128, 64), seed=0, threads=None)
+DEFAULTS = dict(optimizer="adam", epochs=10, batch_size=64, init="glorot", hidden=(128, 64), seed=0, threads=None,
+                dtype="float32", state_dtype="float32", master_weights=None)
 
 
-def make_optimizer(name: str, params: list, hyper: dict | None = None, backend=None, comm=None):
+def precision_options(state_dtype: str = DEFAULTS["state_dtype"], master_weights=DEFAULTS["master_weights"]) -> dict:
+    """The optimizer keywords for ``state_dtype`` and ``master_weights``: only those that differ
+    from the optimizers' defaults, so a float32 run passes none."""
+    options = {}
+    if state_dtype != "float32":
+        options["state_dtype"] = state_dtype
+    if master_weights is not None:
+        options["master_weights"] = master_weights
+    return options
+
+
+def check_precision(dtype: str, state_dtype: str, master_weights, comm=None) -> None:
+    """``ValueError`` naming the argument for a ``dtype``/``state_dtype``/``master_weights`` the demo does
+    not run; whether the optimizer takes them is the optimizer's own check."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {state_dtype!r}")
+    if master_weights is not None and dtype == "float32":
+        raise ValueError(f"master_weights applies to bfloat16 and float16 parameters, not dtype={dtype!r}")
+    if comm is not None and dtype != "float32":
+        raise ValueError(f"data-parallel training (comm) takes float32 parameters only, got dtype={dtype!r}")
+
+
+def param_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of ``DTYPES``' ``name`` (bfloat16 is ml_dtypes')."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def make_optimizer(name: str, params: list, hyper: dict | None = None, backend=None, comm=None, **precision):
     """The optimizer ``name`` over ``params`` with the demo's hyperparameters updated by ``hyper``.
     Raises ``ValueError`` for an unknown name; the class raises for bad hyperparameters. With
     ``comm``: data-parallel, sharded, gradients summed over the ranks (each rank's share of the
-    minibatch's mean loss)."""
+    minibatch's mean loss). ``precision``: the optimizer's ``state_dtype``/``master_weights``
+    keywords (``precision_options``)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     cls, defaults = OPTIMIZERS[name]
     parallel = {} if comm is None else dict(comm=comm, grad_reduce="sum")
-    return cls(params, **{**defaults, **(hyper or {})}, backend=backend, **parallel)
+    return cls(params, **{**defaults, **(hyper or {})}, backend=backend, **parallel, **precision)
 
 
 @dataclass
@@ -66,6 +112,28 @@ class TrainResult:
     compile_seconds: float = 0.0
 
 
+class _Params:
+    """The parameters the optimizer updates: the model's own, or (``dtype`` 16-bit) copies of them
+    in ``dtype``, which ``load`` casts up into the model's float32 arrays for the next forward."""
+
+    def __init__(self, model: MLP, dtype: np.dtype):
+        self.model = model
+        self.copies = dtype != model.dtype
+        self.arrays = [p.astype(dtype) for p in model.params] if self.copies else model.params
+
+    def store(self) -> None:
+        """After the model's weights changed outside the optimizer (LSUV): round them into ``arrays``."""
+        if self.copies:
+            for low, p in zip(self.arrays, self.model.params):
+                low[...] = p
+            self.load()
+
+    def load(self) -> None:
+        if self.copies:
+            for p, low in zip(self.model.params, self.arrays):
+                p[...] = low
+
+
 def _bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
@@ -78,7 +146,9 @@ def train(*, optimizer: str = DEFAULTS["optimizer"], hyper: dict | None = None, 
           batch_size: int = DEFAULTS["batch_size"], backend=None, init: str = DEFAULTS["init"],
           hidden=DEFAULTS["hidden"], curriculum: bool = False, seed: int = DEFAULTS["seed"],
           data: Digits | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
-          threads: int | None = DEFAULTS["threads"], comm=None) -> TrainResult:
+          threads: int | None = DEFAULTS["threads"], comm=None, dtype: str = DEFAULTS["dtype"],
+          state_dtype: str = DEFAULTS["state_dtype"], master_weights: bool | None = DEFAULTS["master_weights"],
+          ) -> TrainResult:
     """Train the MLP (64 → hidden... → 10, Linear → fastopt BatchNorm → ReLU per hidden layer) on
     the digits' training split with minibatches of ``batch_size`` (the last, incomplete one of an
     epoch is dropped), then score it on the test split. ``log`` receives one line per epoch.
@@ -103,6 +173,14 @@ def train(*, optimizer: str = DEFAULTS["optimizer"], hyper: dict | None = None, 
     of each; batch norm is synchronized over the ranks and the optimizer sharded (ZeRO-1), with
     each rank's gradient that of its share of the minibatch's mean loss, summed over the ranks:
     the same training as one process, up to rounding. Losses and accuracies are global.
+
+    ``dtype`` (``DTYPES``) is the dtype of the parameters the optimizer holds and updates; for
+    ``bfloat16`` and ``float16`` the MLP's forward and backward stay float32, on the parameters
+    cast up after every step, and the optimizer receives the float32 gradients (with
+    ``master_weights``, None or True, it keeps float32 master copies; False updates the 16-bit
+    parameters themselves). ``state_dtype="int8"``: the optimizer's 8-bit state
+    (``fastopt.precision``; only tensors of at least its ``min_8bit_size`` elements, which
+    ``hyper`` may set). Both are the optimizer's keywords: it raises for what it does not take.
     """
     import numba
 
@@ -111,26 +189,32 @@ def train(*, optimizer: str = DEFAULTS["optimizer"], hyper: dict | None = None, 
         numba.set_num_threads(threads)
     try:
         return _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curriculum, seed, data, log,
-                      progress, comm)
+                      progress, comm, dtype, state_dtype, master_weights)
     finally:
         numba.set_num_threads(previous)
 
 
 def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curriculum, seed, data, log,
-           progress, comm=None) -> TrainResult:
+           progress, comm=None, dtype="float32", state_dtype="float32", master_weights=None) -> TrainResult:
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (batch normalization needs a variance), got {batch_size}")
+    check_precision(dtype, state_dtype, master_weights, comm)
+    precision = precision_options(state_dtype, master_weights)
     data = load_digits() if data is None else data
     n = len(data.y_train)
     if batch_size > n:
         raise ValueError(f"batch_size must be at most the {n} training examples, got {batch_size}")
     rng = np.random.default_rng(seed)
     model = MLP((data.x_train.shape[1], *hidden, data.classes), rng=rng, init=init, backend=backend)
-    opt = make_optimizer(optimizer, model.params, hyper, backend, comm)  # checks the hyperparameters first
+    params = _Params(model, param_dtype(dtype))
+    params.load()  # the model starts from the rounded weights
+    # checks the hyperparameters first
+    opt = make_optimizer(optimizer, params.arrays, hyper, backend, comm, **precision)
     if init == "lsuv":
         model.lsuv_(data.x_train[rng.choice(n, size=min(n, 256), replace=False)], rng)
+        params.store()
     sampler = None
     if curriculum:
         scores = confidence(data.x_train, data.y_train, data.classes, backend=backend)
@@ -138,7 +222,8 @@ def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curricul
 
     result = TrainResult(optimizer, {**OPTIMIZERS[optimizer][1], **(hyper or {})})
     steps = n // batch_size
-    result.compile_seconds = _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, comm=comm)
+    result.compile_seconds = _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, comm=comm,
+                                      dtype=dtype, precision=precision)
     share = _Share(comm, batch_size, model)
     start = time.perf_counter()
     for epoch in range(epochs):
@@ -153,6 +238,7 @@ def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curricul
                 loss, dlogits = share.loss(*softmax_cross_entropy(logits, data.y_train[idx]))
                 model.backward(dlogits)
                 opt.step(model.grads)
+                params.load()
                 loss, right = share.total(loss, int(np.sum(logits.argmax(axis=1) == data.y_train[idx])))
                 loss_sum += loss
                 correct += right
@@ -205,18 +291,22 @@ class _Share:
         return float(self.sums[0]), int(self.sums[1])
 
 
-def _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, steps=2, comm=None) -> float:
+def _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, steps=2, comm=None, dtype="float32",
+             precision=None) -> float:
     """Seconds taken by the first call of every kernel a ``train`` run uses (numba compiles a
     kernel, or loads it from its disk cache, at its first call): a throwaway model of the run's
     shapes, with the run's backend, optimizer and hyperparameters, takes ``steps`` minibatch steps
     (training-mode batch norm forward and backward, the optimizer's update) and predicts the test
     split (eval-mode batch norm), on the run's data. The few milliseconds of arithmetic are
-    counted too. Its weights come from a fixed seed of its own: the run's generator is untouched."""
+    counted too. Its weights come from a fixed seed of its own: the run's generator is untouched.
+    ``dtype`` and ``precision`` (the optimizer's keywords) are the run's."""
     start = time.perf_counter()
     n = len(data.y_train)
     model = MLP((data.x_train.shape[1], *hidden, data.classes), rng=np.random.default_rng(0), init=init,
                 backend=backend)
-    opt = make_optimizer(optimizer, model.params, hyper, backend, comm)
+    params = _Params(model, param_dtype(dtype))
+    params.load()
+    opt = make_optimizer(optimizer, params.arrays, hyper, backend, comm, **(precision or {}))
     for norm in model.norms if comm is not None else ():
         norm.comm = comm
     model.train()
@@ -225,6 +315,7 @@ def _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, steps=2,
         _, dlogits = softmax_cross_entropy(model.forward(data.x_train[idx]), data.y_train[idx])
         model.backward(dlogits)
         opt.step(model.grads)
+        params.load()
     model.predict(data.x_test)
     return time.perf_counter() - start
 

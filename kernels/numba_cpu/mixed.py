@@ -22,7 +22,7 @@ with master weights θ is only written: b_g + 4 + 4s read, 2 + 4 + 4s written, s
 with master weights and bfloat16 gradients moves 2 + 4 + 8 read + 2 + 4 + 8 written = 28 B,
 the same as float32 Adam (the master copy replaces θ's four bytes; the low-precision copy and
 gradient are what the model's forward and backward passes read at half the width); without
-master weights 2 + b_g + 4s read, 2 + 4s written (bfloat16 Adam: 20 B). The Polyak average adds 8.
+master weights 2 + b_g + 4s read, 2 + 4s written (bfloat16 Adam: 22 B). The Polyak average adds 8.
 
 Variants are compiled per combination of (master weights, stochastic rounding, float32
 gradients, float16 rather than bfloat16, Polyak average) on first use: each is a type in the

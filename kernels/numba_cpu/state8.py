@@ -63,7 +63,7 @@ from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from ._jit import kernel
-from .lowbits import f32_bits
+from .lowbits import bits_f32, f32_bits
 from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
 
@@ -118,40 +118,55 @@ def _transformed(g, grad_mul, grad_clip):
     return g
 
 
+_ABS_BITS = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
+_NO_BITS = np.uint32(0)
+
+
 @_element
-def _requantize(scratch, k, count, amax, check, codes, i0, absmax, b, thresholds, zero, lookup):
-    """absmax[b] and codes[i0 : i0 + count] of the ``count`` values scratch[k, :count] (the
-    quantizer of ``quantize.py``: NaN absmax and zero codes for a non-finite block, zero codes for
-    an all-zero one, else the count of midpoints below x / a)."""
-    if check != check or np.isinf(amax):
-        absmax[b] = check - check  # NaN
-        for i in range(count):
-            codes[i0 + i] = zero
-    elif amax == 0:
-        absmax[b] = amax
-        for i in range(count):
-            codes[i0 + i] = zero
+def _requantize(scratch, count, amax_bits, codes, i0, absmax, b, thresholds, zero, lookup):
+    """absmax[b] and codes[i0 : i0 + count] of the ``count`` values ``scratch[:count]``, whose
+    largest |value| has the bit pattern ``amax_bits`` (the quantizer of ``quantize.py``: NaN absmax
+    and zero codes for a block holding NaN or ±inf, zero codes for an all-zero one, else the count
+    of midpoints below x / a).
+
+    As integers, the patterns of |x| order as the values do, and every NaN pattern lies above
+    Inf's, so ``amax_bits`` ≥ Inf's pattern exactly when the block is not finite. The count of
+    midpoints below x̂ is ``lookup`` of its bucket (``_lookup``) plus one compare with the next
+    midpoint (``thresholds`` has a 256th entry, +Inf, so the compare needs no bounds test)."""
+    if amax_bits >= _INF_BITS:
+        absmax[b] = bits_f32(_INF_BITS) - bits_f32(_INF_BITS)  # NaN
+        for j in range(count):
+            codes[i0 + j] = zero
+    elif amax_bits == _NO_BITS:
+        absmax[b] = bits_f32(_NO_BITS)
+        for j in range(count):
+            codes[i0 + j] = zero
     else:
-        absmax[b] = amax
-        for i in range(count):
-            s = scratch[k, i] / amax
-            # the count of midpoints below s: the lookup gives the count below s's 2^-8-wide
-            # bucket of float32 values (``_lookup``), which holds at most one midpoint
-            q = lookup[f32_bits(s) >> _BUCKET_SHIFT]
-            if q < 255 and s > thresholds[q]:
-                q += 1
-            codes[i0 + i] = q
+        a = bits_f32(amax_bits)
+        absmax[b] = a
+        for j in range(count):  # normalize (vectorized)
+            scratch[j] = scratch[j] / a
+        for j in range(count):  # code: a table look-up and a compare (scalar)
+            x = scratch[j]
+            q = lookup[f32_bits(x) >> _BUCKET_SHIFT]
+            codes[i0 + j] = q + (x > thresholds[q])
 
 
 def _update8(scalars: int, states: int):
     """Turn an element update ``element(p, g, s0, s1, h) -> (θᵢ, s0, s1)`` (dequantized float32
     states in, new ones out; s1 unused when ``states`` is 1) taking ``scalars`` host scalars into
-    ``run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block)``, which
-    runs one part (a range of whole blocks) of the tensor list: dequantize, update, requantize.
+    ``run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup,
+    block)``, which runs one part (a range of whole blocks) of the tensor list: dequantize, update,
+    requantize.
 
     ``offsets`` are in blocks; ``table[t]`` holds θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁
-    addresses and θ's size; ``thresholds``, ``values`` and ``zeros`` the midpoints, map and zero code
-    of each state's map (row k for state k)."""
+    addresses and θ's size; ``thresholds``, ``values``, ``zeros`` and ``lookup`` the midpoints
+    (+Inf appended), map, zero code and bucket counts of each state's map (row k for state k).
+
+    Each block is two loops without branches on the data, which the compiler vectorizes: the
+    update (decode by table, update, new state to a scratch row, the largest |state| as the max of
+    bit patterns), then the requantization from the scratch row, still in L1."""
 
     def wrap(element):
         update = numba.njit(inline="always", error_model="numpy")(element)
@@ -161,7 +176,16 @@ def _update8(scalars: int, states: int):
             grad_mul = hyper[scalars]
             grad_clip = hyper[scalars + 1]
             zero_f = np.float32(0)
-            scratch = np.empty((2, block), np.float32)
+            scratch0 = np.empty(block, np.float32)
+            scratch1 = np.empty(block, np.float32)
+            values0 = values[0]  # the rows as views once per part: a view made per block costs
+            values1 = values[1]  # reference counting that showed in the step's time
+            thresholds0 = thresholds[0]
+            thresholds1 = thresholds[1]
+            lookup0 = lookup[0]
+            lookup1 = lookup[1]
+            zero0 = zeros[0]
+            zero1 = zeros[1]
             lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
             t = last_at_most(offsets, lo)
             while lo < hi:
@@ -179,36 +203,28 @@ def _update8(scalars: int, states: int):
                     count = min(block, n - i0)
                     a0 = absmax0[b]
                     a1 = absmax1[b] if states > 1 else zero_f
-                    amax0 = zero_f
-                    amax1 = zero_f
-                    check0 = zero_f
-                    check1 = zero_f
-                    for j in range(count):
+                    for j in range(count):  # decode: a table look-up per state (scalar)
+                        scratch0[j] = values0[codes0[i0 + j]] * a0
+                        if states > 1:
+                            scratch1[j] = values1[codes1[i0 + j]] * a1
+                    bits0 = _NO_BITS
+                    bits1 = _NO_BITS
+                    for j in range(count):  # update: no look-ups, vectorized
                         i = i0 + j
                         g = _transformed(grad[i], grad_mul, grad_clip)
-                        s0 = values[0, codes0[i]] * a0
-                        s1 = values[1, codes1[i]] * a1 if states > 1 else zero_f
-                        p, s0, s1 = update(param[i], g, s0, s1, h)
+                        p, s0, s1 = update(param[i], g, scratch0[j], scratch1[j] if states > 1 else zero_f, h)
                         param[i] = p
                         if avg_weight is not None:
                             a = avg[i]
                             avg[i] = a + avg_weight * (p - a)
-                        scratch[0, j] = s0
-                        v0 = abs(s0)
-                        if v0 > amax0:
-                            amax0 = v0
-                        check0 += s0 - s0
+                        scratch0[j] = s0
+                        bits0 = max(bits0, f32_bits(s0) & _ABS_BITS)
                         if states > 1:
-                            scratch[1, j] = s1
-                            v1 = abs(s1)
-                            if v1 > amax1:
-                                amax1 = v1
-                            check1 += s1 - s1
-                    _requantize(scratch, 0, count, amax0, check0, codes0, i0, absmax0, b,
-                                thresholds[0], zeros[0], lookup[0])
+                            scratch1[j] = s1
+                            bits1 = max(bits1, f32_bits(s1) & _ABS_BITS)
+                    _requantize(scratch0, count, bits0, codes0, i0, absmax0, b, thresholds0, zero0, lookup0)
                     if states > 1:
-                        _requantize(scratch, 1, count, amax1, check1, codes1, i0, absmax1, b,
-                                    thresholds[1], zeros[1], lookup[1])
+                        _requantize(scratch1, count, bits1, codes1, i0, absmax1, b, thresholds1, zero1, lookup1)
                 t += 1
 
         run.__name__ = run.__qualname__ = f"{element.__name__}_run"  # see optim._update
@@ -239,7 +255,7 @@ class _Kernel8:
     def _signature(avg_type):
         f32 = types.float32
         return types.void(types.int64[:, ::1], types.int64[::1], f32[::1], avg_type, f32[:, ::1],
-                          f32[:, ::1], types.uint8[::1], types.uint8[:, ::1], types.int64)
+                          f32[:, ::1], types.uint8[::1], types.int32[:, ::1], types.int64)
 
     @property
     def variants(self):
@@ -591,24 +607,26 @@ def _table(params, grads, states, avgs, slots, block):
     return table, offsets
 
 
-_BUCKET_SHIFT = np.uint32(15)  # a bucket: the float32 values sharing sign, exponent and 8 mantissa bits
+_BUCKET_SHIFT = np.uint32(16)  # a bucket: the float32 values sharing sign, exponent and 7 mantissa bits
 
 
 def _lookup(thresholds: np.ndarray) -> np.ndarray:
-    """For each bucket of float32 values (the top 17 bits of the pattern), the number of
-    midpoints below the bucket's smallest value. The map's values are at least 1.4% apart
-    (relative) where they are densest, a bucket spans at most 2^-8 = 0.4%, so a bucket holds at most
-    one midpoint (checked here) and q = lookup + (x̂ > t[lookup]) is the count of midpoints below x̂,
-    as the 8-step search of ``quantize.py`` finds it, with one compare."""
-    first = np.arange(1 << 17, dtype=np.uint32) << np.uint32(15)
-    ends = np.stack([first.view(np.float32), (first | np.uint32(0x7FFF)).view(np.float32)])
+    """For each bucket of float32 values (the top 16 bits of the pattern: sign, exponent and 7
+    mantissa bits), the number of midpoints below the bucket's smallest value, as int32 (the
+    vectorized gather loads 32-bit words). Where the map is densest its values are 1.4% apart
+    (relative), and a bucket spans at most 2^-7 = 0.8%, so a bucket holds at most one midpoint
+    (checked here): q = lookup + (x̂ > t[lookup]) is the count of midpoints below x̂ that the 8-step
+    search of ``quantize.py`` finds, with one compare."""
+    shift = int(_BUCKET_SHIFT)
+    first = np.arange(1 << (32 - shift), dtype=np.uint32) << np.uint32(shift)
+    ends = np.stack([first.view(np.float32), (first | np.uint32((1 << shift) - 1)).view(np.float32)])
     finite = np.isfinite(ends).all(axis=0)  # the NaN buckets hold no x̂ (a NaN block is coded apart)
     low, high = np.where(finite, ends.min(axis=0), 0), np.where(finite, ends.max(axis=0), 0)
     below = np.where(finite, np.searchsorted(thresholds, low, side="left"), 0)
     upto = np.where(finite, np.searchsorted(thresholds, high, side="right"), 0)
     if (upto - below).max() > 1:
         raise AssertionError("a bucket of the 8-bit lookup holds two midpoints")
-    return below.astype(np.uint8)
+    return below.astype(np.int32)
 
 
 _MAPS = {signed: (THRESHOLDS[(signed, _F32)], MAP_AS[(signed, _F32)], ZERO[signed],
@@ -617,6 +635,9 @@ _MAPS = {signed: (THRESHOLDS[(signed, _F32)], MAP_AS[(signed, _F32)], ZERO[signe
 
 
 _LOOKUPS = {(a, b): np.stack([_MAPS[a][3], _MAPS[b][3]]) for a in (True, False) for b in (True, False)}
+# the 255 midpoints of each row's map and +Inf: the compare after the look-up needs no bounds test
+_THRESHOLDS = {(a, b): np.stack([np.append(_MAPS[m][0], np.float32(np.inf)) for m in (a, b)])
+               for a in (True, False) for b in (True, False)}
 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
@@ -636,7 +657,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     if offsets[-1] == 0:
         return
     rows = [slots[min(k, len(slots) - 1)][1] for k in range(2)]  # row 1 repeats row 0 when unused
-    thresholds = np.stack([_MAPS[s][0] for s in rows])
+    thresholds = _THRESHOLDS[tuple(rows)]
     values = np.stack([_MAPS[s][1] for s in rows])
     zeros = np.array([_MAPS[s][2] for s in rows], np.uint8)
     lookup = _LOOKUPS[tuple(rows)]

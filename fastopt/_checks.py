@@ -121,11 +121,7 @@ def check_array(name: str, array, *, writeable: bool, low_precision: bool = Fals
     else:
         raise TypeError(f"{name} must be a numpy.ndarray or a CUDA device array, got {kind_name(array)}")
     if dtype not in FLOAT_DTYPES:
-        if low_precision and dtype.itemsize == 2 and dtype.name in ("bfloat16", "float16"):
-            if not isinstance(array, np.ndarray):
-                raise TypeError(f"{name} has dtype {dtype} on the device: the GPU backends do not take 16-bit "
-                                "parameters yet; the host backends 'numba' and 'numpy' do")
-        else:
+        if not (low_precision and dtype.itemsize == 2 and dtype.name in ("bfloat16", "float16")):
             raise TypeError(f"{name} must have dtype float32 or float64"
                             + (", or bfloat16 or float16 on the host" if low_precision else "") + f", got {dtype}")
     if not contiguous:

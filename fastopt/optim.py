@@ -452,7 +452,7 @@ class Optimizer:
                     else:
                         state[name] = precision.state_array(module, param, value)
             if self.precision.master(dtype_of(param)) and "master" not in state:
-                state["master"] = param.astype(np.float32)
+                state["master"] = precision.master_copy(module, param)
             if self.polyak is not None and "avg" not in state:
                 # θ̂ starts at the first averaged iterate; a zero start makes the first lerp exact
                 state["avg"] = precision.state_array(module, param, 0.0)

@@ -104,16 +104,22 @@ def check_grad(name: str, grad, param_name: str, param) -> None:
 
 
 def state_array(module, param, value: float):
-    """A new state array for ``param``: the parameter's dtype, or float32 for a 16-bit parameter."""
-    if is_low(param.dtype):
-        return np.full(param.shape, value, _FLOAT32)
+    """A new state array for ``param``: the parameter's dtype, or float32 for a 16-bit parameter
+    (on the parameter's device)."""
+    if is_low(dtype_of(param)):
+        return module.from_numpy(np.full(shape_of(param), value, _FLOAT32), param)
     return module.zeros_like(param) if value == 0.0 else module.full_like(param, value)
+
+
+def master_copy(module, param):
+    """The float32 master copy of a 16-bit parameter, exact, on its device."""
+    return module.from_numpy(module.to_numpy(param).astype(_FLOAT32), param)
 
 
 def mixed_module(module, backend):
     """``module`` if it takes 16-bit parameters, else ``TypeError``."""
     if not hasattr(module, "mixed_step"):
-        raise TypeError(f"backend {backend!r} does not take bfloat16 or float16 parameters; use 'numba' or 'numpy'")
+        raise TypeError(f"backend {backend!r} does not take bfloat16 or float16 parameters")
     return module
 
 
@@ -124,8 +130,8 @@ def sumsq(module, grads) -> float:
         return module.grad_sumsq(grads)
     rest = [g for g in grads if not is_low(dtype_of(g))]
     total = 0.0
-    for dtype in {g.dtype for g in low}:
-        total += module.mixed_sumsq([g for g in low if g.dtype == dtype])
+    for dtype in {dtype_of(g) for g in low}:
+        total += module.mixed_sumsq([g for g in low if dtype_of(g) == dtype])
     if rest:
         value = module.grad_sumsq(rest)
         total += value if isinstance(value, float) else float(module.to_numpy(value).reshape(-1)[0])
@@ -157,9 +163,13 @@ def check_eight_bit_param(name: str, param) -> None:
                         "parameters")
 
 
-def quantized_state(module, param, value: float, signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, absmax) of a new state array of ``param`` filled with ``value``."""
-    codes = np.empty(param.shape, np.uint8)
-    absmax = np.empty(-(-param.size // BLOCK), np.float32)
-    module.quantize_blockwise(np.full(param.shape, value, np.float32), codes, absmax, signed=signed, block=BLOCK)
-    return codes, absmax
+def quantized_state(module, param, value: float, signed: bool):
+    """(codes, absmax) of a new state array of ``param`` filled with ``value``, on its device (the
+    quantization of a constant, done on the host by the reference quantizer)."""
+    from .reference import quantize_blockwise
+
+    shape = shape_of(param)
+    codes = np.empty(shape, np.uint8)
+    absmax = np.empty(-(-int(np.prod(shape)) // BLOCK), np.float32)
+    quantize_blockwise(np.full(shape, value, np.float32), codes, absmax, signed=signed, block=BLOCK)
+    return module.from_numpy(codes, param), module.from_numpy(absmax, param)

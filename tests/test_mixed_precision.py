@@ -249,9 +249,18 @@ class _DeviceHalf:
                                 "strides": None}
 
 
-def test_a_16_bit_array_on_a_backend_that_cannot_take_it_raises():
-    with pytest.raises(TypeError, match="GPU backends do not take 16-bit parameters"):
+def test_a_16_bit_array_on_a_backend_that_cannot_take_it_raises(monkeypatch):
+    from fastopt import dispatch
+
+    class NoHalf:  # a backend module without mixed_step
+        __name__ = "fastopt.kernels.stand_in"
+
+    monkeypatch.setattr(dispatch, "resolve", lambda backend, array: NoHalf())
+    with pytest.raises(TypeError, match="backend 'numba-cuda' does not take bfloat16 or float16 parameters"):
         fastopt.SGD([_DeviceHalf()], lr=0.1)
+    with pytest.raises(TypeError, match="has no 8-bit optimizer state"):
+        fastopt.Adam([np.zeros(5000, np.float32)], state_dtype="int8")
+    monkeypatch.undo()
     with pytest.raises(TypeError, match="works on"):
         fastopt.SGD([np.ones(3, BF16)], lr=0.1, backend="numba-cuda")
 

@@ -26,6 +26,20 @@ def fastopt_cmd(*args, env_extra=None, timeout=300):
                           timeout=timeout, env=env)
 
 
+def fastopt_main(capsys, *args):
+    """``cli.main(ARGS)`` in this process, as a completed process (returncode, stdout, stderr).
+
+    For the error cases of the parametrized tables: ``python -m fastopt`` is ``SystemExit(main())``
+    and ``main`` turns argparse's exits into a status, so the status and the output are those of the
+    subprocess, without an interpreter start and fastopt's imports (~2 s) per case; an exception
+    main does not handle fails the test as the traceback would. The subprocess path itself is checked
+    by the tests that use ``fastopt_cmd``, usage errors and fastopt's errors included."""
+    capsys.readouterr()
+    status = cli.main(list(args))
+    out = capsys.readouterr()
+    return types.SimpleNamespace(returncode=status, stdout=out.out, stderr=out.err)
+
+
 def assert_usage_error(proc, *fragments):
     """Exit 2 and one argparse-style line on stderr, ``fastopt COMMAND: error: ...``."""
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -212,13 +226,13 @@ def test_verify_catches_an_unwritten_element_and_a_raising_kernel(monkeypatch):
     assert not by_op["sgd"].passed and "raised FloatingPointError: boom" in by_op["sgd"].failures[0]
 
 
-def test_verify_usage_errors(tmp_path):
-    assert_usage_error(fastopt_cmd("verify", "--op", "nope"), "invalid choice")
-    assert_usage_error(fastopt_cmd("verify", "--dtype", "float16"), "invalid choice")
+def test_verify_usage_errors(capsys):
+    assert_usage_error(fastopt_main(capsys, "verify", "--op", "nope"), "invalid choice")
+    assert_usage_error(fastopt_main(capsys, "verify", "--dtype", "float16"), "invalid choice")
     unavailable = [name for name, info in fastopt.backends().items() if not info.available]
     if unavailable:
-        assert_one_line_error(fastopt_cmd("verify", "--backend", unavailable[0]), f"backend {unavailable[0]!r}",
-                              "unavailable")
+        assert_one_line_error(fastopt_main(capsys, "verify", "--backend", unavailable[0]),
+                              f"backend {unavailable[0]!r}", "unavailable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,8 +356,8 @@ def test_compile_list_names_every_operation_and_compiles_nothing(tmp_path):
     (["--dtype", "float16"], ["invalid choice"]),
     (["--jobs", "0"], ["--jobs must be >= 1, got 0"]),
 ])
-def test_compile_usage_errors(args, fragments):
-    assert_usage_error(fastopt_cmd("compile", *args), *fragments)
+def test_compile_usage_errors(args, fragments, capsys):
+    assert_usage_error(fastopt_main(capsys, "compile", *args), *fragments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +404,8 @@ def test_train_with_options():
     (["--compare", "--lr", "0.1"], ["--compare trains each optimizer with its own demo hyperparameters"]),
     (["--compare", "adam,nope"], ["unknown optimizer 'nope'"]),
 ])
-def test_train_usage_errors(args, fragments):
-    assert_usage_error(fastopt_cmd("train", *args), *fragments)
+def test_train_usage_errors(args, fragments, capsys):
+    assert_usage_error(fastopt_main(capsys, "train", *args), *fragments)
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -401,8 +415,8 @@ def test_train_usage_errors(args, fragments):
     (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], ["nesterov=True requires momentum > 0"]),
     (["--optimizer", "delta_bar_delta", "--convention", "torch"], ["delta_bar_delta", "textbook"]),
 ])
-def test_train_bad_hyperparameters_are_fastopts_errors(args, fragments):
-    assert_one_line_error(fastopt_cmd("train", *args), *fragments)
+def test_train_bad_hyperparameters_are_fastopts_errors(args, fragments, capsys):
+    assert_one_line_error(fastopt_main(capsys, "train", *args), *fragments)
 
 
 def test_train_without_scikit_learn_names_the_pip_command(blocked):

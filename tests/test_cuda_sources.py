@@ -18,9 +18,14 @@ each vector width), our options plus the ones ``cupy.RawModule`` adds (``-ftz=tr
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import importlib.resources
+import json
 import re
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +54,9 @@ class Compiled:
         self.ok, self.log, self.output, self.lowered = ok, log, output, lowered
 
 
-def compile_source(source: str, names, target: str, extra=()) -> Compiled:
+def compile_source(source: str, names, target: str, extra=(), *, ptx_too: bool = False) -> Compiled:
+    """Compile with NVRTC for ``target``; ``output`` is the PTX for a compute_ target, and for an
+    sm_ target too with ``ptx_too`` (the PTX NVRTC hands to ptxas), else empty."""
     nvrtc = _nvrtc()
     err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"fastopt.cu", 0, [], [])
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
@@ -69,7 +76,7 @@ def compile_source(source: str, names, target: str, extra=()) -> Compiled:
         log = log.decode(errors="replace").rstrip("\x00")
         output, lowered = "", {}
         if ok:
-            if target.startswith("compute_"):
+            if target.startswith("compute_") or ptx_too:
                 _, size = nvrtc.nvrtcGetPTXSize(prog)
                 ptx = b" " * size
                 nvrtc.nvrtcGetPTX(prog, ptx)
@@ -83,10 +90,56 @@ def compile_source(source: str, names, target: str, extra=()) -> Compiled:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+# Where compilations are shared between the processes of one run (pytest-xdist workers): set by
+# the session fixture below to the run's common temporary directory.
+_SHARED: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _share_compilations_between_workers(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    # under xdist each worker's basetemp is <run>/popen-gwN; the run's directory is common to all
+    shared = (base.parent if base.name.startswith("popen-gw") else base) / "nvrtc-compilations"
+    shared.mkdir(exist_ok=True)
+    _SHARED["dir"] = shared
+    yield
+    _SHARED.clear()
+
+
+def _compile_shared(module: str, target: str) -> Compiled:
+    """``module`` for ``target`` (sm_ targets keep their PTX), compiled once per test run: the
+    first process to need it compiles it under a file lock and stores the result, the others wait
+    for the lock and read it (an optim compilation takes ~20 s; xdist would otherwise repeat it in
+    every worker that draws one of its tests)."""
+    source, names = S.source(module), S.name_expressions(module)
+    key = hashlib.sha256(json.dumps([source, list(names), target, list(S.COMPILE_OPTIONS),
+                                     list(S.CUPY_ADDED_OPTIONS), list(_nvrtc().nvrtcVersion())],
+                                    default=str).encode()).hexdigest()[:24]
+    shared = _SHARED.get("dir")
+    if shared is None:
+        return compile_source(source, names, target, ptx_too=True)
+    path = shared / f"{module}-{target}-{key}.json"
+    with open(shared / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return Compiled(**json.loads(path.read_text()))
+        result = compile_source(source, names, target, ptx_too=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(vars(result)))
+        tmp.rename(path)
+        return result
+
+
 @functools.lru_cache(maxsize=None)
 def compiled(module: str, target: str) -> Compiled:
-    """A module as the loader compiles it (cached: each compilation takes seconds)."""
-    return compile_source(S.source(module), S.name_expressions(module), target)
+    """A module as the loader compiles it (cached: each compilation takes seconds).
+
+    ``compute_90``: the PTX of the ``sm_90`` compilation, which is the PTX NVRTC produces for
+    compute_90 and hands to ptxas (``test_the_ptx_of_an_sm_90_compilation_is_the_compute_90_ptx``),
+    so the cubin and PTX checks share one compilation per module."""
+    if target == "compute_90":
+        return _compile_shared(module, "sm_90")
+    return _compile_shared(module, target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +292,16 @@ def test_tensor_list_kernels_vectorize_aligned_tensors():
         for dtype in S.DTYPES:
             name = S.update_kernel(variant, dtype, None)
             assert vector_accesses(entries[result.lowered[name]]), name
+
+
+def test_the_ptx_of_an_sm_90_compilation_is_the_compute_90_ptx():
+    """What lets ``compiled(module, "compute_90")`` reuse the sm_90 compilation (on the smallest
+    module: a compute_90 compilation of optim alone takes seconds)."""
+    direct = compile_source(S.source("reduce"), S.name_expressions("reduce"), "compute_90")
+    assert direct.ok, direct.log
+    shared = compiled("reduce", "compute_90")
+    assert shared.output and shared.output == direct.output
+    assert shared.lowered == direct.lowered
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def test_optimizer_step_with_extras_matches_the_reference(case, options, rng):
     expected_params = [p.copy() for p in start]
     opt = getattr(fastopt, name)(two_groups(params), **hyper, **options)
     expected = getattr(fastopt, name)(two_groups(expected_params), **hyper, **options, backend="numpy")
-    for _ in range(3):
+    # two steps: the second is the first with a state, a schedule's changed lr and a Polyak mean's
+    # weight below 1 (a third step takes no branch the second does not)
+    for _ in range(2):
         grads = host_arrays(rng, np.float32, scale=3.0 * scale)  # large enough that clipping acts
         d_grads = on_device(grads)
         step_options = {"grad_scale": scale} if scale != 1.0 else {}
@@ -96,7 +98,7 @@ def test_optimizer_step_with_extras_matches_the_reference(case, options, rng):
     for k, (actual, wanted) in enumerate(zip(opt.averaged_params(), expected.averaged_params())):
         assert fastopt.dispatch.resolve(None, actual).__name__ == "fastopt.kernels.numba_cuda"  # on the device
         np.testing.assert_allclose(host(actual), wanted, err_msg=f"average {k}", **tolerance)
-    assert (opt.steps, opt.skipped_steps) == (3, 0)
+    assert (opt.steps, opt.skipped_steps) == (2, 0)
 
 
 def test_skip_leaves_everything_and_later_steps_ignore_the_bad_one(rng):
@@ -104,7 +106,7 @@ def test_skip_leaves_everything_and_later_steps_ignore_the_bad_one(rng):
     options = dict(lr=1e-2, nonfinite="skip", polyak=0.5, clip_grad_norm=5.0)
     skipping = fastopt.Adam(two_groups(on_device(start)), **options)
     clean = fastopt.Adam(two_groups(on_device(start)), **options)
-    good = [host_arrays(rng, np.float32) for _ in range(3)]
+    good = [host_arrays(rng, np.float32) for _ in range(2)]  # one good step before the bad ones, one after
     skipping.step(on_device(good[0]))
     clean.step(on_device(good[0]))
     before = host_state(skipping)

@@ -39,11 +39,13 @@ def test_grad_sumsq_of_nothing_is_zero():
     assert host(backend.grad_sumsq([device(np.empty(0, np.float32))]))[0] == 0.0
 
 
-@pytest.mark.parametrize("bad, expected", [(-np.inf, np.inf), (np.nan, np.nan)], ids=["inf", "nan"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+# each bad value once and each dtype once (the kernel widens to float64 before squaring, the same code
+# in both dtypes); that finite gradients give a finite sum is test_grad_sumsq_matches_reference's
+@pytest.mark.parametrize("dtype, bad, expected", [(np.float32, -np.inf, np.inf), (np.float64, np.nan, np.nan)],
+                         ids=["float32-inf", "float64-nan"])
 def test_grad_sumsq_is_nonfinite_exactly_when_an_element_is(dtype, bad, expected, rng):
     grads = _grads(rng, [dtype] * 6)
-    assert np.isfinite(host(backend.grad_sumsq([device(g) for g in grads]))[0])
+    assert np.isfinite(reference.grad_sumsq(grads))  # only the planted element makes it non-finite
     grads[3][2, 17] = bad
     got = host(backend.grad_sumsq([device(g) for g in grads]))[0]
     np.testing.assert_equal(got, expected)

@@ -1,9 +1,11 @@
 """The hyperparameter sweep of ``tests/sweep.py`` on the ``"numba-cuda"`` backend, under the
 simulator: every optimizer variant through the functional API (both dtypes) and the optimizer
 classes (float32) with the per-element training-step extras (value clipping, a Polyak EMA), on small device
-arrays and three steps. The simulator runs each CUDA thread as a Python thread, which makes the
-norm's block reduction cost seconds a step: ``clip_grad_norm`` at non-default values is swept on
-the host backends, and its reduction on this backend is checked in ``test_reduce.py``."""
+arrays and two steps (the second runs from a state the kernel wrote, with a changed learning rate, which
+is when the sweep checks that the learning rate matters; the host backends' sweep takes four). The
+simulator runs each CUDA thread as a Python thread, which makes the norm's block reduction cost
+seconds a step: ``clip_grad_norm`` at non-default values is swept on the host backends, and its
+reduction on this backend is checked in ``test_reduce.py``."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from .helpers import device, host
 
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["float32", "float64"]
-# more than the simulated grid's 3 x 64 threads, so the grid-stride loops turn; three tensors in two
-# groups for the tensor-list kernel
-SHAPE = (211,)
-GROUP_SHAPES = [[(37,)], [(2, 100), (1,)]]
-STEPS = 3
+# The sweep checks how each drawn value reaches the kernels, not the launch geometry (grid-stride
+# loops that turn, tensors over several chunks: test_optim.py), and the simulator's cost is its
+# threads (64 per block): one block per tensor here. SHAPE fills most of a block's threads; three
+# tensors in two groups for the tensor-list kernel, one of a single element.
+SHAPE = (61,)
+GROUP_SHAPES = [[(23,)], [(2, 11), (1,)]]
+STEPS = 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -19,6 +19,15 @@ wrong shape or dtype is an infinite error.
 The reported error of an (operation, backend, dtype) row is the largest e over its cases, sizes,
 steps and outputs.
 
+Low precision (``LOW_PRECISION``, rows beside float32 and float64): ``bfloat16`` and ``float16``
+run each optimizer case on 16-bit parameters with float32 master weights (the backend's
+``mixed_step``): the master copy and the state are compared with the float64 reference as float32
+outputs are, and the parameter must be its master copy rounded to nearest, exactly. ``int8-state``
+runs float32 parameters with 8-bit state (``state8_step``) against the reference's
+``state8_step``, which defines the quantized update (dequantize, update, requantize): codes and
+absmax exactly, the parameter within the float32 tolerance; the cases without 8-bit state are left
+out of those rows.
+
 The cases: ``OPTIMIZER_CASES`` (each optimizer's configurations: momentum, Nesterov, centered,
 weight decay, AMSGrad, both conventions) and ``BATCHNORM_CASES`` (training and eval, with and
 without the fused ReLU and the affine parameters, channels first and last). Batch-norm outputs are
@@ -37,15 +46,17 @@ from . import dispatch, functional
 from . import reference as ref
 from .batchnorm import batchnorm_backward, batchnorm_forward
 
-__all__ = ["BATCHNORM_CASES", "DTYPES", "OPS", "OPTIMIZER_CASES", "TOLERANCE", "Result", "run"]
+__all__ = ["BATCHNORM_CASES", "DTYPES", "LOW_PRECISION", "OPS", "OPTIMIZER_CASES", "TOLERANCE", "Result", "run"]
 
-DTYPES = ("float32", "float64")
+LOW_PRECISION = ("bfloat16", "float16", "int8-state")  # optimizer rows only
+DTYPES = ("float32", "float64") + LOW_PRECISION
 
 # (rtol, atol) by kind of operation and dtype. Optimizer updates are element-wise: a few roundings
 # per element. Batch normalization reduces over the batch (means, variances, gradient sums) and its
 # backward subtracts nearly equal terms, so it gets a looser float32 bound.
 TOLERANCE: dict[str, dict[str, tuple[float, float]]] = {
-    "optimizer": {"float32": (2e-5, 2e-6), "float64": (1e-12, 1e-14)},
+    "optimizer": {"float32": (2e-5, 2e-6), "float64": (1e-12, 1e-14),
+                  **{name: (2e-5, 2e-6) for name in LOW_PRECISION}},  # their float32 outputs
     "batchnorm": {"float32": (1e-4, 1e-5), "float64": (1e-11, 1e-13)},
 }
 
@@ -109,15 +120,15 @@ class Result:
     def passed(self) -> bool:
         return not self.failures
 
-    def record(self, what: str, actual, expected) -> None:
-        """Compare one output (host arrays) and keep the worst error."""
+    def record(self, what: str, actual, expected, dtype=None) -> None:
+        """Compare one output (host arrays; of ``dtype``, by default the row's) and keep the worst error."""
         self.checks += 1
         actual = np.asarray(actual)
         expected = np.asarray(expected, dtype=np.float64)
         if actual.shape != expected.shape:
             e, detail = math.inf, f"shape {actual.shape} != {expected.shape}"
-        elif actual.dtype != np.dtype(self.dtype):
-            e, detail = math.inf, f"dtype {actual.dtype} != {self.dtype}"
+        elif actual.dtype != np.dtype(dtype or self.dtype):
+            e, detail = math.inf, f"dtype {actual.dtype} != {np.dtype(dtype or self.dtype)}"
         elif actual.size == 0:
             e, detail = 0.0, ""
         else:
@@ -205,6 +216,79 @@ def _verify_optimizer(result: Result, name: str, hyper: dict, rng: np.random.Gen
             result.record(f"{where}: param", down(param), expected)
             for k in used:
                 result.record(f"{where}: {k}", down(state[k]), expected_state[k])
+
+
+def _low_precision_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _verify_mixed(result: Result, name: str, hyper: dict, rng: np.random.Generator) -> None:
+    """16-bit parameters with master weights: the backend's ``mixed_step`` step by step against
+    the float64 reference started from the backend's master copy and state."""
+    spec = functional.SPECS[name]
+    ref_fn = getattr(ref, spec.kernel)
+    checked = spec.check(**hyper)
+    used = spec.uses(checked)
+    module = dispatch.resolve(result.backend, _upload(result.backend)(np.zeros(1, np.float32)))
+    dtype = _low_precision_dtype(result.dtype)
+    up, down = _upload(result.backend), _download(result.backend)
+    label = name + "".join(f" {k}={v}" for k, v in hyper.items())
+    for shape in OPTIMIZER_SIZES:
+        host = rng.standard_normal(shape).astype(dtype)
+        param, master = up(host), up(host.astype(np.float32))
+        state = {k: up(v) for k, v in _optimizer_initial_state(name, shape, np.float32).items()}
+        for t in range(1, OPTIMIZER_STEPS + 1):
+            grad = rng.standard_normal(shape).astype(dtype)
+            expected = down(master).astype(np.float64)
+            expected_state = {k: down(v).astype(np.float64) for k, v in state.items()}
+            step_kw = {"step": t} if spec.step_count else {}
+            ref_fn(expected, grad.astype(np.float64), *(expected_state[k] for k in spec.state), **checked, **step_kw)
+            module.mixed_step(spec.kernel, [param], [up(grad)], [master], [tuple(state[k] for k in spec.state)],
+                              None, **checked, **step_kw)
+            where = f"{label}, shape {shape}, step {t}"
+            result.record(f"{where}: master", down(master), expected, np.float32)
+            rounded = ref.lowp.round_nearest(down(master), dtype)
+            result.record(f"{where}: param = master rounded to nearest", down(param), rounded.astype(np.float64),
+                          dtype)
+            for k in used:
+                result.record(f"{where}: {k}", down(state[k]), expected_state[k], np.float32)
+
+
+def _verify_state8(result: Result, name: str, hyper: dict, rng: np.random.Generator) -> None:
+    """Float32 parameters with 8-bit state: the backend's ``state8_step`` against the reference's."""
+    spec = functional.SPECS[name]
+    checked = spec.check(**hyper)
+    module = dispatch.resolve(result.backend, _upload(result.backend)(np.zeros(1, np.float32)))
+    up, down = _upload(result.backend), _download(result.backend)
+    label = name + "".join(f" {k}={v}" for k, v in hyper.items())
+    for shape in OPTIMIZER_SIZES:
+        keywords = dict(checked, step=1) if spec.step_count else dict(checked)
+        layout = ref.state8_layout(spec.kernel, **keywords)
+        n = int(np.prod(shape))
+        host = rng.standard_normal(shape).astype(np.float32)
+        ref_param, param = host.copy(), up(host)
+        ref_states, states = [None] * len(spec.state), [None] * len(spec.state)
+        for slot, signed in layout:
+            codes, absmax = np.empty(shape, np.uint8), np.empty(-(-n // 256), np.float32)
+            value = 0.1 if name == "adagrad" else 0.0
+            ref.quantize_blockwise(np.full(shape, value, np.float32), codes, absmax, signed=signed, block=256)
+            ref_states[slot] = (codes, absmax)
+            states[slot] = (up(codes.copy()), up(absmax.copy()))
+        for t in range(1, OPTIMIZER_STEPS + 1):
+            grad = rng.standard_normal(shape).astype(np.float32)
+            keywords = dict(checked, step=t) if spec.step_count else dict(checked)
+            ref.state8_step(spec.kernel, [ref_param], [grad], [tuple(ref_states)], None, **keywords)
+            module.state8_step(spec.kernel, [param], [up(grad)], [tuple(states)], None, **keywords)
+            where = f"{label}, shape {shape}, step {t}"
+            result.record(f"{where}: param", down(param), ref_param.astype(np.float64), np.float32)
+            for slot, _ in layout:
+                name_k = spec.state[slot]
+                result.record(f"{where}: {name_k} codes", down(states[slot][0]), ref_states[slot][0], np.uint8)
+                result.record(f"{where}: {name_k} absmax", down(states[slot][1]), ref_states[slot][1], np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,17 +391,35 @@ def _verify_batchnorm(result: Result, case, rng: np.random.Generator) -> None:
 # the driver
 
 
-def cases(op: str) -> list:
-    """The cases ``run`` checks for ``op``."""
+def cases(op: str, dtype: str = "float32") -> list:
+    """The cases ``run`` checks for ``op`` in ``dtype`` (a row of ``DTYPES``)."""
     if op in ("batchnorm_forward", "batchnorm_backward"):
-        return list(BATCHNORM_CASES)
-    return [hyper for name, hyper in OPTIMIZER_CASES if name == op]
+        return list(BATCHNORM_CASES) if dtype not in LOW_PRECISION else []
+    found = [hyper for name, hyper in OPTIMIZER_CASES if name == op]
+    if dtype == "int8-state":
+        spec = functional.SPECS[op]
+
+        def supported(hyper):
+            checked = spec.check(**hyper)
+            return ref.state8_supported(spec.kernel, **(dict(checked, step=1) if spec.step_count else checked)) is None
+
+        found = [hyper for hyper in found if supported(hyper)]
+    return found
 
 
 def plan(backends: list[str], ops: list[str], dtypes: list[str]) -> Iterator[tuple[str, str, str]]:
+    """The (op, backend, dtype) rows that have cases; a backend without 16-bit parameters or 8-bit
+    state (``mixed_step``/``state8_step``) has no such rows."""
     for op in ops:
         for backend in backends:
             for dtype in dtypes:
+                if not cases(op, dtype):
+                    continue
+                if dtype in LOW_PRECISION:
+                    needed = "state8_step" if dtype == "int8-state" else "mixed_step"
+                    module = dispatch.resolve(backend, _upload(backend)(np.zeros(1, np.float32)))
+                    if not hasattr(module, needed):
+                        continue
                 yield op, backend, dtype
 
 
@@ -332,10 +434,14 @@ def run(backends: list[str], ops: list[str] | None = None, dtypes: list[str] | N
     for op, backend, dtype in plan(backends, ops, dtypes):
         rtol, atol = TOLERANCE[_kind(op)][dtype]
         result = Result(op, backend, dtype, rtol, atol)
-        for case in cases(op):
+        for case in cases(op, dtype):
             try:
                 if _kind(op) == "batchnorm":
                     _verify_batchnorm(result, case, rng)
+                elif dtype == "int8-state":
+                    _verify_state8(result, op, case, rng)
+                elif dtype in LOW_PRECISION:
+                    _verify_mixed(result, op, case, rng)
                 else:
                     _verify_optimizer(result, op, case, rng)
             except Exception as exc:  # noqa: BLE001 - a backend that raises fails its row, with the reason
@@ -348,4 +454,4 @@ def run(backends: list[str], ops: list[str] | None = None, dtypes: list[str] | N
 
 
 def case_count(ops: list[str], backends: list[str], dtypes: list[str]) -> int:
-    return sum(len(cases(op)) for op, _, _ in plan(backends, ops, dtypes))
+    return sum(len(cases(op, dtype)) for op, _, dtype in plan(backends, ops, dtypes))

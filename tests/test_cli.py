@@ -156,7 +156,7 @@ def test_info_without_numba_cuda_says_it_is_not_installed_and_how_to_install_it(
 # ---------------------------------------------------------------------------------------------
 # verify
 
-ROW = re.compile(r"^(\w+)\s+(\S+)\s+(float32|float64)\s+(\S+)\s+(\S+)\s+(PASS|FAIL)$", re.M)
+ROW = re.compile(r"^(\w+)\s+(\S+)\s+(float32|float64|bfloat16|float16|int8-state)\s+(\S+)\s+(\S+)\s+(PASS|FAIL)$", re.M)
 
 
 def test_verify_prints_a_table_and_passes():
@@ -179,8 +179,38 @@ def test_verify_one_backend_both_dtypes():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = ROW.findall(proc.stdout)
     assert sorted((op, dtype) for op, _, dtype, *_ in rows) == [
-        ("batchnorm_forward", "float32"), ("batchnorm_forward", "float64"), ("sgd", "float32"), ("sgd", "float64")]
+        ("batchnorm_forward", "float32"), ("batchnorm_forward", "float64"), ("sgd", "bfloat16"), ("sgd", "float16"),
+        ("sgd", "float32"), ("sgd", "float64"), ("sgd", "int8-state")]
     assert all(backend == "numba" for _, backend, *_ in rows)
+
+
+@pytest.mark.parametrize("row", ["bfloat16", "int8-state"])
+def test_verify_fails_a_wrong_low_precision_kernel(monkeypatch, row):
+    """A 16-bit step whose master copy is off by a little more than the tolerance, or an 8-bit step
+    that writes one code one too high, turns its row into FAIL."""
+    import numpy as np
+
+    import fastopt.kernels.numba_cpu as numba_cpu
+    from fastopt import verify
+
+    real_mixed, real_state8 = numba_cpu.mixed_step, numba_cpu.state8_step
+
+    def mixed_off(op, params, grads, masters, *args, **kwargs):
+        real_mixed(op, params, grads, masters, *args, **kwargs)
+        for m in masters:
+            m *= np.float32(1 + 1e-4)
+
+    def state8_off(op, params, grads, states, *args, **kwargs):
+        real_state8(op, params, grads, states, *args, **kwargs)
+        codes = next(entry for entry in states[0] if entry is not None)[0].reshape(-1)
+        if codes.size:
+            codes[0] = min(int(codes[0]) + 1, 255) if codes[0] < 255 else 254
+
+    monkeypatch.setattr(numba_cpu, "mixed_step", mixed_off)
+    monkeypatch.setattr(numba_cpu, "state8_step", state8_off)
+    (result,) = verify.run(["numba"], ["adam"], [row], rng=np.random.default_rng(0))
+    assert not result.passed
+    assert ("master" if row == "bfloat16" else "codes") in result.failures[0]
 
 
 def test_verify_fails_with_exit_1_when_a_kernel_is_wrong(monkeypatch, capsys):
@@ -228,7 +258,7 @@ def test_verify_catches_an_unwritten_element_and_a_raising_kernel(monkeypatch):
 
 def test_verify_usage_errors(capsys):
     assert_usage_error(fastopt_main(capsys, "verify", "--op", "nope"), "invalid choice")
-    assert_usage_error(fastopt_main(capsys, "verify", "--dtype", "float16"), "invalid choice")
+    assert_usage_error(fastopt_main(capsys, "verify", "--dtype", "int4"), "invalid choice")
     unavailable = [name for name, info in fastopt.backends().items() if not info.available]
     if unavailable:
         assert_one_line_error(fastopt_main(capsys, "verify", "--backend", unavailable[0]),

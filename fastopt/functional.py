@@ -23,13 +23,19 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from . import dispatch
 from ._checks import (
     check_bool,
     check_convention,
+    check_disjoint,
     check_real,
     check_step,
+    check_same_kind,
     check_update_arrays,
+    dtype_of,
+    shape_of,
 )
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "delta_bar_delta_step",
     "rmsprop_step",
     "sgd_step",
+    "step_8bit",
 ]
 
 
@@ -339,3 +346,65 @@ def delta_bar_delta_step(param, grad, rates, delta_bar, *, kappa, phi, gamma, co
     δ̄ ← (1−γ)g + γδ̄."""
     _run("delta_bar_delta", param, grad, {"rates": rates, "delta_bar": delta_bar},
          dict(kappa=kappa, phi=phi, gamma=gamma, convention=convention), backend)
+
+
+def step_8bit(name: str, param, grad, state: dict, *, step=None, backend=None, **hyperparameters) -> None:
+    """One update of optimizer ``name`` (``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"adam"``,
+    ``"adamw"``) with 8-bit block-wise quantized state, in place, in one fused pass
+    (``docs/algorithms.md``, "Optimizers with 8-bit state").
+
+    ``state`` maps each state array the configuration keeps in 8 bits to its ``(codes, absmax)``
+    pair (``fastopt.quantize_blockwise`` makes one; codes uint8 with ``param``'s shape, absmax
+    float32, one per block of 256): Adam ``{"m": ..., "v": ...}``, SGD ``{"velocity": ...}``,
+    AdaGrad ``{"accumulator": ...}``, RMSProp ``{"square_avg": ...}`` (and ``"velocity"`` with
+    momentum). ``param`` and ``grad``: float32. ``hyperparameters``: those of ``name``'s step
+    function; ``step`` (t, 1 on the first update) for Adam. Configurations without 8-bit state
+    (amsgrad, centered RMSProp, SGD without momentum) raise ``ValueError``; nothing is written
+    before every check has passed.
+    """
+    from .precision import BLOCK, EIGHT_BIT
+
+    if name not in EIGHT_BIT:
+        raise ValueError(f"name must be one of {', '.join(map(repr, EIGHT_BIT))}, got {name!r}")
+    spec = SPECS[name]
+    dispatch.check_backend_name(backend)
+    hyper = spec.check(**hyperparameters)
+    if spec.step_count:
+        hyper["step"] = check_step("step", step)
+    elif step is not None:
+        raise TypeError(f"step is for adam and adamw, not {name}")
+    check_update_arrays(param, grad, {})
+    if dtype_of(param) != np.float32:
+        raise TypeError(f"param must have dtype float32 for 8-bit state, got {dtype_of(param)}")
+    module = dispatch.resolve(backend, param)
+    if not hasattr(module, "state8_step"):
+        raise TypeError(f"backend {backend or dispatch.default_backend(param)!r} has no 8-bit optimizer state")
+    reason = module.state8_supported(spec.kernel, **hyper)
+    if reason is not None:
+        raise ValueError(reason)
+    layout = module.state8_layout(spec.kernel, **hyper)
+    wanted = {spec.state[slot] for slot, _ in layout}
+    if not isinstance(state, dict) or set(state) != wanted:
+        raise ValueError(f"state must map {sorted(wanted)} to (codes, absmax) pairs for this configuration, "
+                         f"got {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    blocks = -(-int(np.prod(shape_of(param))) // BLOCK)
+    arrays = {}
+    for key in sorted(wanted):
+        pair = state[key]
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise TypeError(f"state[{key!r}] must be a (codes, absmax) pair, got {type(pair).__name__}")
+        codes, absmax = pair
+        for what, array, dtype, shape in ((f"state[{key!r}] codes", codes, np.uint8, shape_of(param)),
+                                          (f"state[{key!r}] absmax", absmax, np.float32, (blocks,))):
+            if array is None or not hasattr(array, "shape"):
+                raise TypeError(f"{what} must be an array, got {type(array).__name__}")
+            check_same_kind(what, array, "param", param)
+            if dtype_of(array) != dtype or shape_of(array) != shape:
+                raise ValueError(f"{what} must have dtype {np.dtype(dtype)} and shape {shape}, "
+                                 f"got {dtype_of(array)} {shape_of(array)}")
+            if isinstance(array, np.ndarray) and not (array.flags.c_contiguous and array.flags.writeable):
+                raise ValueError(f"{what} must be C-contiguous and writeable")
+            arrays[what] = array
+    check_disjoint({"param": param, **arrays}, {"grad": grad})
+    states = tuple(state.get(key) for key in spec.state)
+    module.state8_step(spec.kernel, [param], [grad], [states], None, block=BLOCK, **hyper)

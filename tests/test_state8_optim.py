@@ -118,3 +118,47 @@ def test_bad_input_raises_before_anything_changes():
     for s, t in zip(opt.state, before[1]):
         for key in t:
             np.testing.assert_array_equal(s[key], t[key])
+
+
+def test_the_functional_8_bit_step_is_the_optimizer_s_step():
+    rng = np.random.default_rng(5)
+    n = 1000
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    param = p0.copy()
+    state = {key: fastopt.quantize_blockwise(np.zeros(n, np.float32), signed=signed)
+             for key, signed in (("m", True), ("v", False))}
+    for t, g in enumerate(grads, 1):
+        fastopt.functional.step_8bit("adamw", param, g, state, step=t, lr=1e-2)
+    twin = p0.copy()
+    opt = fastopt.AdamW([twin], lr=1e-2, state_dtype="int8", min_8bit_size=0)
+    for g in grads:
+        opt.step([g])
+    np.testing.assert_array_equal(param, twin)
+    np.testing.assert_array_equal(state["m"][0], opt.state[0]["m"])
+    np.testing.assert_array_equal(state["v"][1], opt.state[0]["v_absmax"])
+
+
+def test_the_functional_8_bit_step_checks_before_writing():
+    param = np.ones(300, np.float32)
+    state = {"m": fastopt.quantize_blockwise(np.zeros(300, np.float32), signed=True),
+             "v": fastopt.quantize_blockwise(np.zeros(300, np.float32), signed=False)}
+    before = param.copy(), {k: (c.copy(), a.copy()) for k, (c, a) in state.items()}
+    g = np.ones(300, np.float32)
+    with pytest.raises(ValueError, match="name must be one of"):
+        fastopt.functional.step_8bit("adadelta", param, g, state)
+    with pytest.raises(ValueError, match=r"state must map \['m', 'v'\]"):
+        fastopt.functional.step_8bit("adam", param, g, {"m": state["m"]}, step=1)
+    with pytest.raises(ValueError, match="amsgrad"):
+        fastopt.functional.step_8bit("adam", param, g, state, step=1, amsgrad=True)
+    with pytest.raises(ValueError, match=r"state\['v'\] absmax must have dtype float32 and shape \(2,\)"):
+        fastopt.functional.step_8bit("adam", param, g, {"m": state["m"], "v": (state["v"][0], np.zeros(3, np.float32))},
+                                     step=1)
+    with pytest.raises(ValueError, match="must not share memory"):
+        fastopt.functional.step_8bit("adam", param, g, {"m": state["m"], "v": (state["v"][0], state["m"][1])}, step=1)
+    with pytest.raises(TypeError, match="float32"):
+        fastopt.functional.step_8bit("adam", param.astype(np.float64), g.astype(np.float64), state, step=1)
+    np.testing.assert_array_equal(param, before[0])
+    for key, (c, a) in before[1].items():
+        np.testing.assert_array_equal(state[key][0], c)
+        np.testing.assert_array_equal(state[key][1], a)

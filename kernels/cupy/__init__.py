@@ -14,7 +14,9 @@ Layout:
   which ``tests/test_cuda_sources.py`` compiles with NVRTC anywhere;
 * ``_loader``: one ``cupy.RawModule`` per (device, module), compiled on first use, never at import;
 * ``_device``: pointers, kinds, allocation and streams of the arrays;
-* ``optim``, ``reduce``, ``batchnorm``: the host functions (per-step scalars, grids, launches).
+* ``optim``, ``reduce``, ``batchnorm``: the host functions (per-step scalars, grids, launches);
+* ``lowp.cu`` / ``lowp``: 16-bit parameters (``mixed_step``, ``mixed_sumsq``) and 8-bit state
+  (``state8_step``, ``state8_supported``, ``state8_layout``).
 
 Importing works on any machine: CuPy is imported on first use, nothing is compiled or allocated
 at import, and ``unavailable_reason()`` says why the backend cannot run here ("" when it can: CuPy
@@ -39,6 +41,7 @@ from ._device import (
     zeros_like,
 )
 from .batchnorm import batchnorm_backward, batchnorm_forward
+from .lowp import mixed_step, mixed_sumsq, state8_layout, state8_step, state8_supported
 from .optim import (
     adadelta_step,
     adagrad_step,
@@ -64,11 +67,16 @@ __all__ = [
     "full_like",
     "grad_multiplier",
     "grad_sumsq",
+    "mixed_step",
+    "mixed_sumsq",
     "multi_step",
     "owns",
     "rmsprop_step",
     "scale_grads_",
     "sgd_step",
+    "state8_layout",
+    "state8_step",
+    "state8_supported",
     "to_numpy",
     "unavailable_reason",
     "zeros_like",

@@ -25,22 +25,33 @@ __all__ = [
     "COMPILE_OPTIONS",
     "CUPY_ADDED_OPTIONS",
     "DTYPES",
+    "LOW_FORMATS",
+    "STATE8_SLOTS",
+    "STATE8_UPDATES",
     "FLOAT64_BY_DESIGN",
     "LIST_BYTES",
     "MODULES",
     "UPDATES",
     "VEC_BYTES",
     "Update",
+    "aux_list_dtype",
     "bn_kernel",
     "is_aligned",
     "layout_checks",
     "list_capacity",
     "list_dtype",
+    "map8",
+    "mixed_kernel",
+    "mixed_sumsq_kernel",
     "name_expressions",
     "preamble",
     "reduce_kernel",
     "scalars_dtype",
     "source",
+    "state8_kernel",
+    "state8_scalars_dtype",
+    "state8_tables",
+    "thresholds8",
     "update_kernel",
     "vector_width",
 ]
@@ -66,8 +77,11 @@ COMPILE_OPTIONS = ("--std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqr
 # CuPy runs.
 CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
-MODULES = {"optim": "optim.cu", "reduce": "reduce.cu", "batchnorm": "batchnorm.cu"}
+MODULES = {"optim": "optim.cu", "reduce": "reduce.cu", "batchnorm": "batchnorm.cu", "lowp": "lowp.cu"}
 _HEADER = "common.cuh"
+# sources a module's translation unit includes before its own (lowp reuses optim.cu's element updates;
+# it instantiates none of optim.cu's kernels)
+_PREREQUISITES = {"lowp": ("optim.cu",)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +195,11 @@ def name_expressions(module: str) -> tuple[str, ...]:
             names += [bn_kernel(k, dtype) for k in _BN_REDUCTIONS]
             names += [bn_kernel(k, dtype, w) for k in _BN_ELEMENTWISE for w in (1, width)]
             names.append(bn_kernel("fill", dtype))
+        elif module == "lowp":
+            if dtype == np.dtype(np.float32):
+                names += [mixed_kernel(v, h) for v in UPDATES for h in LOW_FORMATS]
+                names += [state8_kernel(v) for v in STATE8_UPDATES]
+                names += [f"fo::mixed_sumsq_partial<fo::{h}>" for h in LOW_FORMATS.values()]
         else:
             raise KeyError(module)
     if module == "reduce":
@@ -229,6 +248,8 @@ def layout_checks(module: str) -> str:
                 for i, name in enumerate(update.scalars):
                     lines.append(f"static_assert({struct}{{{values}}}.{name} == {i}, "
                                  f"\"{struct}: scalar {i} is {name}\");")
+    if module == "lowp":
+        lines += _lowp_layout_checks()
     return "\n".join(lines) + "\n"
 
 
@@ -237,8 +258,11 @@ def _read(name: str) -> str:
 
 
 def source(module: str) -> str:
-    """The full translation unit of ``module`` ("optim", "reduce", "batchnorm")."""
-    return "\n".join([preamble(), _read(_HEADER), _read(MODULES[module]), layout_checks(module)])
+    """The full translation unit of ``module`` ("optim", "reduce", "batchnorm", "lowp")."""
+    before = [_read(name) for name in _PREREQUISITES.get(module, ())]
+    if module == "lowp":
+        before.append(state8_tables())
+    return "\n".join([preamble(), _read(_HEADER), *before, _read(MODULES[module]), layout_checks(module)])
 
 
 def vector_width(dtype) -> int:
@@ -247,3 +271,113 @@ def vector_width(dtype) -> int:
 
 def is_aligned(pointer: int) -> bool:
     return pointer % VEC_BYTES == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# low precision (lowp.cu): 16-bit parameters and 8-bit state
+
+# storage dtype name -> the C++ format struct of lowp.cu (CuPy has no bfloat16 dtype: a bfloat16
+# array is recognized by its dtype's name, e.g. ml_dtypes.bfloat16 or a torch tensor's)
+LOW_FORMATS = {"float16": "Half", "bfloat16": "BFloat16"}
+
+# the 8-bit updates: optim.cu's structs where the CPU's 8-bit update evaluates the same expressions,
+# Adam8 (lowp.cu) for Adam (the reference's expression order)
+STATE8_UPDATES: dict[str, Update] = {
+    "adam": Update("Adam8", 2, ("lr", "bc1", "bc2", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
+                                "eps", "weight_decay", "decay")),
+    **{v: UPDATES[v] for v in ("sgd_momentum", "sgd_nesterov", "sgd_nesterov_torch", "adagrad", "rmsprop",
+                               "rmsprop_momentum", "rmsprop_nesterov")},
+}
+STATE8_SLOTS = 7  # θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁
+
+
+def mixed_kernel(variant: str, low: str) -> str:
+    """``fo::mixed_update<Op<float>, H>`` for an update variant and a storage dtype name."""
+    return f"fo::mixed_update<fo::{UPDATES[variant].struct}<float>, fo::{LOW_FORMATS[low]}>"
+
+
+def mixed_sumsq_kernel(low: str) -> str:
+    return f"fo::mixed_sumsq_partial<fo::{LOW_FORMATS[low]}>"
+
+
+def state8_kernel(variant: str) -> str:
+    return f"fo::state8_update<fo::{STATE8_UPDATES[variant].struct}<float>>"
+
+
+def state8_scalars_dtype(variant: str) -> np.dtype:
+    return np.dtype([(name, np.float32) for name in STATE8_UPDATES[variant].scalars])
+
+
+def aux_list_dtype(slots: int) -> np.dtype:
+    """AuxList<slots> (lowp.cu): void* ptr[cap][slots]; i64 n[cap], aux[cap]; i64 count (the layout
+    of TensorList, the second array holding a 64-bit extra per tensor)."""
+    cap = list_capacity(slots)
+    return np.dtype([("ptr", np.uint64, (cap, slots)), ("n", np.int64, (cap,)), ("aux", np.int64, (cap,)),
+                     ("count", np.int64)])
+
+
+def _lowp_slots() -> list[int]:
+    return sorted({1, STATE8_SLOTS} | {u.states + 4 for u in UPDATES.values()})
+
+
+def map8(signed: bool) -> np.ndarray:
+    """The dynamic map (docs/algorithms.md, "The dynamic map"), float32, ascending: 0, 1 and
+    ±10^(e−6)·(2n + 18k + 9)/(20n), k < n, n = 2^e (signed) or 2^(e+1); as the quantizers build it."""
+    values = [0.0, 1.0]
+    for e in range(7):
+        n = 2 ** e if signed else 2 ** (e + 1)
+        for k in range(n):
+            v = (2 * n + 18 * k + 9) / (20 * n * 10 ** (6 - e))
+            values += [v, -v] if signed else [v]
+    return np.array(sorted(values), dtype=np.float32)
+
+
+def thresholds8(signed: bool) -> np.ndarray:
+    """The 255 midpoints of ``map8``, each rounded down to float32 (the same count for every float32)."""
+    m = map8(signed)
+    lo, hi = m[:-1].astype(np.float64), m[1:].astype(np.float64)
+    mid = (lo + hi) / 2
+    down = mid.astype(np.float32)
+    above = down.astype(np.float64) > mid
+    down[above] = np.nextafter(down[above], np.float32(-np.inf))
+    return down
+
+
+def _float_literal(v) -> str:
+    return float(v).hex() + "f"
+
+
+def _bits_literal(v) -> str:
+    return f"0x{int(np.float32(v).view(np.uint32)):08X}u"
+
+
+def state8_tables() -> str:
+    """fo_map8[2][256] (exact hexadecimal float literals), fo_thresholds8[2][256] (the 255 midpoints
+    and +Inf, as float32 bit patterns) and fo_zero8[2]; row 0 the unsigned map, row 1 the signed one."""
+    maps = [map8(False), map8(True)]
+    thresholds = [np.append(thresholds8(s), np.float32(np.inf)) for s in (False, True)]
+    zeros = [int(np.flatnonzero(m == 0)[0]) for m in maps]
+
+    def rows(table, literal):
+        return ",\n".join("    {" + ", ".join(literal(v) for v in row) + "}" for row in table)
+
+    return ("// generated by fastopt.kernels.cupy._sources: the 8-bit maps (row 0 unsigned, row 1 signed);\n"
+            "// the thresholds as float bit patterns (the last, +Inf, has no float literal)\n"
+            f"__device__ const float fo_map8[2][256] = {{\n{rows(maps, _float_literal)}\n}};\n"
+            f"__device__ const unsigned int fo_thresholds8[2][256] = {{\n{rows(thresholds, _bits_literal)}\n}};\n"
+            f"__device__ const unsigned char fo_zero8[2] = {{{zeros[0]}, {zeros[1]}}};\n")
+
+
+def _lowp_layout_checks() -> list[str]:
+    lines = []
+    for slots in _lowp_slots():
+        lines.append(f"static_assert(sizeof(fo::AuxList<{slots}>) == {aux_list_dtype(slots).itemsize}, "
+                     f"\"AuxList<{slots}> != _sources.aux_list_dtype({slots})\");")
+    update = STATE8_UPDATES["adam"]
+    struct = f"fo::{update.struct}<float>"
+    k = len(update.scalars)
+    values = ", ".join(str(i) for i in range(k))
+    lines.append(f"static_assert(sizeof({struct}) == {k} * sizeof(float), \"{struct}: {k} scalars\");")
+    for i, name in enumerate(update.scalars):
+        lines.append(f"static_assert({struct}{{{values}}}.{name} == {i}, \"{struct}: scalar {i} is {name}\");")
+    return lines

@@ -1,0 +1,323 @@
+// Low-precision storage of the "cupy" backend: 16-bit parameters (float16, bfloat16) updated in
+// float32, and optimizer updates with 8-bit block-quantized state (docs/algorithms.md,
+// "Low-precision parameters", "Optimizers with 8-bit state", "Low-precision storage").
+//
+// The translation unit is  preamble + common.cuh + optim.cu + lowp.cu + generated tables and
+// layout checks (_sources.py): the element updates of optim.cu (its Op structs, float
+// instantiations) are reused as they are; optim.cu's kernels are templates this module never
+// instantiates.
+//
+// Kernels:
+//
+//   mixed_update<Op, H>     a list of 16-bit tensors (H = Half or BFloat16) in one launch; per element
+//                               p ← m[i]  (master weights, when the tensor has them)  or  p ← f32(θ[i])
+//                               g ← f32(g[i])·grad_mul, clamped to ±grad_clip   (g 16-bit or float32)
+//                               p, state ← Op(p, g, state)                      (optim.cu, float32)
+//                               m[i] ← p;  θ[i] ← rn(p)  or  sr(p, uniform(key_t, i))
+//                               θ̂[i] ← θ̂[i] + w·(p − θ̂[i])                      (when θ̂ is given)
+//                           as kernels/numba_cpu/mixed.py. Master weights, the average and the
+//                           gradient's width are per launch / per tensor run-time choices (uniform
+//                           branches), so one kernel per (Op, H).
+//   mixed_sumsq_partial<H>  Σ g² of 16-bit gradients per block, in double (reduce.cu's
+//                           sum_partials adds the partials)
+//   state8_update<Op>       float32 θ with 8-bit states: one CUDA block of FO_BLOCK threads per
+//                           quantization block (≤ FO_BLOCK elements, one per thread), as
+//                           kernels/numba_cpu/state8.py:
+//                               s_k = map_k[q_k,i]·a_k        dequantize
+//                               g ← clamp(g·grad_mul, ±grad_clip);  θ, s ← Op(θ, g, s);  θ̂ update
+//                               A_k = max |s_k| over the block (as uint32 bit patterns: NaN above Inf)
+//                                     by warp shuffles and shared memory
+//                               a_k = A_k; q_k,i = #{j : s_k,i/a_k > t_j} (8-step branch-free search
+//                                     over the 255 midpoints, in shared memory); a non-finite block:
+//                                     a_k = NaN, zero codes; an all-zero block: a_k = 0, zero codes.
+//                           Op is an optim.cu struct (same expressions as the CPU's 8-bit updates)
+//                           or Adam8 below (the reference's Adam expression order).
+//
+// Bit conversions are those of kernels/numba_cpu/lowbits.py: round to nearest even by the PTX
+// conversions cvt.rn.f16.f32 / cvt.rn.bf16.f32 (what __float2half_rn / __float2bfloat16_rn compile
+// to; NVRTC has no cuda_fp16.h without an include path), NaN encoded as lowbits does (a quiet NaN
+// with x's sign: f16 sign|0x7E00, bf16 the top 16 bits | 0x0040); decoding exact.
+// Float arithmetic only: no double except in mixed_sumsq_partial (by design).
+
+namespace fo {
+
+typedef unsigned long long u64;
+
+// ---------------------------------------------------------------------------------------------
+// tensor lists with one 64-bit extra per tensor: the stochastic-rounding key (mixed) or the
+// tensor's first quantization block in the launch (state8). Layout: _sources.aux_list_dtype.
+
+template <int D> struct AuxList {
+    static constexpr int capacity = (FO_LIST_BYTES - 8) / (8 * D + 16);
+    void* ptr[capacity][D];
+    i64 n[capacity];
+    i64 aux[capacity];
+    i64 count;
+};
+
+// f(t, i) for every element i of every tensor t, the elements of all tensors numbered
+// consecutively and dealt to the grid's threads round-robin (as for_each_unit with W = 1).
+template <int D, typename F>
+__device__ __forceinline__ void for_each_element(const AuxList<D>& list, F&& f) {
+    const i64 S = (i64)gridDim.x * blockDim.x;
+    const i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 base = 0;
+    for (i64 t = 0; t < list.count; ++t) {
+        const i64 n = list.n[t];
+        i64 i = j - base % S;
+        if (i < 0) i += S;
+        for (; i < n; i += S) f(t, i);
+        base += n;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit formats
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float x;
+    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(x) : "h"(h));
+    return x;
+}
+
+__device__ __forceinline__ unsigned short f32_to_f16(float x) {
+    if (x != x) return (unsigned short)(((__float_as_uint(x) >> 16) & 0x8000u) | 0x7E00u);
+    unsigned short h;
+    asm("{ .reg .b16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(x));
+    return h;
+}
+
+__device__ __forceinline__ float bf16_to_f32(unsigned short h) {
+    return __uint_as_float((unsigned int)h << 16);
+}
+
+__device__ __forceinline__ unsigned short f32_to_bf16(float x) {
+    const unsigned int b = __float_as_uint(x);
+    if (x != x) return (unsigned short)((b >> 16) | 0x0040u);
+#if __CUDA_ARCH__ >= 800
+    unsigned short h;
+    asm("{ .reg .b16 t; cvt.rn.bf16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(x));
+    return h;
+#else
+    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+#endif
+}
+
+// H: the storage format; decode/encode its bits, INF its +Inf pattern.
+struct Half {
+    static constexpr unsigned short INF = 0x7C00;
+    static __device__ __forceinline__ float decode(unsigned short h) { return f16_to_f32(h); }
+    static __device__ __forceinline__ unsigned short encode(float x) { return f32_to_f16(x); }
+};
+
+struct BFloat16 {
+    static constexpr unsigned short INF = 0x7F80;
+    static __device__ __forceinline__ float decode(unsigned short h) { return bf16_to_f32(h); }
+    static __device__ __forceinline__ unsigned short encode(float x) { return f32_to_bf16(x); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// counter-based uniforms (lowbits.py): MIX the splitmix64 finalizer, γ = 0x9E3779B97F4A7C15
+
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z ^= z >> 30;
+    z *= 0xBF58476D1CE4E5B9ull;
+    z ^= z >> 27;
+    z *= 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return z;
+}
+
+// u = (MIX(key + (i + 1)·γ) >> 40) · 2⁻²⁴ ∈ [0, 1), exact in float
+__device__ __forceinline__ float uniform(u64 key, i64 i) {
+    const u64 z = mix64(key + ((u64)i + 1ull) * 0x9E3779B97F4A7C15ull);
+    return (float)(unsigned int)(z >> 40) * 5.9604644775390625e-08f;  // 2⁻²⁴
+}
+
+// Stochastic rounding (lowbits.stochastic_f16 / stochastic_bf16): d the format value nearest x
+// toward zero, u⁺ the next one away from zero; u⁺ when u < (|x| − |d|)/(|u⁺| − |d|), else d; the
+// fraction is 0 when d or u⁺ is Inf.
+template <class H>
+__device__ __forceinline__ unsigned short stochastic(float x, float u) {
+    const unsigned short r = H::encode(x);
+    if (x != x) return r;
+    const unsigned short sign = r & 0x8000u;
+    unsigned short d = r & 0x7FFFu;
+    const float ax = fabsf(x);
+    if (H::decode(d) > ax) d -= 1;  // RNE went up (Inf included): step back to the truncation
+    const unsigned short up = d + 1;
+    if (d == H::INF || up == H::INF) return sign | d;
+    const float low = H::decode(d);
+    return (u < (ax - low) / (H::decode(up) - low)) ? (unsigned short)(sign | up) : (unsigned short)(sign | d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit parameters. Slots per tensor: θ (16-bit), g (16-bit or float32), master (float32 or
+// null), θ̂ (float32 or null), then the Op::states float32 states; aux = the tensor's key.
+
+template <class Op, class H>
+__global__ void __launch_bounds__(FO_BLOCK)
+mixed_update(const Op op, const AuxList<Op::states + 4> list, const float grad_mul,
+             const float* __restrict__ grad_mul_ptr, const float grad_clip, const float avg_weight,
+             const int grad32, const int stochastic_rounding) {
+    constexpr int S = Op::states;
+    const float mul = grad_mul_ptr != nullptr ? *grad_mul_ptr : grad_mul;
+    for_each_element(list, [&](const i64 t, const i64 i) {
+        unsigned short* theta = static_cast<unsigned short*>(list.ptr[t][0]);
+        const void* grad = list.ptr[t][1];
+        float* master = static_cast<float*>(list.ptr[t][2]);
+        float* avg = static_cast<float*>(list.ptr[t][3]);
+        float g = grad32 ? static_cast<const float*>(grad)[i] : H::decode(static_cast<const unsigned short*>(grad)[i]);
+        g = g * mul;
+        g = g > grad_clip ? grad_clip : (g < -grad_clip ? -grad_clip : g);
+        float p = master != nullptr ? master[i] : H::decode(theta[i]);
+        float st[S > 0 ? S : 1];
+        #pragma unroll
+        for (int k = 0; k < S; ++k) st[k] = static_cast<float*>(list.ptr[t][4 + k])[i];
+        op(p, g, st);
+        #pragma unroll
+        for (int k = 0; k < S; ++k) static_cast<float*>(list.ptr[t][4 + k])[i] = st[k];
+        if (master != nullptr) master[i] = p;
+        theta[i] = stochastic_rounding ? stochastic<H>(p, uniform((u64)list.aux[t], i)) : H::encode(p);
+        if (avg != nullptr) {
+            const float a = avg[i];
+            avg[i] = a + avg_weight * (p - a);
+        }
+    });
+}
+
+// Σ g² of 16-bit gradients: one double partial per block (each value widened: g² exact).
+template <class H>
+__global__ void __launch_bounds__(FO_BLOCK)
+mixed_sumsq_partial(const AuxList<1> list, double* __restrict__ partials) {
+    double acc = 0.0;
+    for_each_element(list, [&](const i64 t, const i64 i) {
+        const double d = H::decode(static_cast<const unsigned short*>(list.ptr[t][0])[i]);
+        acc = fma(d, d, acc);
+    });
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8-bit state
+
+// Adam / AdamW in the reference's expression order (kernels/numba_cpu/state8.py _adam8_update):
+//   θ ← θ − ελθ (AdamW);  g ← g + λθ (Adam);  m ← β1m + (1 − β1)g;  v ← β2v + (1 − β2)g⊙g;
+//   θ ← θ − ε(m/(1 − β1ᵗ)) / (δ + √(v/(1 − β2ᵗ)))      (bc1 = 1 − β1ᵗ, bc2 = 1 − β2ᵗ from the host)
+template <typename T> struct Adam8 {
+    typedef T value_type;
+    static constexpr int states = 2;  // m, v
+    T lr, bc1, bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay;
+    __device__ __forceinline__ void operator()(T& p, T g, T* s) const {
+        if (decay != T(0)) p = p - decay * p;
+        g = l2(g, p, weight_decay);
+        const T m = beta1 * s[0] + one_minus_beta1 * g;
+        const T v = beta2 * s[1] + one_minus_beta2 * g * g;
+        s[0] = m;
+        s[1] = v;
+        p = p - lr * (m / bc1) / (eps + sqrt(v / bc2));
+    }
+};
+
+// The maps (row 0 unsigned, row 1 signed) and their midpoints rounded down to float (+Inf as a
+// 256th entry) are generated from the quantizer's definition: fo_map8, fo_thresholds8, and the
+// code of 0 in each, fo_zero8 (_sources.state8_tables).
+
+__device__ __forceinline__ unsigned int warp_max(unsigned int v) {
+    #pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Slots per tensor: θ, g, θ̂ (or null), codes₀, absmax₀, codes₁, absmax₁ (null when Op::states is
+// 1); aux = the tensor's first quantization block in this launch. signed_k: the map row of state k.
+template <class Op>
+__global__ void __launch_bounds__(FO_BLOCK)
+state8_update(const Op op, const AuxList<7> list, const i64 blocks, const int block, const float grad_mul,
+              const float* __restrict__ grad_mul_ptr, const float grad_clip, const float avg_weight,
+              const int signed0, const int signed1) {
+    constexpr int S = Op::states;
+    static_assert(S == 1 || S == 2, "one or two 8-bit states");
+    __shared__ float values[S][256];
+    __shared__ float thresholds[S][256];
+    __shared__ unsigned int warp_amax[S][FO_BLOCK / 32];
+    const int j = threadIdx.x;
+    const int rows[2] = {signed0, signed1};
+    #pragma unroll
+    for (int k = 0; k < S; ++k) {
+        for (int q = j; q < 256; q += FO_BLOCK) {
+            values[k][q] = fo_map8[rows[k]][q];
+            thresholds[k][q] = __uint_as_float(fo_thresholds8[rows[k]][q]);
+        }
+    }
+    __syncthreads();
+    const float mul = grad_mul_ptr != nullptr ? *grad_mul_ptr : grad_mul;
+    const int lane = j & 31, warp = j >> 5;
+    i64 t = 0;
+    for (i64 b = blockIdx.x; b < blocks; b += gridDim.x) {
+        while (t + 1 < list.count && list.aux[t + 1] <= b) ++t;  // b only grows
+        const i64 lb = b - list.aux[t];
+        const i64 n = list.n[t];
+        const i64 i = lb * block + j;
+        const bool active = j < block && i < n;
+        float* param = static_cast<float*>(list.ptr[t][0]);
+        const float* grad = static_cast<const float*>(list.ptr[t][1]);
+        float* avg = static_cast<float*>(list.ptr[t][2]);
+        unsigned char* codes[2] = {static_cast<unsigned char*>(list.ptr[t][3]), static_cast<unsigned char*>(list.ptr[t][5])};
+        float* absmax[2] = {static_cast<float*>(list.ptr[t][4]), static_cast<float*>(list.ptr[t][6])};
+        float s[S];
+        unsigned int bits[S];
+        if (active) {
+            #pragma unroll
+            for (int k = 0; k < S; ++k) s[k] = values[k][codes[k][i]] * absmax[k][lb];
+            float g = grad[i] * mul;
+            g = g > grad_clip ? grad_clip : (g < -grad_clip ? -grad_clip : g);
+            float p = param[i];
+            op(p, g, s);
+            param[i] = p;
+            if (avg != nullptr) {
+                const float a = avg[i];
+                avg[i] = a + avg_weight * (p - a);
+            }
+            #pragma unroll
+            for (int k = 0; k < S; ++k) bits[k] = __float_as_uint(s[k]) & 0x7FFFFFFFu;
+        } else {
+            #pragma unroll
+            for (int k = 0; k < S; ++k) bits[k] = 0u;
+        }
+        #pragma unroll
+        for (int k = 0; k < S; ++k) {
+            const unsigned int w = warp_max(bits[k]);
+            if (lane == 0) warp_amax[k][warp] = w;
+        }
+        __syncthreads();
+        #pragma unroll
+        for (int k = 0; k < S; ++k) {
+            unsigned int amax = 0u;
+            #pragma unroll
+            for (int w = 0; w < FO_BLOCK / 32; ++w) amax = max(amax, warp_amax[k][w]);
+            const unsigned char zero = fo_zero8[rows[k]];
+            if (amax >= 0x7F800000u) {  // NaN or ±Inf in the block
+                if (j == 0) absmax[k][lb] = __uint_as_float(0x7FC00000u);
+                if (active) codes[k][i] = zero;
+            } else if (amax == 0u) {
+                if (j == 0) absmax[k][lb] = 0.0f;
+                if (active) codes[k][i] = zero;
+            } else {
+                const float a = __uint_as_float(amax);
+                if (j == 0) absmax[k][lb] = a;
+                if (active) {
+                    const float x = s[k] / a;
+                    int q = 0;
+                    #pragma unroll
+                    for (int step = 128; step > 0; step >>= 1) q += x > thresholds[k][q + step - 1] ? step : 0;
+                    codes[k][i] = (unsigned char)q;
+                }
+            }
+        }
+        __syncthreads();  // warp_amax is rewritten by the next block
+    }
+}
+
+}  // namespace fo

@@ -1,0 +1,299 @@
+"""Low-precision storage of the ``"cupy"`` backend: host side of ``lowp.cu``.
+
+The functions of ``kernels/numba_cpu/mixed.py`` and ``kernels/numba_cpu/state8.py``, same
+signatures and semantics, on GPU arrays (``docs/algorithms.md``, "Low-precision parameters",
+"Optimizers with 8-bit state", "Low-precision storage"):
+
+    mixed_step(op, params, grads, masters, states, avgs, *, rounding, seed, counter, indices,
+               grad_mul, grad_clip, avg_weight, **hyper)
+        16-bit θ (float16; bfloat16 when the arrays' dtype is recognizable as bfloat16, e.g. torch
+        bfloat16 tensors or ml_dtypes arrays; CuPy itself has no bfloat16 dtype), gradients of θ's
+        dtype or float32, float32 masters (or None) and states, float32 averages (or None):
+            p ← m (master) or f32(θ);  g ← clamp(f32(g)·grad_mul, ±grad_clip);  p ← update(p, g, s)
+            m ← p;  θ ← rn(p) or sr(p, uniform(key_t, i));  θ̂ ← θ̂ + w(p − θ̂)
+        the update being optim.cu's float32 element update of the configuration (the variants and
+        scalars of ``optim.py``), key_t = tensor_key(seed, counter, indices[t]) computed here.
+        One launch of ``fo::mixed_update<Op, H>`` per ``_sources.list_capacity(states + 4)``
+        tensors (θ, g, master, θ̂, states; plus the key per tensor).
+    mixed_sumsq(grads) -> float
+        Σ g² over 16-bit gradients (one dtype), in float64: per-block partials, reduce.cu's
+        sum_partials, then one host read (a Python float, as the CPU backend returns; this reads
+        the device, i.e. synchronizes with the launch stream).
+    state8_step(op, params, grads, states, avgs, *, grad_mul, grad_clip, avg_weight, block, **hyper)
+        float32 θ with 8-bit block-quantized states (pairs (codes uint8, absmax float32)): one CUDA
+        block of 256 threads per quantization block of ``block`` ≤ 256 elements (``block`` > 256
+        raises ValueError here; the CPU backends take any block).
+    state8_supported(op, **hyper), state8_layout(op, **hyper)
+        the rules of the CPU backend and the reference (copied here: backends do not import
+        ``fastopt.reference``).
+
+Scalars are computed on the host in float64 and rounded once to float32. Nothing synchronizes
+except ``mixed_sumsq``'s final read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _device, _loader, _sources
+from .optim import _CONFIGURE, _scalars, grad_mul_args
+
+__all__ = ["mixed_step", "mixed_sumsq", "state8_layout", "state8_step", "state8_supported", "tensor_key"]
+
+_BLOCK = _sources.BLOCK
+_F32 = np.dtype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# formats and keys
+
+
+def _dtype_name(array) -> str:
+    """The dtype's name ("float16", "bfloat16", "float32", ...), also for a torch bfloat16 tensor
+    whose dtype NumPy cannot name without ml_dtypes."""
+    try:
+        return _device.dtype_of(array).name
+    except TypeError:
+        return str(getattr(array, "dtype", "")).rsplit(".", 1)[-1]
+
+
+def _low_format(array, where: str) -> str:
+    name = _dtype_name(array)
+    if name not in _sources.LOW_FORMATS:
+        raise TypeError(f"{where}: the cupy backend stores 16-bit parameters as float16 or bfloat16, got dtype {name}")
+    return name
+
+
+_MASK = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _mix(z: int) -> int:
+    z &= _MASK
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & _MASK
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def tensor_key(seed: int, step: int, k: int) -> int:
+    """MIX(MIX(MIX(k + γ) + step) + seed) mod 2⁶⁴ as the int64 with the same bits (``lowbits.tensor_key``)."""
+    key = _mix(_mix(_mix(int(k) + _GAMMA) + int(step)) + int(seed))
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def _pack(rows, sizes, aux, slots):
+    """Yield (AuxList struct, [rows of the launch]) per launch of ≤ capacity tensors."""
+    capacity = _sources.list_capacity(slots)
+    dtype = _sources.aux_list_dtype(slots)
+    for start in range(0, len(rows), capacity):
+        chunk = rows[start:start + capacity]
+        packed = np.zeros(1, dtype)
+        packed["ptr"][0, :len(chunk)] = np.asarray(chunk, dtype=np.uint64)
+        packed["n"][0, :len(chunk)] = np.asarray(sizes[start:start + capacity], dtype=np.int64)
+        packed["aux"][0, :len(chunk)] = np.asarray(aux[start:start + capacity], dtype=np.int64)
+        packed["count"] = len(chunk)
+        yield packed, sizes[start:start + capacity]
+
+
+def _pointer(array) -> int:
+    return 0 if array is None else _device.pointer(array)
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit parameters
+
+
+def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", seed=0, counter=0, indices=None,
+               grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper) -> None:
+    """``op`` ("adam_step", ...) on 16-bit parameters, in place, in ⌈tensors / capacity⌉ launches
+    (see the module docstring). ``indices``: the tensors' places in their optimizer (None: 0, 1, …)."""
+    if not params:
+        return
+    low = _low_format(params[0], "params[0]")
+    grad_name = _dtype_name(grads[0])
+    if grad_name not in (low, "float32"):
+        raise TypeError(f"grads[0]: expected {low} or float32 gradients, got dtype {grad_name}")
+    variant, values, used = _CONFIGURE[op](**hyper)
+    slots = _sources.UPDATES[variant].states + 4
+    stochastic = rounding == "stochastic"
+    if indices is None:
+        indices = range(len(params))
+    rows, sizes, keys = [], [], []
+    for t, (param, grad) in enumerate(zip(params, grads)):
+        n = _device.size_of(param)
+        if n == 0:
+            continue
+        rows.append([_device.pointer(param), _device.pointer(grad),
+                     _pointer(None if masters is None else masters[t]),
+                     _pointer(None if avgs is None else avgs[t])]
+                    + [_device.pointer(states[t][i]) for i in used])
+        sizes.append(n)
+        keys.append(tensor_key(seed, counter, indices[t]) if stochastic else 0)
+    if not rows:
+        return
+    first = next(p for p in params if _device.size_of(p) > 0)
+    scalars = _scalars(variant, _F32, values)
+    mul_value, mul_pointer = grad_mul_args(grad_mul, _F32)
+    name = _sources.mixed_kernel(variant, low)
+    arrays = [*params, *grads, *(masters or ()), *(s for st in states for s in st), *(avgs or ()), grad_mul]
+    with _device.place(first, *arrays) as where:
+        for packed, chunk in _pack(rows, sizes, keys, slots):
+            grid = _loader.grid("lowp", name, sum(chunk), _BLOCK)
+            _loader.launch("lowp", name, grid, _BLOCK,
+                           (scalars, packed, mul_value, mul_pointer, np.float32(grad_clip), np.float32(avg_weight),
+                            np.int32(grad_name == "float32"), np.int32(stochastic)), where.stream)
+
+
+def mixed_sumsq(grads) -> float:
+    """Σ g² over 16-bit gradients of one dtype, accumulated in float64 (a host float: one read)."""
+    grads = [g for g in grads if _device.size_of(g) > 0]
+    if not grads:
+        return 0.0
+    low = _low_format(grads[0], "grads[0]")
+    name = _sources.mixed_sumsq_kernel(low)
+    rows = [[_device.pointer(g)] for g in grads]
+    sizes = [_device.size_of(g) for g in grads]
+    with _device.place(grads[0], *grads[1:]) as where:
+        launches = [(packed, _loader.grid("lowp", name, sum(chunk), _BLOCK))
+                    for packed, chunk in _pack(rows, sizes, [0] * len(rows), 1)]
+        total = sum(grid for _, grid in launches)
+        partials = where.scratch((total,), np.float64)
+        base = _device.pointer(partials)
+        offset = 0
+        for packed, grid in launches:
+            _loader.launch("lowp", name, grid, _BLOCK, (packed, np.uint64(base + 8 * offset)), where.stream)
+            offset += grid
+        out = where.output((1,), np.float64)
+        _loader.launch("reduce", _sources.reduce_kernel("sum_partials"), 1, _BLOCK,
+                       (np.uint64(base), np.int64(total), np.uint64(_device.pointer(out))), where.stream)
+        del partials
+    return float(_device.to_numpy(out).reshape(-1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit state: the rules of kernels/numba_cpu/state8.py and fastopt/reference/state8.py
+
+SUPPORTED = {
+    "adam_step": "Adam and AdamW (m signed, v unsigned); not amsgrad",
+    "sgd_step": "SGD with momentum or Nesterov, both conventions (velocity signed); not momentum = 0",
+    "adagrad_step": "AdaGrad (accumulator unsigned)",
+    "rmsprop_step": "RMSProp, plain or with momentum / Nesterov (textbook) (square_avg unsigned, "
+                    "velocity signed); not centered",
+}
+
+_KEYWORDS = {
+    "adam_step": {"step", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad"},
+    "sgd_step": {"lr", "momentum", "nesterov", "weight_decay", "convention"},
+    "adagrad_step": {"lr", "eps", "weight_decay"},
+    "rmsprop_step": {"lr", "rho", "eps", "momentum", "nesterov", "centered", "weight_decay", "convention"},
+}
+
+
+def state8_supported(op, **hyper) -> str | None:
+    """None when ``op`` with these hyperparameters runs with 8-bit state, else the reason why not."""
+    if op not in _KEYWORDS:
+        return (f"op {op!r} has no 8-bit state; supported: {', '.join(_KEYWORDS)} (AdaDelta's two "
+                "second moments and delta-bar-delta's rates are not quantized, see docs/algorithms.md)")
+    missing = _KEYWORDS[op] - set(hyper)
+    extra = set(hyper) - _KEYWORDS[op]
+    if missing or extra:
+        return (f"{op} takes the hyperparameters {sorted(_KEYWORDS[op])}; missing {sorted(missing)}, "
+                f"unexpected {sorted(extra)}")
+    if op == "adam_step" and hyper["amsgrad"]:
+        return ("amsgrad=True: v_max ← max(v_max, v) of two independently quantized states is "
+                "not monotone after requantization; not supported in 8 bits")
+    if op == "sgd_step" and hyper["momentum"] == 0:
+        return "sgd_step with momentum=0 has no state to quantize"
+    if op == "rmsprop_step":
+        if hyper["centered"]:
+            return ("centered=True: the variance r − s⊙s is a difference of two 8-bit states whose "
+                    "quantization errors (up to 0.7% of their block's absmax) exceed it when the "
+                    "gradient's mean dominates, giving √ of a negative number; not supported")
+        if hyper["momentum"] != 0 and hyper["nesterov"] and hyper["convention"] != "textbook":
+            return "nesterov=True is defined for convention='textbook' only"
+    return None
+
+
+def state8_layout(op, **hyper) -> tuple[tuple[int, bool], ...]:
+    """The (state-tuple index, signed map) pairs of the 8-bit states ``op`` uses with these
+    hyperparameters (raises ValueError for an unsupported configuration)."""
+    reason = state8_supported(op, **hyper)
+    if reason is not None:
+        raise ValueError(reason)
+    if op == "adam_step":
+        return ((0, True), (1, False))  # m, v
+    if op == "sgd_step":
+        return ((0, True),)  # velocity
+    if op == "adagrad_step":
+        return ((0, False),)  # accumulator
+    if hyper["momentum"] == 0:
+        return ((0, False),)  # square_avg
+    return ((0, False), (2, True))  # square_avg, velocity
+
+
+def _state8_plan(op, hyper):
+    """(STATE8_UPDATES variant, scalars) of a supported configuration: Adam with the reference's
+    bias corrections 1 − βᵗ, the others the variants and scalars of ``optim.py``."""
+    if op == "adam_step":
+        step = int(hyper["step"])
+        lr, beta1, beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]
+        if hyper["decoupled_weight_decay"]:
+            l2, decay = 0.0, lr * hyper["weight_decay"]
+        else:
+            l2, decay = hyper["weight_decay"], 0.0
+        return "adam", (lr, 1 - beta1 ** step, 1 - beta2 ** step, beta1, 1 - beta1, beta2, 1 - beta2,
+                        hyper["eps"], l2, decay)
+    variant, values, _ = _CONFIGURE[op](**hyper)
+    return variant, values
+
+
+def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, block=256,
+                **hyper) -> None:
+    """``op`` with 8-bit block-wise quantized state on every tensor of the lists (float32 θ, g,
+    θ̂; states[t][slot] = (codes, absmax) for the slots of ``state8_layout``), in place; raises
+    ValueError before launching anything for an unsupported configuration or block."""
+    layout = state8_layout(op, **hyper)
+    if not isinstance(block, int) or not 1 <= block <= _BLOCK:
+        raise ValueError(f"block must be an int in [1, {_BLOCK}] on the cupy backend (one CUDA block of "
+                         f"{_BLOCK} threads per quantization block), got {block!r}")
+    variant, values = _state8_plan(op, hyper)
+    rows, sizes, blocks = [], [], []
+    for t, (param, grad) in enumerate(zip(params, grads)):
+        n = _device.size_of(param)
+        if n == 0:
+            continue
+        pairs = [states[t][slot] for slot, _ in layout]
+        row = [_device.pointer(param), _device.pointer(grad), _pointer(None if avgs is None else avgs[t])]
+        for k in range(2):
+            codes, absmax = pairs[k] if k < len(pairs) else (None, None)
+            row += [_pointer(codes), _pointer(absmax)]
+        rows.append(row)
+        sizes.append(n)
+        blocks.append(-(-n // block))
+    if not rows:
+        return
+    signed = [int(s) for _, s in layout] + [int(layout[0][1])] * (2 - len(layout))
+    scalars = np.empty(1, _sources.state8_scalars_dtype(variant))
+    scalars[0] = tuple(float(v) for v in values)
+    mul_value, mul_pointer = grad_mul_args(grad_mul, _F32)
+    name = _sources.state8_kernel(variant)
+    first = next(p for p in params if _device.size_of(p) > 0)
+    arrays = [*params, *grads, *(a for st in states for pair in st if pair is not None for a in pair),
+              *(avgs or ()), grad_mul]
+    with _device.place(first, *arrays) as where:
+        capacity = _sources.list_capacity(_sources.STATE8_SLOTS)
+        for start in range(0, len(rows), capacity):
+            counts = blocks[start:start + capacity]
+            firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+            total = int(sum(counts))
+            (packed, _), = _pack(rows[start:start + capacity], sizes[start:start + capacity], firsts,
+                                 _sources.STATE8_SLOTS)
+            grid = min(total, _loader.resident("lowp", name, _BLOCK))
+            _loader.launch("lowp", name, grid, _BLOCK,
+                           (scalars, packed, np.int64(total), np.int32(block), mul_value, mul_pointer,
+                            np.float32(grad_clip), np.float32(avg_weight), np.int32(signed[0]), np.int32(signed[1])),
+                           where.stream)

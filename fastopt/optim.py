@@ -400,11 +400,8 @@ class Optimizer:
                 keywords["avg_weight"] = self._avg_weight(first["avg_steps"] + 1)
             keywords = with_host_options(module, host, keywords, first["step"] + 1,
                                          lambda multiplier: _host_float(module, multiplier))
-            if precision.is_low(dtype):
-                self._mixed_update(module, spec, ks, plist, [grads[k] for k in ks], states, avgs, keywords)
-            elif self.precision.eight_bit(plist[0]):
-                precision.eight_bit_module(module, self.backend).state8_step(
-                    spec.kernel, plist, [grads[k] for k in ks], states, avgs, block=precision.BLOCK, **keywords)
+            if precision.is_low(dtype) or self.precision.eight_bit(plist[0]):
+                self._low_precision_update(module, spec, ks, plist, [grads[k] for k in ks], states, avgs, keywords)
             elif len(ks) == 1:
                 getattr(module, spec.kernel)(plist[0], grads[ks[0]], *states[0],
                                              avg=None if avgs is None else avgs[0], **keywords)
@@ -416,14 +413,24 @@ class Optimizer:
                 if avgs is not None:
                     state["avg_steps"] += 1
 
-    def _mixed_update(self, module, spec, ks, plist, grads, states, avgs, keywords) -> None:
-        """One bucket of 16-bit parameters (``fastopt.precision``): the backend's ``mixed_step``,
-        with the float32 master copies or the rounding of the parameters themselves."""
+    def _low_precision_update(self, module, spec, ks, plist, grads, states, avgs, keywords) -> None:
+        """One bucket of 16-bit parameters or of 8-bit state (``fastopt.precision``): the
+        backend's ``state8_step`` (8-bit state, float32 or 16-bit parameters) or ``mixed_step``,
+        with the float32 master copies or the rounding of 16-bit parameters themselves."""
         options = self.precision
-        masters = [self.state[k]["master"] for k in ks] if options.master(plist[0].dtype) else None
-        precision.mixed_module(module, self.backend).mixed_step(
-            spec.kernel, plist, grads, masters, states, avgs, rounding=options.rounding, seed=options.seed,
-            counter=self.state[ks[0]]["step"] + 1, indices=ks, **keywords)
+        low = precision.is_low(dtype_of(plist[0]))
+        extra = {}
+        if low:
+            masters = [self.state[k]["master"] for k in ks] if options.master(dtype_of(plist[0])) else None
+            extra = dict(masters=masters, rounding=options.rounding, seed=options.seed,
+                         counter=self.state[ks[0]]["step"] + 1, indices=ks)
+        if options.eight_bit(plist[0]):
+            precision.eight_bit_module(module, self.backend).state8_step(
+                spec.kernel, plist, grads, states, avgs, block=precision.BLOCK, **extra, **keywords)
+        else:
+            masters = extra.pop("masters")
+            precision.mixed_module(module, self.backend).mixed_step(
+                spec.kernel, plist, grads, masters, states, avgs, **extra, **keywords)
 
     def _buckets(self, module, spec, i, group, indices, params, used) -> list:
         """The group's tensors bucketed by (dtype, step, avg_steps), with their state arrays

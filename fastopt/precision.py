@@ -12,7 +12,8 @@ or float16 parameters to the backend's ``mixed_step``, one fused pass per bucket
   even) or ``"stochastic"`` (unbiased; element i of parameter k at its t-th step draws from a
   counter-based stream keyed by ``(seed, t, k)``, so runs repeat and resume bit for bit).
 * State arrays of a 16-bit parameter are float32; gradients have the parameter's dtype or float32.
-* ``state_dtype="int8"`` (SGD with momentum, AdaGrad, RMSProp, Adam, AdamW; float32 parameters):
+* ``state_dtype="int8"`` (SGD with momentum, AdaGrad, RMSProp, Adam, AdamW; float32, bfloat16 or
+  float16 parameters, a 16-bit one with its master copy or rounding as above):
   each state array of a parameter with at least ``min_8bit_size`` elements (default 4096, as
   bitsandbytes) is kept as block-wise quantized codes, ``state[name]`` (uint8, the parameter's
   shape) and ``state[name + "_absmax"]`` (float32, one per block of 256), and the backend's
@@ -158,9 +159,9 @@ def check_eight_bit(module, kernel: str, hyper: dict, group_index: int) -> None:
 
 
 def check_eight_bit_param(name: str, param) -> None:
-    if dtype_of(param) != _FLOAT32:
-        raise TypeError(f"{name} has dtype {dtype_of(param)}: 8-bit state (state_dtype='int8') is for float32 "
-                        "parameters")
+    if dtype_of(param) != _FLOAT32 and not is_low(dtype_of(param)):
+        raise TypeError(f"{name} has dtype {dtype_of(param)}: 8-bit state (state_dtype='int8') is for float32, "
+                        "bfloat16 and float16 parameters")
 
 
 def quantized_state(module, param, value: float, signed: bool):

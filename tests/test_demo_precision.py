@@ -90,7 +90,8 @@ def test_demo_checks_its_precision_arguments(digits):
     (["--dtype", "bfloat16"], "parameters bfloat16 (float32 master weights"),
     (["--state-dtype", "int8"], "optimizer state int8"),
     (["--dtype", "float16", "--no-master-weights"], "parameters float16 (no master weights"),
-], ids=["bfloat16", "int8-state", "float16-no-master"])
+    (["--dtype", "bfloat16", "--state-dtype", "int8"], "optimizer state int8"),
+], ids=["bfloat16", "int8-state", "float16-no-master", "bfloat16-int8-state"])
 def test_train_low_precision_prints_its_accuracy(args, note, capsys):
     assert cli.main(["train", *args, "--epochs", "1"]) == 0
     out = capsys.readouterr().out
@@ -100,7 +101,7 @@ def test_train_low_precision_prints_its_accuracy(args, note, capsys):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--dtype", "bfloat16", "--state-dtype", "int8"], "is for float32 parameters"),  # the optimizer's rule
+    (["--dtype", "float16", "--state-dtype", "int8", "--optimizer", "adadelta"], "not adadelta"),  # the optimizer's rule
     (["--optimizer", "adadelta", "--state-dtype", "int8"], "not adadelta"),
     (["--amsgrad", "--state-dtype", "int8"], "amsgrad"),
     (["--master-weights"], "--master-weights applies to --dtype bfloat16 or float16"),

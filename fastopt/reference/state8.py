@@ -13,7 +13,12 @@ second moments (Adam v, AdaGrad accumulator, RMSProp square_avg). Same signature
 rules as ``kernels/numba_cpu/state8.py``:
 
     state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
-                avg_weight=0.0, block=256, **hyper)
+                avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0,
+                indices=None, **hyper)
+
+16-bit parameters (bfloat16, float16) are updated as ``mixed.py`` updates them: θ's float32 value
+is the master copy (``masters``) or θ decoded, the gradient is decoded to float32, and θ is
+stored rounded (``lowp``) after the same three steps.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import math
 
 import numpy as np
 
-from . import optim
+from . import lowp, optim
 from .extras import with_step_extras
 from .quantize import dequantize_blockwise, quantize_blockwise
 
@@ -97,8 +102,13 @@ def _check(array, where, dtype, shape):
         raise ValueError(f"{where} must be C-contiguous and writeable")
 
 
+def _low(dtype) -> bool:
+    return np.dtype(dtype).itemsize == 2 and np.dtype(dtype).name in ("bfloat16", "float16")
+
+
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
-                avg_weight=0.0, block=256, **hyper) -> None:
+                avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0, indices=None,
+                **hyper) -> None:
     """``op`` with 8-bit state, tensor by tensor: dequantize, reference update, requantize.
     Raises ValueError before writing anything for an unsupported configuration or bad argument."""
     layout = state8_layout(op, **hyper)
@@ -106,9 +116,14 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         raise ValueError(f"block must be a positive int, got {block!r}")
     for t, param in enumerate(params):
         shape = getattr(param, "shape", None)
-        _check(param, f"params[{t}]", np.float32, shape)
-        if not isinstance(grads[t], np.ndarray) or grads[t].dtype != np.float32 or grads[t].shape != shape:
-            raise ValueError(f"grads[{t}] must be a float32 numpy.ndarray of shape {shape}")
+        low = _low(param.dtype) if isinstance(param, np.ndarray) else False
+        _check(param, f"params[{t}]", param.dtype if low else np.float32, shape)
+        wanted = (param.dtype, np.float32) if low else (np.float32,)
+        if not isinstance(grads[t], np.ndarray) or grads[t].dtype not in wanted or grads[t].shape != shape:
+            raise ValueError(f"grads[{t}] must be a numpy.ndarray of shape {shape} and dtype "
+                             f"{' or '.join(str(np.dtype(d)) for d in wanted)}")
+        if masters is not None:
+            _check(masters[t], f"masters[{t}]", np.float32, shape)
         if avgs is not None:
             _check(avgs[t], f"avgs[{t}]", np.float32, shape)
         for slot, _ in layout:
@@ -123,8 +138,15 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
             codes, absmax = states[t][slot]
             full[slot] = np.empty(param.shape, np.float32)
             dequantize_blockwise(codes, absmax, full[slot], signed=signed, block=block)
-        update(param, grad, *full, grad_mul=grad_mul, grad_clip=grad_clip,
+        low = _low(param.dtype)
+        value = (masters[t] if masters is not None else param.astype(np.float32)) if low else param
+        update(value, grad.astype(np.float32), *full, grad_mul=grad_mul, grad_clip=grad_clip,
                avg=None if avgs is None else avgs[t], avg_weight=avg_weight, **hyper)
+        if low and rounding == "stochastic":
+            key = lowp.tensor_key(seed, counter, t if indices is None else indices[t])
+            param[...] = lowp.round_stochastic(value, param.dtype, key, np.arange(param.size).reshape(param.shape))
+        elif low:
+            param[...] = lowp.round_nearest(value, param.dtype)
         for slot, signed in layout:
             codes, absmax = states[t][slot]
             quantize_blockwise(full[slot], codes, absmax, signed=signed, block=block)

@@ -64,6 +64,8 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from ._jit import kernel
 from .lowbits import bits_f32, f32_bits
+from .lowbits import tensor_key
+from .mixed import _decode, _encode, _pointer16, is_low_precision
 from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
 
@@ -79,8 +81,8 @@ SUPPORTED = {
 }
 
 # table columns
-_PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE = range(8)
-_COLUMNS = 8
+_PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE, _MASTER = range(9)
+_COLUMNS = 9
 _F32 = np.dtype(np.float32)
 
 _element = numba.njit(inline="always", error_model="numpy")
@@ -171,7 +173,8 @@ def _update8(scalars: int, states: int):
     def wrap(element):
         update = numba.njit(inline="always", error_model="numpy")(element)
 
-        def run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
+        def run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master,
+                keys, grad16, half):
             h = to_fixed_tuple(hyper, scalars)
             grad_mul = hyper[scalars]
             grad_clip = hyper[scalars + 1]
@@ -193,6 +196,9 @@ def _update8(scalars: int, states: int):
                 n = table[t, _SIZE]
                 param = pointer(table[t, _PARAM], grad_mul)
                 grad = pointer(table[t, _GRAD], grad_mul)
+                param16 = _pointer16(table[t, _PARAM])  # (16-bit parameters and gradients)
+                grad16_at = _pointer16(table[t, _GRAD])
+                copy = pointer(table[t, _MASTER], grad_mul)
                 codes0 = _bytes(table[t, _CODES0])
                 absmax0 = pointer(table[t, _ABSMAX0], grad_mul)
                 codes1 = _bytes(table[t, _CODES1])
@@ -211,9 +217,24 @@ def _update8(scalars: int, states: int):
                     bits1 = _NO_BITS
                     for j in range(count):  # update: no look-ups, vectorized
                         i = i0 + j
-                        g = _transformed(grad[i], grad_mul, grad_clip)
-                        p, s0, s1 = update(param[i], g, scratch0[j], scratch1[j] if states > 1 else zero_f, h)
-                        param[i] = p
+                        if grad16 is None:
+                            g = grad[i]
+                        else:
+                            g = _decode(grad16_at[i], half)
+                        g = _transformed(g, grad_mul, grad_clip)
+                        if low is None:
+                            p = param[i]
+                        elif master is None:
+                            p = _decode(param16[i], half)
+                        else:
+                            p = copy[i]
+                        p, s0, s1 = update(p, g, scratch0[j], scratch1[j] if states > 1 else zero_f, h)
+                        if low is None:
+                            param[i] = p
+                        else:
+                            if master is not None:
+                                copy[i] = p
+                            param16[i] = _encode(p, half, keys, t, i)
                         if avg_weight is not None:
                             a = avg[i]
                             avg[i] = a + avg_weight * (p - a)
@@ -248,14 +269,27 @@ class _Kernel8:
         self.update = update
         self.scalars = update.scalars
         self.states = update.states
-        self.plain = kernel([self._signature(types.none)])(shell)
-        self.averaged = kernel([self._signature(types.float32)])(shell)
+        self._shell = shell
+        self._variants: dict[tuple, object] = {}
+        self.plain = self.variant(False)
+        self.averaged = self.variant(True)
 
-    @staticmethod
-    def _signature(avg_type):
-        f32 = types.float32
-        return types.void(types.int64[:, ::1], types.int64[::1], f32[::1], avg_type, f32[:, ::1],
-                          f32[:, ::1], types.uint8[::1], types.int32[:, ::1], types.int64)
+    def variant(self, averaged: bool, low: bool = False, master: bool = False, stochastic: bool = False,
+                grad16: bool = False, half: bool = False):
+        """The kernel for float32 parameters (``low`` False), or for 16-bit ones (bfloat16, or
+        float16 with ``half``) with or without a float32 master copy, rounded to nearest or
+        stochastically, with 16-bit gradients (``grad16``) or float32 ones; compiled on first use."""
+        key = (averaged, low, master, stochastic, grad16, half)
+        found = self._variants.get(key)
+        if found is None:
+            f32, flag = types.float32, types.boolean
+            signature = types.void(
+                types.int64[:, ::1], types.int64[::1], f32[::1], f32 if averaged else types.none, f32[:, ::1],
+                f32[:, ::1], types.uint8[::1], types.int32[:, ::1], types.int64, flag if low else types.none,
+                flag if master else types.none, types.int64[::1] if stochastic else types.none,
+                flag if grad16 else types.none, flag if half else types.none)
+            found = self._variants[key] = kernel([signature])(self._shell)
+        return found
 
     @property
     def variants(self):
@@ -294,12 +328,12 @@ def _adam8_update(p, g, m, v, h):
 
 
 @_kernel8(_adam8_update)
-def _adam8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
+def _adam8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _adam8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros,
-                      lookup, block)
+                      lookup, block, low, master, keys, grad16, half)
 
 
 @_update8(4, 1)
@@ -317,12 +351,12 @@ def _sgd_momentum8_update(p, g, v, unused, h):
 
 
 @_kernel8(_sgd_momentum8_update)
-def _sgd_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
+def _sgd_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _sgd_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                              zeros, lookup, block)
+                              zeros, lookup, block, low, master, keys, grad16, half)
 
 
 @_update8(3, 1)
@@ -339,12 +373,12 @@ def _sgd_nesterov8_update(p, g, v, unused, h):
 
 
 @_kernel8(_sgd_nesterov8_update)
-def _sgd_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
+def _sgd_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _sgd_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                              zeros, lookup, block)
+                              zeros, lookup, block, low, master, keys, grad16, half)
 
 
 @_update8(3, 1)
@@ -361,12 +395,12 @@ def _sgd_nesterov_torch8_update(p, g, b, unused, h):
 
 
 @_kernel8(_sgd_nesterov_torch8_update)
-def _sgd_nesterov_torch8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
+def _sgd_nesterov_torch8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _sgd_nesterov_torch8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                    values, zeros, lookup, block)
+                                    values, zeros, lookup, block, low, master, keys, grad16, half)
 
 
 @_update8(3, 1)
@@ -383,12 +417,12 @@ def _adagrad8_update(p, g, r, unused, h):
 
 
 @_kernel8(_adagrad8_update)
-def _adagrad8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
+def _adagrad8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _adagrad8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                         zeros, lookup, block)
+                         zeros, lookup, block, low, master, keys, grad16, half)
 
 
 @_update8(6, 1)
@@ -407,12 +441,12 @@ def _rmsprop8_update(p, g, r, unused, h):
 
 
 @_kernel8(_rmsprop8_update)
-def _rmsprop8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
+def _rmsprop8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _rmsprop8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                         zeros, lookup, block)
+                         zeros, lookup, block, low, master, keys, grad16, half)
 
 
 @_update8(8, 2)
@@ -435,12 +469,12 @@ def _rmsprop_momentum8_update(p, g, r, v, h):
 
 
 @_kernel8(_rmsprop_momentum8_update)
-def _rmsprop_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
+def _rmsprop_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _rmsprop_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                  values, zeros, lookup, block)
+                                  values, zeros, lookup, block, low, master, keys, grad16, half)
 
 
 @_update8(6, 2)
@@ -460,12 +494,12 @@ def _rmsprop_nesterov8_update(p, g, r, v, h):
 
 
 @_kernel8(_rmsprop_nesterov8_update)
-def _rmsprop_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block):
+def _rmsprop_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _rmsprop_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                  values, zeros, lookup, block)
+                                  values, zeros, lookup, block, low, master, keys, grad16, half)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +598,7 @@ def _address(array) -> int:
     return array.__array_interface__["data"][0]
 
 
-def _table(params, grads, states, avgs, slots, block):
+def _table(params, grads, states, avgs, slots, block, masters=None):
     """The kernel's table and block offsets; raises ValueError naming the first bad argument."""
     count = len(params)
     for name, seq in (("grads", grads), ("states", states), ("avgs", avgs)):
@@ -583,12 +617,19 @@ def _table(params, grads, states, avgs, slots, block):
             raise ValueError(f"{where} must be C-contiguous" + (" and writeable" if written else ""))
         return _address(array)
 
+    low = getattr(params[0], "dtype", None) if count else None
+    low = low if low is not None and is_low_precision(low) else None
+    grad_dtype = getattr(grads[0], "dtype", None) if count else None
+    if low is not None and grad_dtype not in (low, _F32):
+        raise ValueError(f"grads[0] must have dtype {low} or float32, got {grad_dtype}")
     for t in range(count):
         param = params[t]
         shape = getattr(param, "shape", None)
-        table[t, _PARAM] = check(param, f"params[{t}]", _F32, shape, True)
+        table[t, _PARAM] = check(param, f"params[{t}]", low or _F32, shape, True)
         n = param.size
-        table[t, _GRAD] = check(grads[t], f"grads[{t}]", _F32, shape, False)
+        table[t, _GRAD] = check(grads[t], f"grads[{t}]", grad_dtype if low is not None else _F32, shape, False)
+        if masters is not None:
+            table[t, _MASTER] = check(masters[t], f"masters[{t}]", _F32, shape, True)
         if avgs is not None:
             table[t, _AVG] = check(avgs[t], f"avgs[{t}]", _F32, shape, True)
         state = states[t]
@@ -641,10 +682,15 @@ _THRESHOLDS = {(a, b): np.stack([np.append(_MAPS[m][0], np.float32(np.inf)) for 
 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
-                avg_weight=0.0, block=256, **hyper) -> None:
+                avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0, indices=None,
+                **hyper) -> None:
     """``op`` with 8-bit block-wise quantized state on every tensor of the lists, in one kernel
     call (see the module docstring); raises ValueError, before writing anything, for an
-    unsupported configuration or a bad argument."""
+    unsupported configuration or a bad argument.
+
+    ``params`` may be bfloat16 or float16 (one format for the list), updated as ``mixed.py``
+    updates them: grads of that format or float32, ``masters`` float32 copies or None, and
+    ``rounding``, ``seed``, ``counter``, ``indices`` as there."""
     reason = state8_supported(op, **hyper)
     if reason is not None:
         raise ValueError(reason)
@@ -653,7 +699,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     if len(params) == 0:
         return
     update, slots, scalars = _PLANS[op](**hyper)
-    table, offsets = _table(params, grads, states, avgs, slots, block)
+    table, offsets = _table(params, grads, states, avgs, slots, block, masters)
     if offsets[-1] == 0:
         return
     rows = [slots[min(k, len(slots) - 1)][1] for k in range(2)]  # row 1 repeats row 0 when unused
@@ -662,9 +708,18 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     zeros = np.array([_MAPS[s][2] for s in rows], np.uint8)
     lookup = _LOOKUPS[tuple(rows)]
     hyper_array = np.array((*scalars, grad_mul, grad_clip), np.float32)
-    variant = update.plain if avgs is None else update.averaged
+    low = is_low_precision(params[0].dtype)
+    stochastic = low and rounding == "stochastic"
+    grad16 = low and grads[0].dtype != _F32
+    half = low and params[0].dtype == np.float16
+    variant = update.variant(avgs is not None, low, low and masters is not None, stochastic, grad16, half)
     total = sum(int(p.size) for p in params)
     if total < SERIAL_BELOW:
         variant = variant.serial
+    keys = None
+    if stochastic:
+        keys = np.array([tensor_key(seed, counter, k) for k in (range(len(params)) if indices is None else indices)],
+                        np.int64)
     variant(table, offsets, hyper_array, None if avgs is None else np.float32(avg_weight),
-            thresholds, values, zeros, lookup, block)
+            thresholds, values, zeros, lookup, block, True if low else None,
+            True if low and masters is not None else None, keys, True if grad16 else None, True if half else None)

@@ -182,13 +182,13 @@ class Optimizer:
             dispatch.resolve(backend, flat[0])
         if any(precision.is_low(dtype_of(p)) for p in flat):  # 16-bit parameters: a host backend that takes them
             precision.mixed_module(dispatch.resolve(backend, flat[0]), backend or dispatch.default_backend(flat[0]))
-        if any(self.precision.eight_bit(p) for p in flat):
-            precision.eight_bit_module(dispatch.resolve(backend, flat[0]), backend or dispatch.default_backend(flat[0]))
+        if any(self.precision.compact(p) for p in flat):
+            precision.compact_module(dispatch.resolve(backend, flat[0]), backend or dispatch.default_backend(flat[0]))
             for k, p in enumerate(flat):
-                if self.precision.eight_bit(p):
-                    precision.check_eight_bit_param(f"params[{k}]", p)
+                if self.precision.compact(p):
+                    precision.check_compact_param(f"params[{k}]", p, state_dtype)
         for i, group in enumerate(groups):
-            self._check_eight_bit(i, self._check_group(i, group, 0)[0])
+            self._check_compact(i, self._check_group(i, group, 0)[0])
         self.state: list[dict] = [{"step": 0} for _ in flat]
         self._layout = None  # see _grads_plainly_fine
         self._bucket_cache: dict[int, tuple] = {}  # see _buckets
@@ -229,16 +229,17 @@ class Optimizer:
         except KeyError as exc:
             raise ValueError(f"param group {index} lacks hyperparameter {exc}") from None
 
-    def _check_eight_bit(self, index: int, hyper: dict) -> None:
-        """With ``state_dtype="int8"``: the group's configuration must have 8-bit state, if any of
-        its parameters is large enough to get it."""
-        if self.precision.state_dtype != "int8":
+    def _check_compact(self, index: int, hyper: dict) -> None:
+        """With ``state_dtype="int8"`` or ``"bfloat16"``: the group's configuration must have such
+        state, if any of its parameters gets it."""
+        if self.precision.state_dtype == "float32":
             return
         params = self.param_groups[index]["params"]
-        if any(self.precision.eight_bit(p) for p in params):
+        if any(self.precision.compact(p) for p in params):
             module = dispatch.resolve(self.backend, params[0])
             spec = SPECS[self._spec]
-            precision.check_eight_bit(module, spec.kernel, dict(hyper, step=1) if spec.step_count else hyper, index)
+            precision.check_compact(module, spec.kernel, dict(hyper, step=1) if spec.step_count else hyper, index,
+                                    self.precision.state_dtype)
 
     def _selected(self, groups) -> list[int]:
         if groups is None:
@@ -309,7 +310,7 @@ class Optimizer:
         plan = []
         for i in selected:
             hyper, host = self._check_group(i, self.param_groups[i], self.steps)
-            self._check_eight_bit(i, hyper)
+            self._check_compact(i, hyper)
             plan.append((i, self.param_groups[i], hyper, host, spec.uses(hyper)))
         ranges = [(first[i], first[i + 1]) for i in selected]
         if not self._grads_plainly_fine(params, grads, ranges):
@@ -400,7 +401,7 @@ class Optimizer:
                 keywords["avg_weight"] = self._avg_weight(first["avg_steps"] + 1)
             keywords = with_host_options(module, host, keywords, first["step"] + 1,
                                          lambda multiplier: _host_float(module, multiplier))
-            if precision.is_low(dtype) or self.precision.eight_bit(plist[0]):
+            if precision.is_low(dtype) or self.precision.compact(plist[0]):
                 self._low_precision_update(module, spec, ks, plist, [grads[k] for k in ks], states, avgs, keywords)
             elif len(ks) == 1:
                 getattr(module, spec.kernel)(plist[0], grads[ks[0]], *states[0],
@@ -424,9 +425,10 @@ class Optimizer:
             masters = [self.state[k]["master"] for k in ks] if options.master(dtype_of(plist[0])) else None
             extra = dict(masters=masters, rounding=options.rounding, seed=options.seed,
                          counter=self.state[ks[0]]["step"] + 1, indices=ks)
-        if options.eight_bit(plist[0]):
-            precision.eight_bit_module(module, self.backend).state8_step(
-                spec.kernel, plist, grads, states, avgs, block=precision.BLOCK, **extra, **keywords)
+        if options.compact(plist[0]):
+            precision.compact_module(module, self.backend).state8_step(
+                spec.kernel, plist, grads, states, avgs, block=precision.BLOCK, state_dtype=options.state_dtype,
+                **extra, **keywords)
         else:
             masters = extra.pop("masters")
             precision.mixed_module(module, self.backend).mixed_step(
@@ -444,16 +446,18 @@ class Optimizer:
         keyed: dict[tuple, list[int]] = {}
         for k in indices:
             param, state = params[k], self.state[k]
-            eight_bit = self.precision.eight_bit(param)
+            compact = self.precision.compact(param)
             signed = {}
-            if eight_bit:
+            if compact:
                 hyper = self._check_group(i, group, self.steps)[0]
                 layout = module.state8_layout(spec.kernel, **(dict(hyper, step=1) if spec.step_count else hyper))
                 signed = {spec.state[slot]: sign for slot, sign in layout}
             for name in used:
                 if name not in state:
                     value = self._initial_value(name, group)
-                    if name in signed:
+                    if name in signed and self.precision.state_dtype == "bfloat16":
+                        state[name] = precision.bfloat16_state(module, param, value)
+                    elif name in signed:
                         state[name], state[name + precision.ABSMAX] = precision.quantized_state(
                             module, param, value, signed[name])
                     else:
@@ -464,7 +468,7 @@ class Optimizer:
                 # θ̂ starts at the first averaged iterate; a zero start makes the first lerp exact
                 state["avg"] = precision.state_array(module, param, 0.0)
                 state["avg_steps"] = 0
-            keyed.setdefault((dtype_of(param), state["step"], state.get("avg_steps", 0), eight_bit), []).append(k)
+            keyed.setdefault((dtype_of(param), state["step"], state.get("avg_steps", 0), compact), []).append(k)
         buckets = [
             (ks, key[0], [params[k] for k in ks],
              [tuple(self._state_entry(self.state[k], name) for name in spec.state) for k in ks],
@@ -574,7 +578,8 @@ class Optimizer:
                 if name in ("step", "avg_steps"):
                     continue
                 low = precision.is_low(dtype_of(param))
-                eight_bit = self.precision.eight_bit(param)
+                eight_bit = self.precision.compact(param) and self.precision.state_dtype == "int8"
+                bf16_state = self.precision.state_dtype == "bfloat16"
                 absmax = tuple(n + precision.ABSMAX for n in spec.state) if eight_bit else ()
                 if name not in (*spec.state, "avg", *(("master",) if low else ()), *absmax):
                     raise ValueError(f"state_dict state[{k}] has unknown entry {name!r}; expected {spec.state}"
@@ -586,6 +591,8 @@ class Optimizer:
                 wanted, shape = (np.dtype(np.float32) if low else dtype_of(param)), shape_of(param)
                 if name in absmax:
                     wanted, shape = np.dtype(np.float32), (-(-int(np.prod(shape)) // precision.BLOCK),)
+                elif bf16_state and name in spec.state:
+                    wanted = precision._bfloat16()
                 elif name + precision.ABSMAX in absmax and name != "avg":
                     if name + precision.ABSMAX not in entry:
                         raise ValueError(f"state_dict state[{k}][{name!r}] is float32 state, but this optimizer keeps "

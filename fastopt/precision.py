@@ -37,8 +37,8 @@ __all__ = ["LOW_PRECISION", "Precision", "check_options", "is_low", "sumsq"]
 
 LOW_PRECISION = ("bfloat16", "float16")
 ROUNDINGS = ("nearest", "stochastic")
-STATE_DTYPES = ("float32", "int8")
-EIGHT_BIT = ("sgd", "adagrad", "rmsprop", "adam", "adamw")  # optimizers (spec names) with 8-bit state
+STATE_DTYPES = ("float32", "bfloat16", "int8")
+EIGHT_BIT = ("sgd", "adagrad", "rmsprop", "adam", "adamw")  # optimizers (spec names) with 8-bit or bfloat16 state
 BLOCK = 256  # elements per absmax of 8-bit state (docs/algorithms.md: why 256)
 ABSMAX = "_absmax"  # suffix of the state entry that holds a quantized state's absmax
 _FLOAT32 = np.dtype(np.float32)
@@ -64,18 +64,20 @@ class Precision:
         """Whether parameters of ``dtype`` keep a float32 master copy."""
         return is_low(dtype) and self.master_weights is not False
 
-    def eight_bit(self, param) -> bool:
-        """Whether ``param``'s state is kept in 8 bits."""
+    def compact(self, param) -> bool:
+        """Whether ``param``'s state is kept in 8 bits (``state_dtype="int8"``, a parameter of at
+        least ``min_8bit_size`` elements) or in bfloat16 (``state_dtype="bfloat16"``, any size)."""
+        if self.state_dtype == "bfloat16":
+            return True
         return self.state_dtype == "int8" and int(np.prod(shape_of(param))) >= self.min_8bit_size
 
 
 def check_options(spec_name, master_weights, rounding, seed, state_dtype, min_8bit_size) -> Precision:
     """The keywords of every optimizer, checked (``ValueError``/``TypeError`` naming the argument)."""
     if state_dtype not in STATE_DTYPES:
-        extra = " ('bfloat16' state is not implemented yet)" if state_dtype == "bfloat16" else ""
-        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}{extra}, got {state_dtype!r}")
-    if state_dtype == "int8" and spec_name not in EIGHT_BIT:
-        raise ValueError(f"state_dtype='int8' is for SGD with momentum, AdaGrad, RMSProp, Adam and AdamW, not {spec_name}: "
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
+    if state_dtype != "float32" and spec_name not in EIGHT_BIT:
+        raise ValueError(f"state_dtype={state_dtype!r} is for SGD with momentum, AdaGrad, RMSProp, Adam and AdamW, not {spec_name}: "
                          "AdaDelta's two second moments and delta-bar-delta's per-element rates are not quantized "
                          "(docs/algorithms.md, 'Optimizers with 8-bit state')")
     if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, numbers.Integral) or min_8bit_size < 0:
@@ -144,24 +146,37 @@ def sumsq(module, grads) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def eight_bit_module(module, backend):
-    """``module`` if it has 8-bit state, else ``TypeError``."""
+def compact_module(module, backend):
+    """``module`` if it has 8-bit and bfloat16 state, else ``TypeError``."""
     if not hasattr(module, "state8_step"):
         raise TypeError(f"backend {backend!r} has no 8-bit optimizer state; use 'numba' or 'numpy'")
     return module
 
 
-def check_eight_bit(module, kernel: str, hyper: dict, group_index: int) -> None:
-    """``ValueError`` when this configuration has no 8-bit state (``state8_supported``)."""
+def check_compact(module, kernel: str, hyper: dict, group_index: int, state_dtype: str) -> None:
+    """``ValueError`` when this configuration has no 8-bit or bfloat16 state (``state8_supported``)."""
     reason = module.state8_supported(kernel, **hyper)
     if reason is not None:
-        raise ValueError(f"param group {group_index}: state_dtype='int8': {reason}")
+        raise ValueError(f"param group {group_index}: state_dtype={state_dtype!r}: {reason}")
 
 
-def check_eight_bit_param(name: str, param) -> None:
+def check_compact_param(name: str, param, state_dtype: str) -> None:
     if dtype_of(param) != _FLOAT32 and not is_low(dtype_of(param)):
-        raise TypeError(f"{name} has dtype {dtype_of(param)}: 8-bit state (state_dtype='int8') is for float32, "
+        raise TypeError(f"{name} has dtype {dtype_of(param)}: state_dtype={state_dtype!r} is for float32, "
                         "bfloat16 and float16 parameters")
+
+
+def bfloat16_state(module, param, value: float):
+    """A new bfloat16 state array of ``param`` filled with ``value`` (rounded to nearest)."""
+    from .reference.lowp import round_nearest
+
+    return module.from_numpy(round_nearest(np.full(shape_of(param), value, _FLOAT32), _bfloat16()), param)
+
+
+def _bfloat16() -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def quantized_state(module, param, value: float, signed: bool):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 
 from . import lowp, optim
@@ -102,16 +103,21 @@ def _check(array, where, dtype, shape):
         raise ValueError(f"{where} must be C-contiguous and writeable")
 
 
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
 def _low(dtype) -> bool:
     return np.dtype(dtype).itemsize == 2 and np.dtype(dtype).name in ("bfloat16", "float16")
 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
                 avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0, indices=None,
-                **hyper) -> None:
+                state_dtype="int8", **hyper) -> None:
     """``op`` with 8-bit state, tensor by tensor: dequantize, reference update, requantize.
     Raises ValueError before writing anything for an unsupported configuration or bad argument."""
     layout = state8_layout(op, **hyper)
+    if state_dtype not in ("int8", "bfloat16"):
+        raise ValueError(f"state_dtype must be 'int8' or 'bfloat16', got {state_dtype!r}")
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     for t, param in enumerate(params):
@@ -127,6 +133,9 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         if avgs is not None:
             _check(avgs[t], f"avgs[{t}]", np.float32, shape)
         for slot, _ in layout:
+            if state_dtype == "bfloat16":
+                _check(states[t][slot], f"states[{t}][{slot}] (bfloat16 state)", _BF16, shape)
+                continue
             codes, absmax = states[t][slot]
             _check(codes, f"states[{t}][{slot}][0] (codes)", np.uint8, shape)
             _check(absmax, f"states[{t}][{slot}][1] (absmax)", np.float32, (-(-param.size // block),))
@@ -135,6 +144,9 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     for t, (param, grad) in enumerate(zip(params, grads)):
         full = [None] * _STATE_LENGTH[op]
         for slot, signed in layout:
+            if state_dtype == "bfloat16":  # decoded exactly
+                full[slot] = states[t][slot].astype(np.float32)
+                continue
             codes, absmax = states[t][slot]
             full[slot] = np.empty(param.shape, np.float32)
             dequantize_blockwise(codes, absmax, full[slot], signed=signed, block=block)
@@ -148,5 +160,8 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         elif low:
             param[...] = lowp.round_nearest(value, param.dtype)
         for slot, signed in layout:
+            if state_dtype == "bfloat16":  # rounded to nearest even
+                states[t][slot][...] = lowp.round_nearest(full[slot], _BF16)
+                continue
             codes, absmax = states[t][slot]
             quantize_blockwise(full[slot], codes, absmax, signed=signed, block=block)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numba
 import numpy as np
 from numba import prange, types
@@ -64,7 +65,7 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from ._jit import kernel
 from .lowbits import bits_f32, f32_bits
-from .lowbits import tensor_key
+from .lowbits import bf16_to_f32, f32_to_bf16, tensor_key
 from .mixed import _decode, _encode, _pointer16, is_low_precision
 from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
@@ -84,6 +85,7 @@ SUPPORTED = {
 _PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE, _MASTER = range(9)
 _COLUMNS = 9
 _F32 = np.dtype(np.float32)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 _element = numba.njit(inline="always", error_model="numpy")
 
@@ -174,7 +176,7 @@ def _update8(scalars: int, states: int):
         update = numba.njit(inline="always", error_model="numpy")(element)
 
         def run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master,
-                keys, grad16, half):
+                keys, grad16, half, bf16state):
             h = to_fixed_tuple(hyper, scalars)
             grad_mul = hyper[scalars]
             grad_clip = hyper[scalars + 1]
@@ -200,6 +202,8 @@ def _update8(scalars: int, states: int):
                 grad16_at = _pointer16(table[t, _GRAD])
                 copy = pointer(table[t, _MASTER], grad_mul)
                 codes0 = _bytes(table[t, _CODES0])
+                state16_0 = _pointer16(table[t, _CODES0])  # (bfloat16 state)
+                state16_1 = _pointer16(table[t, _CODES1])
                 absmax0 = pointer(table[t, _ABSMAX0], grad_mul)
                 codes1 = _bytes(table[t, _CODES1])
                 absmax1 = pointer(table[t, _ABSMAX1], grad_mul)
@@ -207,12 +211,18 @@ def _update8(scalars: int, states: int):
                 for b in range(b0, b1):
                     i0 = b * block
                     count = min(block, n - i0)
-                    a0 = absmax0[b]
-                    a1 = absmax1[b] if states > 1 else zero_f
-                    for j in range(count):  # decode: a table look-up per state (scalar)
-                        scratch0[j] = values0[codes0[i0 + j]] * a0
-                        if states > 1:
-                            scratch1[j] = values1[codes1[i0 + j]] * a1
+                    if bf16state is None:
+                        a0 = absmax0[b]
+                        a1 = absmax1[b] if states > 1 else zero_f
+                        for j in range(count):  # decode: a table look-up per state (scalar)
+                            scratch0[j] = values0[codes0[i0 + j]] * a0
+                            if states > 1:
+                                scratch1[j] = values1[codes1[i0 + j]] * a1
+                    else:
+                        for j in range(count):  # bfloat16 state: decode exactly
+                            scratch0[j] = bf16_to_f32(state16_0[i0 + j])
+                            if states > 1:
+                                scratch1[j] = bf16_to_f32(state16_1[i0 + j])
                     bits0 = _NO_BITS
                     bits1 = _NO_BITS
                     for j in range(count):  # update: no look-ups, vectorized
@@ -243,9 +253,15 @@ def _update8(scalars: int, states: int):
                         if states > 1:
                             scratch1[j] = s1
                             bits1 = max(bits1, f32_bits(s1) & _ABS_BITS)
-                    _requantize(scratch0, count, bits0, codes0, i0, absmax0, b, thresholds0, zero0, lookup0)
-                    if states > 1:
-                        _requantize(scratch1, count, bits1, codes1, i0, absmax1, b, thresholds1, zero1, lookup1)
+                    if bf16state is None:
+                        _requantize(scratch0, count, bits0, codes0, i0, absmax0, b, thresholds0, zero0, lookup0)
+                        if states > 1:
+                            _requantize(scratch1, count, bits1, codes1, i0, absmax1, b, thresholds1, zero1, lookup1)
+                    else:
+                        for j in range(count):  # bfloat16 state: round to nearest even
+                            state16_0[i0 + j] = f32_to_bf16(scratch0[j])
+                            if states > 1:
+                                state16_1[i0 + j] = f32_to_bf16(scratch1[j])
                 t += 1
 
         run.__name__ = run.__qualname__ = f"{element.__name__}_run"  # see optim._update
@@ -275,11 +291,12 @@ class _Kernel8:
         self.averaged = self.variant(True)
 
     def variant(self, averaged: bool, low: bool = False, master: bool = False, stochastic: bool = False,
-                grad16: bool = False, half: bool = False):
+                grad16: bool = False, half: bool = False, bf16state: bool = False):
         """The kernel for float32 parameters (``low`` False), or for 16-bit ones (bfloat16, or
         float16 with ``half``) with or without a float32 master copy, rounded to nearest or
-        stochastically, with 16-bit gradients (``grad16``) or float32 ones; compiled on first use."""
-        key = (averaged, low, master, stochastic, grad16, half)
+        stochastically, with 16-bit gradients (``grad16``) or float32 ones; with 8-bit state, or
+        bfloat16 state (``bf16state``); compiled on first use."""
+        key = (averaged, low, master, stochastic, grad16, half, bf16state)
         found = self._variants.get(key)
         if found is None:
             f32, flag = types.float32, types.boolean
@@ -287,7 +304,7 @@ class _Kernel8:
                 types.int64[:, ::1], types.int64[::1], f32[::1], f32 if averaged else types.none, f32[:, ::1],
                 f32[:, ::1], types.uint8[::1], types.int32[:, ::1], types.int64, flag if low else types.none,
                 flag if master else types.none, types.int64[::1] if stochastic else types.none,
-                flag if grad16 else types.none, flag if half else types.none)
+                flag if grad16 else types.none, flag if half else types.none, flag if bf16state else types.none)
             found = self._variants[key] = kernel([signature])(self._shell)
         return found
 
@@ -328,12 +345,12 @@ def _adam8_update(p, g, m, v, h):
 
 
 @_kernel8(_adam8_update)
-def _adam8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
+def _adam8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _adam8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros,
-                      lookup, block, low, master, keys, grad16, half)
+                      lookup, block, low, master, keys, grad16, half, bf16state)
 
 
 @_update8(4, 1)
@@ -351,12 +368,12 @@ def _sgd_momentum8_update(p, g, v, unused, h):
 
 
 @_kernel8(_sgd_momentum8_update)
-def _sgd_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
+def _sgd_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _sgd_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                              zeros, lookup, block, low, master, keys, grad16, half)
+                              zeros, lookup, block, low, master, keys, grad16, half, bf16state)
 
 
 @_update8(3, 1)
@@ -373,12 +390,12 @@ def _sgd_nesterov8_update(p, g, v, unused, h):
 
 
 @_kernel8(_sgd_nesterov8_update)
-def _sgd_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
+def _sgd_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _sgd_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                              zeros, lookup, block, low, master, keys, grad16, half)
+                              zeros, lookup, block, low, master, keys, grad16, half, bf16state)
 
 
 @_update8(3, 1)
@@ -395,12 +412,12 @@ def _sgd_nesterov_torch8_update(p, g, b, unused, h):
 
 
 @_kernel8(_sgd_nesterov_torch8_update)
-def _sgd_nesterov_torch8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
+def _sgd_nesterov_torch8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _sgd_nesterov_torch8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                    values, zeros, lookup, block, low, master, keys, grad16, half)
+                                    values, zeros, lookup, block, low, master, keys, grad16, half, bf16state)
 
 
 @_update8(3, 1)
@@ -417,12 +434,12 @@ def _adagrad8_update(p, g, r, unused, h):
 
 
 @_kernel8(_adagrad8_update)
-def _adagrad8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
+def _adagrad8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _adagrad8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                         zeros, lookup, block, low, master, keys, grad16, half)
+                         zeros, lookup, block, low, master, keys, grad16, half, bf16state)
 
 
 @_update8(6, 1)
@@ -441,12 +458,12 @@ def _rmsprop8_update(p, g, r, unused, h):
 
 
 @_kernel8(_rmsprop8_update)
-def _rmsprop8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
+def _rmsprop8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _rmsprop8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                         zeros, lookup, block, low, master, keys, grad16, half)
+                         zeros, lookup, block, low, master, keys, grad16, half, bf16state)
 
 
 @_update8(8, 2)
@@ -469,12 +486,12 @@ def _rmsprop_momentum8_update(p, g, r, v, h):
 
 
 @_kernel8(_rmsprop_momentum8_update)
-def _rmsprop_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
+def _rmsprop_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _rmsprop_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                  values, zeros, lookup, block, low, master, keys, grad16, half)
+                                  values, zeros, lookup, block, low, master, keys, grad16, half, bf16state)
 
 
 @_update8(6, 2)
@@ -494,12 +511,12 @@ def _rmsprop_nesterov8_update(p, g, r, v, h):
 
 
 @_kernel8(_rmsprop_nesterov8_update)
-def _rmsprop_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half):
+def _rmsprop_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
     parts = parts_for(offsets[offsets.shape[0] - 1] * block)
     parts = min(parts, offsets[offsets.shape[0] - 1])
     for part in prange(parts):
         _rmsprop_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                  values, zeros, lookup, block, low, master, keys, grad16, half)
+                                  values, zeros, lookup, block, low, master, keys, grad16, half, bf16state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +615,7 @@ def _address(array) -> int:
     return array.__array_interface__["data"][0]
 
 
-def _table(params, grads, states, avgs, slots, block, masters=None):
+def _table(params, grads, states, avgs, slots, block, masters=None, bf16_state=False):
     """The kernel's table and block offsets; raises ValueError naming the first bad argument."""
     count = len(params)
     for name, seq in (("grads", grads), ("states", states), ("avgs", avgs)):
@@ -636,6 +653,10 @@ def _table(params, grads, states, avgs, slots, block, masters=None):
         if not isinstance(state, (tuple, list)) or len(state) < max(s for s, _ in slots) + 1:
             raise ValueError(f"states[{t}] must be a tuple in the op's state order, got {state!r:.80}")
         for k, (slot, _) in enumerate(slots):
+            if bf16_state:
+                table[t, (_CODES0, _CODES1)[k]] = check(state[slot], f"states[{t}][{slot}] (bfloat16 state)",
+                                                        _BF16, shape, True)
+                continue
             pair = state[slot]
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"states[{t}][{slot}] must be a pair (codes, absmax), got {pair!r:.80}")
@@ -683,14 +704,16 @@ _THRESHOLDS = {(a, b): np.stack([np.append(_MAPS[m][0], np.float32(np.inf)) for 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
                 avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0, indices=None,
-                **hyper) -> None:
+                state_dtype="int8", **hyper) -> None:
     """``op`` with 8-bit block-wise quantized state on every tensor of the lists, in one kernel
     call (see the module docstring); raises ValueError, before writing anything, for an
     unsupported configuration or a bad argument.
 
     ``params`` may be bfloat16 or float16 (one format for the list), updated as ``mixed.py``
     updates them: grads of that format or float32, ``masters`` float32 copies or None, and
-    ``rounding``, ``seed``, ``counter``, ``indices`` as there."""
+    ``rounding``, ``seed``, ``counter``, ``indices`` as there. ``state_dtype="bfloat16"``: the
+    state entries are bfloat16 arrays instead of (codes, absmax) pairs, decoded exactly and stored
+    rounded to nearest even, with the same optimizers and configurations."""
     reason = state8_supported(op, **hyper)
     if reason is not None:
         raise ValueError(reason)
@@ -699,7 +722,10 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     if len(params) == 0:
         return
     update, slots, scalars = _PLANS[op](**hyper)
-    table, offsets = _table(params, grads, states, avgs, slots, block, masters)
+    if state_dtype not in ("int8", "bfloat16"):
+        raise ValueError(f"state_dtype must be 'int8' or 'bfloat16', got {state_dtype!r}")
+    bf16_state = state_dtype == "bfloat16"
+    table, offsets = _table(params, grads, states, avgs, slots, block, masters, bf16_state)
     if offsets[-1] == 0:
         return
     rows = [slots[min(k, len(slots) - 1)][1] for k in range(2)]  # row 1 repeats row 0 when unused
@@ -712,7 +738,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     stochastic = low and rounding == "stochastic"
     grad16 = low and grads[0].dtype != _F32
     half = low and params[0].dtype == np.float16
-    variant = update.variant(avgs is not None, low, low and masters is not None, stochastic, grad16, half)
+    variant = update.variant(avgs is not None, low, low and masters is not None, stochastic, grad16, half, bf16_state)
     total = sum(int(p.size) for p in params)
     if total < SERIAL_BELOW:
         variant = variant.serial
@@ -722,4 +748,5 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
                         np.int64)
     variant(table, offsets, hyper_array, None if avgs is None else np.float32(avg_weight),
             thresholds, values, zeros, lookup, block, True if low else None,
-            True if low and masters is not None else None, keys, True if grad16 else None, True if half else None)
+            True if low and masters is not None else None, keys, True if grad16 else None, True if half else None,
+            True if bf16_state else None)

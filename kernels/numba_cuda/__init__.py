@@ -3,7 +3,8 @@
 Implements the backend contract of ``docs/backends.md`` on CUDA device arrays (numba device arrays,
 CuPy arrays, torch CUDA tensors, anything exposing ``__cuda_array_interface__``): the optimizer
 updates with the training-step extras (``optim``), tensor lists in one launch (``multi_step``),
-the gradient reductions (``reduce``) and batch normalization (``batchnorm``).
+the gradient reductions (``reduce``), batch normalization (``batchnorm``), float16 parameters
+(``lowp``: ``mixed_step``, ``mixed_sumsq``) and 8-bit optimizer state (``state8``).
 
 Importing needs no GPU: kernels compile on first use (``_jit.KERNELS``), and ``unavailable_reason()``
 says whether a CUDA device is usable. Under numba-cuda's simulator (``NUMBA_ENABLE_CUDASIM=1``) the
@@ -32,6 +33,7 @@ from ._arrays import (  # noqa: E402
     zeros_like,
 )
 from .batchnorm import batchnorm_backward, batchnorm_forward  # noqa: E402
+from .lowp import mixed_step, mixed_sumsq  # noqa: E402
 from .optim import (  # noqa: E402
     adadelta_step,
     adagrad_step,
@@ -42,6 +44,7 @@ from .optim import (  # noqa: E402
     sgd_step,
 )
 from .reduce import grad_multiplier, grad_sumsq, scale_grads_  # noqa: E402
+from .state8 import state8_layout, state8_step, state8_supported  # noqa: E402
 
 __all__ = [
     "adadelta_step",
@@ -57,11 +60,16 @@ __all__ = [
     "full_like",
     "grad_multiplier",
     "grad_sumsq",
+    "mixed_step",
+    "mixed_sumsq",
     "multi_step",
     "owns",
     "rmsprop_step",
     "scale_grads_",
     "sgd_step",
+    "state8_layout",
+    "state8_step",
+    "state8_supported",
     "to_numpy",
     "unavailable_reason",
     "zeros_like",

@@ -1,0 +1,63 @@
+"""float16 parameters and 8-bit optimizer state of the numba-cuda backend on a real GPU, at large
+sizes, against ``fastopt.reference``: the runners and comparisons of ``tests/cudasim/test_lowp.py``
+(θ within one float16 code and bitwise where the float32 values agree; 8-bit codes and absmax
+equal; float32 values within float32 tolerance).
+
+Marked ``gpu``; skipped with the reason when numba-cuda finds no usable CUDA device (and under the
+CUDA simulator, which tests/cudasim covers with small sizes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+
+import fastopt.kernels.numba_cuda as backend  # noqa: E402
+
+from cudasim.test_lowp import (MIXED_CASES, MIXED_OPTIONS, STATE8_CASES, _device,  # noqa: E402
+                               _state8_id, run_mixed, run_state8)
+from fastopt.reference import mixed as ref_mixed  # noqa: E402
+from optim_cases import case_id  # noqa: E402
+
+
+def _skip_reason() -> str:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "NUMBA_ENABLE_CUDASIM=1: the simulator is not a GPU (tests/cudasim covers it)"
+    return backend.unavailable_reason()
+
+
+_REASON = _skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_REASON), reason=f"no GPU: {_REASON}")]
+
+SHAPES = [(2**20 + 3,), (1000,), (7,), (0,), (3, 5, 7)]
+
+
+@pytest.mark.parametrize("options", MIXED_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("case", MIXED_CASES, ids=case_id)
+def test_mixed_step_matches_reference(case, options, rng):
+    name, hyper = case
+    run_mixed(name, hyper, SHAPES, rng, steps=3, **options)
+
+
+def test_mixed_sumsq_matches_reference(rng):
+    grads = [rng.standard_normal(s).astype(np.float16) for s in SHAPES]
+    got = backend.mixed_sumsq([_device(g) for g in grads])
+    assert got == pytest.approx(ref_mixed.mixed_sumsq(grads), rel=1e-9)
+
+
+@pytest.mark.parametrize("case", STATE8_CASES, ids=_state8_id)
+def test_state8_step_matches_reference(case, rng):
+    op, hyper = case
+    run_state8(op, hyper, SHAPES, rng, steps=3, exact=False)
+
+
+@pytest.mark.parametrize("options", [dict(grad_mul=0.5, grad_clip=1.0, avg=True),
+                                     dict(nan_grad=True), dict(block=64), dict(block=2048)],
+                         ids=["extras", "nan-block", "block64", "block2048"])
+def test_state8_step_options(options, rng):
+    op, hyper = STATE8_CASES[1]
+    run_state8(op, hyper, SHAPES, rng, steps=2, exact=False, **options)

@@ -183,7 +183,8 @@ class Optimizer:
         if any(precision.is_low(dtype_of(p)) for p in flat):  # 16-bit parameters: a host backend that takes them
             precision.mixed_module(dispatch.resolve(backend, flat[0]), backend or dispatch.default_backend(flat[0]))
         if any(self.precision.compact(p) for p in flat):
-            precision.compact_module(dispatch.resolve(backend, flat[0]), backend or dispatch.default_backend(flat[0]))
+            precision.compact_module(dispatch.resolve(backend, flat[0]), backend or dispatch.default_backend(flat[0]),
+                                     state_dtype, any(precision.is_low(dtype_of(p)) for p in flat))
             for k, p in enumerate(flat):
                 if self.precision.compact(p):
                     precision.check_compact_param(f"params[{k}]", p, state_dtype)
@@ -426,9 +427,9 @@ class Optimizer:
             extra = dict(masters=masters, rounding=options.rounding, seed=options.seed,
                          counter=self.state[ks[0]]["step"] + 1, indices=ks)
         if options.compact(plist[0]):
-            precision.compact_module(module, self.backend).state8_step(
-                spec.kernel, plist, grads, states, avgs, block=precision.BLOCK, state_dtype=options.state_dtype,
-                **extra, **keywords)
+            if options.state_dtype != "int8":
+                extra["state_dtype"] = options.state_dtype
+            module.state8_step(spec.kernel, plist, grads, states, avgs, block=precision.BLOCK, **extra, **keywords)
         else:
             masters = extra.pop("masters")
             precision.mixed_module(module, self.backend).mixed_step(

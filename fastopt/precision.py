@@ -146,10 +146,18 @@ def sumsq(module, grads) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def compact_module(module, backend):
-    """``module`` if it has 8-bit and bfloat16 state, else ``TypeError``."""
+def compact_module(module, backend, state_dtype: str = "int8", low: bool = False):
+    """``module`` if its ``state8_step`` takes ``state_dtype`` (and, with ``low``, 16-bit
+    parameters), else ``TypeError`` naming the backend."""
     if not hasattr(module, "state8_step"):
         raise TypeError(f"backend {backend!r} has no 8-bit optimizer state; use 'numba' or 'numpy'")
+    import inspect
+
+    takes = inspect.signature(module.state8_step).parameters
+    if state_dtype == "bfloat16" and "state_dtype" not in takes:
+        raise TypeError(f"backend {backend!r} has no bfloat16 optimizer state; use 'numba' or 'numpy'")
+    if low and "masters" not in takes:
+        raise TypeError(f"backend {backend!r} has no {state_dtype} state for 16-bit parameters; use 'numba' or 'numpy'")
     return module
 
 

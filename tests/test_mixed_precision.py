@@ -260,6 +260,25 @@ def test_a_16_bit_array_on_a_backend_that_cannot_take_it_raises(monkeypatch):
         fastopt.SGD([_DeviceHalf()], lr=0.1)
     with pytest.raises(TypeError, match="has no 8-bit optimizer state"):
         fastopt.Adam([np.zeros(5000, np.float32)], state_dtype="int8")
+
+    class Int8Only:  # a backend whose 8-bit step takes float32 parameters and int8 state only
+        __name__ = "fastopt.kernels.stand_in"
+
+        @staticmethod
+        def state8_step(op, params, grads, states, avgs, *, block=256, **hyper):
+            raise AssertionError("not reached")
+
+        @staticmethod
+        def state8_supported(op, **hyper):
+            return None
+
+        mixed_step = state8_step
+
+    monkeypatch.setattr(dispatch, "resolve", lambda backend, array: Int8Only())
+    with pytest.raises(TypeError, match="has no bfloat16 optimizer state"):
+        fastopt.Adam([np.zeros(5000, np.float32)], state_dtype="bfloat16")
+    with pytest.raises(TypeError, match="has no int8 state for 16-bit parameters"):
+        fastopt.Adam([np.zeros(5000, BF16)], state_dtype="int8")
     monkeypatch.undo()
     with pytest.raises(TypeError, match="works on"):
         fastopt.SGD([np.ones(3, BF16)], lr=0.1, backend="numba-cuda")

@@ -70,6 +70,7 @@ class Prepared:
     torch_check: Callable[[], None] | None = None  # torch vs kernel; raises VerificationError
     baseline: Callable[[], object] | None = None  # timed alongside (many-tensors: one big tensor)
     baseline_label: str | None = None
+    baseline_competes: bool = False  # the baseline is another library's step: noted as "its ms: speed-up"
     info: dict = field(default_factory=dict)
     # A row whose data fits in the last-level cache measures a per-call cost, not bandwidth: every
     # contestant is timed as blocks of ``calls_per_sample`` calls back to back (a training loop's
@@ -233,6 +234,21 @@ def _codes_apart(a, b) -> int:
     return int(np.max(np.abs(line(a) - line(b)), initial=0))
 
 
+def _bitsandbytes_baseline(prepared: Prepared, torch, p0, g) -> None:
+    """bitsandbytes' ``Adam8bit`` on the CPU, timed alongside where it is installed (the row's
+    note says so where it is not)."""
+    try:
+        import bitsandbytes
+    except Exception as exc:  # noqa: BLE001 - any failure to import means: no such column
+        prepared.info["note"] = f"bitsandbytes not installed ({type(exc).__name__})"
+        return
+    tp = torch.from_numpy(p0.copy())
+    tp.grad = torch.from_numpy(g)
+    bnb = bitsandbytes.optim.Adam8bit([tp], lr=1e-3, min_8bit_size=4096)
+    bnb.step()  # creates its state
+    prepared.baseline, prepared.baseline_label, prepared.baseline_competes = bnb.step, "bitsandbytes Adam8bit", True
+
+
 def _low_precision_builder(name, options, dtype_name, torch_dtype_name):
     def build(settings: Settings, backend: str) -> Prepared:
         n = settings.n
@@ -280,6 +296,8 @@ def _low_precision_builder(name, options, dtype_name, torch_dtype_name):
             tp.grad = torch.from_numpy(g.astype(np.float32)).to(tdtype)
             topt, impl = _torch_optimizer(torch, "Adam", dict(lr=1e-3), [tp], np.float32)
             prepared.torch, prepared.torch_impl = topt.step, f"{impl} {torch_dtype_name}"
+            if options.get("state_dtype") == "int8":
+                _bitsandbytes_baseline(prepared, torch, p0, g)
         return prepared
 
     return build

@@ -259,7 +259,10 @@ def run(args: argparse.Namespace) -> int:
         if "baseline" in samples:
             t = median(samples["baseline"])
             row.update(baseline=prepared.baseline_label, baseline_ms=t * 1e3, ratio_to_baseline=seconds / t)
-            row["note"] = f"{seconds / t:.2f}× the step over {prepared.baseline_label}"
+            if prepared.baseline_competes:  # another library's implementation of the same step
+                row["note"] = f"{prepared.baseline_label} {t * 1e3:.2f} ms: {t / seconds:.2f}×"
+            else:
+                row["note"] = f"{seconds / t:.2f}× the step over {prepared.baseline_label}"
         row["calls_per_sample"] = calls
         if calls > 1:
             row["note"] = (f"mean of {calls} steps back to back; " + row.get("note", "")).rstrip("; ")

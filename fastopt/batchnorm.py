@@ -28,6 +28,11 @@ Design decisions
   (as ``torch.nn.functional.batch_norm`` does) and sets the saved statistics to NaN. m = 1 in
   training raises ``ValueError`` (one value has no variance), as torch does.
 * ``running_mean`` and ``running_var`` are given together or not at all.
+* 16-bit inputs (``docs/algorithms.md``, "16-bit inputs"): x (and dy) may be bfloat16 or float16
+  NumPy arrays on the host backends; ``weight``, ``bias``, the running and saved statistics,
+  ``dweight`` and ``dbias`` are then float32 (as in cuDNN and torch), y and dx have x's dtype, and
+  dy must have x's dtype. The result is the float32 batch norm of x decoded exactly, with y and dx
+  rounded to nearest even. The GPU backends raise ``TypeError`` for 16-bit x (not supported yet).
 
 Backend contract
 ----------------
@@ -54,6 +59,10 @@ and receives validated arguments only:
 
 The backend writes every element of every output (NaN saved statistics for m = 0 in training) and
 returns None. Backward writes ``dweight``/``dbias`` even when ``weight``/``bias`` is None.
+
+A host backend also implements ``batchnorm_forward_lowp`` and ``batchnorm_backward_lowp``, with
+the same signatures and contract except that ``x``, ``dy``, ``y`` and ``dx`` are bfloat16 or float16
+(one dtype) and every channel vector is float32.
 """
 
 from __future__ import annotations
@@ -92,8 +101,22 @@ _UNSET = _Unset()  # ``bias`` not passed to batchnorm_backward
 # argument checks
 
 
-def _check_x(name: str, x) -> np.ndarray:
-    check_array(name, x, writeable=False)
+_HOST_BACKENDS = ("numba", "numpy")
+
+
+def _is_low(x) -> bool:
+    """Whether ``x`` holds 16-bit floats (bfloat16 or float16): see "16-bit inputs" above."""
+    dtype = dtype_of(x)
+    return dtype.itemsize == 2 and dtype.name in ("bfloat16", "float16")
+
+
+def _stat_dtype(x) -> np.dtype:
+    """The dtype of the per-channel vectors for input ``x``: float32 for 16-bit x, else x's dtype."""
+    return np.dtype(np.float32) if _is_low(x) else dtype_of(x)
+
+
+def _check_x(name: str, x, *, low_precision: bool = False) -> np.ndarray:
+    check_array(name, x, writeable=False, low_precision=low_precision)
     if len(shape_of(x)) < 2:
         raise ValueError(f"{name} must have rank >= 2 (batch and channel axes, e.g. (N, C) or (N, C, H, W)), "
                          f"got shape {shape_of(x)}")
@@ -108,21 +131,35 @@ def _check_channel_axis(channel_axis, ndim: int) -> int:
     return int(channel_axis) % ndim
 
 
+def _check_low_backend(x, backend) -> None:
+    """16-bit x runs on the host backends only (the GPU backends have no 16-bit batch norm yet)."""
+    if _is_low(x):
+        name = dispatch.default_backend(x) if backend is None else backend
+        if name not in _HOST_BACKENDS:
+            raise TypeError(f"backend {name!r} does not take {dtype_of(x)} x for batch norm (yet): 16-bit "
+                            f"batch norm runs on the host backends 'numba' and 'numpy' (NumPy arrays)")
+
+
 def _check_channels(name: str, array, x: np.ndarray, axis: int, *, writeable: bool) -> np.ndarray:
-    """A per-channel vector: shape (C,), the dtype and the kind (host or device) of x."""
+    """A per-channel vector: shape (C,), the kind (host or device) of x, and x's dtype (float32 for
+    16-bit x)."""
     check_array(name, array, writeable=writeable)
     channels = shape_of(x)[axis]
     if shape_of(array) != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), one value per channel of x "
                          f"(shape {shape_of(x)}, channel_axis={axis}), got {shape_of(array)}")
     check_same_kind(name, array, "x", x)
-    if dtype_of(array) != dtype_of(x):
+    if _is_low(x):
+        if dtype_of(array) != np.float32:
+            raise TypeError(f"{name} must have dtype float32 (the per-channel dtype for {dtype_of(x)} x), "
+                            f"got {dtype_of(array)}")
+    elif dtype_of(array) != dtype_of(x):
         raise TypeError(f"{name} must have the dtype of x ({dtype_of(x)}), got {dtype_of(array)}")
     return array
 
 
 def _check_like_x(name: str, array, x: np.ndarray, x_name: str = "x", *, writeable: bool) -> np.ndarray:
-    check_array(name, array, writeable=writeable)
+    check_array(name, array, writeable=writeable, low_precision=_is_low(x))
     check_like(name, array, x_name, x)
     return array
 
@@ -176,7 +213,8 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
         return synchronized(x, weight, bias, running_mean, running_var, comm=comm, training=training,
                             momentum=momentum, eps=eps, channel_axis=channel_axis, relu=relu, backend=backend, out=out)
     dispatch.check_backend_name(backend)
-    _check_x("x", x)
+    _check_x("x", x, low_precision=True)
+    _check_low_backend(x, backend)
     axis = _check_channel_axis(channel_axis, len(shape_of(x)))
     training = check_bool("training", training)
     relu = check_bool("relu", relu)
@@ -211,11 +249,13 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, *, training=Tr
     module = dispatch.resolve(backend, x)
 
     channels = shape_of(x)[axis]
+    stat_dtype = _stat_dtype(x)
     y = module.empty_like(x) if y is None else y
-    saved_mean = module.empty((channels,), dtype_of(x), x) if saved_mean is None else saved_mean
-    saved_invstd = module.empty((channels,), dtype_of(x), x) if saved_invstd is None else saved_invstd
-    module.batchnorm_forward(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd,
-                             training=training, momentum=momentum, eps=eps, channel_axis=axis, relu=relu)
+    saved_mean = module.empty((channels,), stat_dtype, x) if saved_mean is None else saved_mean
+    saved_invstd = module.empty((channels,), stat_dtype, x) if saved_invstd is None else saved_invstd
+    run = module.batchnorm_forward_lowp if _is_low(x) else module.batchnorm_forward
+    run(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd,
+        training=training, momentum=momentum, eps=eps, channel_axis=axis, relu=relu)
     return y, saved_mean, saved_invstd
 
 
@@ -239,7 +279,8 @@ def batchnorm_backward(dy, x, weight, saved_mean, saved_invstd, *, bias=_UNSET, 
         return synchronized(dy, x, weight, saved_mean, saved_invstd, comm=comm, bias=bias, training=training,
                             channel_axis=channel_axis, relu=relu, backend=backend, out=out)
     dispatch.check_backend_name(backend)
-    _check_x("x", x)
+    _check_x("x", x, low_precision=True)
+    _check_low_backend(x, backend)
     axis = _check_channel_axis(channel_axis, len(shape_of(x)))
     _check_like_x("dy", dy, x, writeable=False)
     training = check_bool("training", training)
@@ -262,11 +303,13 @@ def batchnorm_backward(dy, x, weight, saved_mean, saved_invstd, *, bias=_UNSET, 
     module = dispatch.resolve(backend, x)
 
     channels = shape_of(x)[axis]
+    stat_dtype = _stat_dtype(x)
     dx = module.empty_like(x) if dx is None else dx
-    dweight = module.empty((channels,), dtype_of(x), x) if dweight is None else dweight
-    dbias = module.empty((channels,), dtype_of(x), x) if dbias is None else dbias
-    module.batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias,
-                              training=training, channel_axis=axis, relu=relu)
+    dweight = module.empty((channels,), stat_dtype, x) if dweight is None else dweight
+    dbias = module.empty((channels,), stat_dtype, x) if dbias is None else dbias
+    run = module.batchnorm_backward_lowp if _is_low(x) else module.batchnorm_backward
+    run(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias, training=training, channel_axis=axis,
+        relu=relu)
     return dx, dweight, dbias
 
 
@@ -321,6 +364,10 @@ class BatchNorm:
     visible; code that keeps only a raw address (``ctypes``, ``__array_interface__``) must copy.
     For NumPy arrays of the layer's dtype and channel count, ``forward`` and ``backward`` check
     ``x``/``dy`` alone: the layer's own arrays were checked when it made them.
+
+    16-bit input: a float32 layer on a host backend takes bfloat16 or float16 ``x`` (and ``dy`` of
+    x's dtype) and returns y and dx in that dtype (``batchnorm_forward``, "16-bit inputs"); such
+    calls take the full checks of the functions and allocate their results.
 
     The layer's arrays are NumPy arrays, unless ``backend`` names a GPU backend: ``"numba-cuda"``
     allocates numba device arrays and ``"cupy"`` CuPy arrays, on the current CUDA device, and the
@@ -398,6 +445,9 @@ class BatchNorm:
     def _check_input(self, name: str, array) -> None:
         if isinstance(array, np.ndarray) and array.dtype != self.dtype and array.dtype in FLOAT_DTYPES:
             raise TypeError(f"{name} must have the layer's dtype {self.dtype}, got {array.dtype}")
+        if isinstance(array, np.ndarray) and _is_low(array) and self.dtype != np.float32:
+            raise TypeError(f"{name} of dtype {array.dtype} needs a layer of dtype float32 (the parameters and "
+                            f"statistics of 16-bit batch norm are float32), this layer's dtype is {self.dtype}")
         if isinstance(array, np.ndarray) and array.ndim >= 2:
             axis = self.channel_axis
             if -array.ndim <= axis < array.ndim and array.shape[axis] != self.num_features:
@@ -475,7 +525,7 @@ class BatchNorm:
         x, training = self._forward_input
         grads = (self.grad_weight, self.grad_bias) if self.affine else self._grad_scratch
         module = self._host_module(dy) if out is None else None
-        if (module is not None and dy.shape == x.shape and type(x) is np.ndarray
+        if (module is not None and dy.shape == x.shape and type(x) is np.ndarray and x.dtype == dy.dtype
                 and not self._shares_owned_memory(dy)):
             dx = self._reusable("_dx", dy)
             if dx is dy or dx is x:

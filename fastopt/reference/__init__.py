@@ -12,6 +12,7 @@ from .quantize import dequantize_blockwise, dynamic_map, quantize_blockwise
 from .mixed import mixed_step, mixed_sumsq
 from .state8 import state8_layout, state8_step, state8_supported
 from .batchnorm import batchnorm_backward, batchnorm_forward, batchnorm_statistics
+from .batchnorm import batchnorm_backward_lowp, batchnorm_forward_lowp
 from .extras import (
     copy_from_numpy,
     empty,
@@ -44,7 +45,9 @@ __all__ = [
     "adagrad_step",
     "adam_step",
     "batchnorm_backward",
+    "batchnorm_backward_lowp",
     "batchnorm_forward",
+    "batchnorm_forward_lowp",
     "batchnorm_statistics",
     "copy_from_numpy",
     "delta_bar_delta_step",

@@ -12,6 +12,10 @@ reference the float64 answer for the float32 data the kernels see. The mean is �
 the rounding error of the first sum (a constant channel gets exactly its value, so y = β). The
 variance is the two-pass mean of squared deviations, Σ(x − μ)²/m, never E[x²] − E[x]².
 
+16-bit inputs (bfloat16, float16 x and dy): ``batchnorm_forward_lowp`` and
+``batchnorm_backward_lowp`` decode with astype(float32), run the functions below on the float32
+arrays (float32 channel vectors), and round y and dx to nearest even into x's dtype.
+
 Arguments arrive validated and follow the backend contract in ``fastopt.batchnorm``:
 ``channel_axis`` is non-negative, outputs are preallocated, nothing overlaps, and in training the
 number of values per channel m is 0 or at least 2.
@@ -21,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["batchnorm_backward", "batchnorm_forward", "batchnorm_statistics"]
+__all__ = ["batchnorm_backward", "batchnorm_backward_lowp", "batchnorm_forward", "batchnorm_forward_lowp",
+           "batchnorm_statistics"]
 
 
 def _per_channel(x, channel_axis):
@@ -117,6 +122,36 @@ def batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweigh
         dx[...] = scale * (g - sum_g.reshape(shape) / m - x_hat * sum_g_xhat.reshape(shape) / m)
     else:
         dx[...] = scale * g
+
+
+def _round(values32, out):
+    """out ← values32 rounded to nearest, ties to even, in out's 16-bit dtype (``lowp.round_nearest``:
+    astype, no overflow warning; past the format's range → ±Inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out[...] = values32.astype(out.dtype)
+
+
+def batchnorm_forward_lowp(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd, *,
+                           training, momentum, eps, channel_axis, relu):
+    """Batch normalization forward of bfloat16/float16 ``x`` ("16-bit inputs" in the doc): the
+    float32 forward above of x decoded exactly to float32 (float32 weight, bias, running and saved
+    statistics), y rounded to nearest even into x's dtype."""
+    y32 = np.empty(x.shape, np.float32)
+    batchnorm_forward(x.astype(np.float32), weight, bias, running_mean, running_var, y32, saved_mean,
+                      saved_invstd, training=training, momentum=momentum, eps=eps, channel_axis=channel_axis,
+                      relu=relu)
+    _round(y32, y)
+
+
+def batchnorm_backward_lowp(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias, *,
+                            training, channel_axis, relu):
+    """Batch normalization backward of bfloat16/float16 ``dy`` and ``x``: the float32 backward above
+    of both decoded exactly to float32 (float32 parameters, saved statistics, dweight, dbias), dx
+    rounded to nearest even into x's dtype."""
+    dx32 = np.empty(x.shape, np.float32)
+    batchnorm_backward(dy.astype(np.float32), x.astype(np.float32), weight, bias, saved_mean, saved_invstd,
+                       dx32, dweight, dbias, training=training, channel_axis=channel_axis, relu=relu)
+    _round(dx32, dx)
 
 
 def batchnorm_statistics(x, mean, m2, *, channel_axis):

@@ -20,6 +20,7 @@ from ..._host_arrays import (
     zeros_like,
 )
 from .batchnorm import batchnorm_backward, batchnorm_forward
+from .bn_lowp import batchnorm_backward as batchnorm_backward_lowp, batchnorm_forward as batchnorm_forward_lowp
 from .bnstats import batchnorm_statistics
 from .mixed import mixed_step, mixed_sumsq
 from .state8 import state8_layout, state8_step, state8_supported
@@ -88,7 +89,9 @@ __all__ = [
     "adagrad_step",
     "adam_step",
     "batchnorm_backward",
+    "batchnorm_backward_lowp",
     "batchnorm_forward",
+    "batchnorm_forward_lowp",
     "batchnorm_statistics",
     "copy_from_numpy",
     "delta_bar_delta_step",

@@ -194,6 +194,8 @@ def test_support_rules_agree():
         assert kernel8.state8_supported(op, **hyper) == reference8.state8_supported(op, **hyper)
         if kernel8.state8_supported(op, **hyper) is None:
             assert kernel8.state8_layout(op, **hyper) == reference8.state8_layout(op, **hyper)
+            # the kernel plan quantizes the states the shared rules allocate, with their maps
+            assert kernel8._PLANS[op](**hyper)[1] == kernel8.state8_layout(op, **hyper)
 
 
 def test_float32_kernel_has_no_float64_arithmetic():

@@ -63,23 +63,16 @@ from numba import prange, types
 from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
+from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 from ._jit import kernel
 from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16, tensor_key
 from .mixed import _decode, _encode, _pointer16, is_low_precision
+from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
 from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
 
 __all__ = ["SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
-
-# op -> what gets 8-bit state; the configurations state8_supported rejects are listed there
-SUPPORTED = {
-    "adam_step": "Adam and AdamW (m signed, v unsigned); not amsgrad",
-    "sgd_step": "SGD with momentum or Nesterov, both conventions (velocity signed); not momentum = 0",
-    "adagrad_step": "AdaGrad (accumulator unsigned)",
-    "rmsprop_step": "RMSProp, plain or with momentum / Nesterov (textbook) (square_avg unsigned, "
-                    "velocity signed); not centered",
-}
 
 # table columns
 _PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE, _MASTER = range(9)
@@ -101,25 +94,6 @@ def _bytes(typingctx, address):
         return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
 
     return signature, codegen
-
-
-@_element
-def _l2(g, p, weight_decay):
-    """g + λθ; g itself when λ = 0 (as the reference's ``_l2``)."""
-    if weight_decay != 0:
-        return g + weight_decay * p
-    return g
-
-
-@_element
-def _transformed(g, grad_mul, grad_clip):
-    """g · grad_mul clamped to ±grad_clip; NaN passes through."""
-    g = g * grad_mul
-    if g > grad_clip:
-        g = grad_clip
-    elif g < -grad_clip:
-        g = -grad_clip
-    return g
 
 
 _ABS_BITS = np.uint32(0x7FFFFFFF)
@@ -566,51 +540,6 @@ _PLANS = {
     "adagrad_step": _adagrad8_plan,
     "rmsprop_step": _rmsprop8_plan,
 }
-_STATE_LENGTH = {"adam_step": 3, "sgd_step": 1, "adagrad_step": 1, "rmsprop_step": 3}
-_KEYWORDS = {
-    "adam_step": {"step", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay",
-                  "amsgrad"},
-    "sgd_step": {"lr", "momentum", "nesterov", "weight_decay", "convention"},
-    "adagrad_step": {"lr", "eps", "weight_decay"},
-    "rmsprop_step": {"lr", "rho", "eps", "momentum", "nesterov", "centered", "weight_decay",
-                     "convention"},
-}
-
-
-def state8_supported(op, **hyper) -> str | None:
-    """None when ``op`` with these hyperparameters runs with 8-bit state, else the reason why not."""
-    if op not in _PLANS:
-        return (f"op {op!r} has no 8-bit state; supported: {', '.join(_PLANS)} (AdaDelta's two "
-                "second moments and delta-bar-delta's rates are not quantized, see docs/algorithms.md)")
-    missing = _KEYWORDS[op] - set(hyper)
-    extra = set(hyper) - _KEYWORDS[op]
-    if missing or extra:
-        return (f"{op} takes the hyperparameters {sorted(_KEYWORDS[op])}; missing {sorted(missing)}, "
-                f"unexpected {sorted(extra)}")
-    if op == "adam_step" and hyper["amsgrad"]:
-        return ("amsgrad=True: v_max ← max(v_max, v) of two independently quantized states is "
-                "not monotone after requantization; not supported in 8 bits")
-    if op == "sgd_step" and hyper["momentum"] == 0:
-        return "sgd_step with momentum=0 has no state to quantize"
-    if op == "rmsprop_step":
-        if hyper["centered"]:
-            return ("centered=True: the variance r − s⊙s is a difference of two 8-bit states whose "
-                    "quantization errors (up to 0.7% of their block's absmax) exceed it when the "
-                    "gradient's mean dominates, giving √ of a negative number; not supported")
-        if hyper["momentum"] != 0 and hyper["nesterov"] and hyper["convention"] != "textbook":
-            return "nesterov=True is defined for convention='textbook' only"
-    return None
-
-
-def state8_layout(op, **hyper) -> tuple[tuple[int, bool], ...]:
-    """The (state-tuple index, signed map) pairs of the 8-bit states ``op`` uses with these
-    hyperparameters (raises ValueError for an unsupported configuration)."""
-    reason = state8_supported(op, **hyper)
-    if reason is not None:
-        raise ValueError(reason)
-    return _PLANS[op](**hyper)[1]
-
-
 def _address(array) -> int:
     return array.__array_interface__["data"][0]
 

@@ -45,7 +45,7 @@ from ._jit import SIMULATOR, THREADS, blocks_for, kernel
 from .lowp import _u64, bits_f32, f32_bits, view
 from .reduce import multiplier
 from ..numba_cpu.quantize import MAP_AS, THRESHOLDS, ZERO
-from ..numba_cpu.state8 import SUPPORTED, state8_layout, state8_supported
+from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 
 __all__ = ["MAX_BLOCK", "STATE8", "SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
 

@@ -89,10 +89,21 @@ def forward(backend, x, weight, bias, rm, rv, *, training, relu, axis, fmt_out=N
     return y, sm, si, rm, rv
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
-@pytest.mark.parametrize("case", SHAPES, ids=shape_id)
+def _grid():
+    """Every format, mode and ReLU on the small shapes; on the shape above the serial threshold
+    (the parallel conversion kernels) one combination per format, which between them cover both
+    modes and both ReLU settings."""
+    small = [pytest.param(case, fmt, training, relu, id=f"{shape_id(case)}-{fid}-{'train' if training else 'eval'}-"
+                          f"{'relu' if relu else 'linear'}")
+             for case in SHAPES[:-1] for fmt, fid in zip(FORMATS, FORMAT_IDS)
+             for training in (True, False) for relu in (False, True)]
+    large = [pytest.param(SHAPES[-1], fmt, training, relu, id=f"{shape_id(SHAPES[-1])}-{fid}-{name}")
+             for (fmt, fid), (training, relu, name) in zip(zip(FORMATS, FORMAT_IDS),
+                                                           [(True, False, "train-linear"), (False, True, "eval-relu")])]
+    return small + large
+
+
+@pytest.mark.parametrize("case, fmt, training, relu", _grid())
 def test_forward_matches_reference(case, fmt, training, relu, rng):
     shape, axis = case
     x, _, weight, bias, rm, rv = make(rng, shape, axis, fmt)
@@ -109,10 +120,7 @@ def test_forward_matches_reference(case, fmt, training, relu, rng):
         assert np.array_equal(got[3], rm) and np.array_equal(got[4], rv)
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
-@pytest.mark.parametrize("case", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("case, fmt, training, relu", _grid())
 def test_backward_matches_reference(case, fmt, training, relu, rng):
     shape, axis = case
     x, dy, weight, bias, rm, rv = make(rng, shape, axis, fmt)

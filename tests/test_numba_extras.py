@@ -29,7 +29,7 @@ from fastopt.kernels.numba_cpu import multi, optim as optim_kernels
 from conftest import assert_close
 from optim_cases import CASES, case_id, initial_state
 
-SIZES = [0, 1, 7, 1000, 2**20 + 3]
+SIZES = [0, 1, 7, 1000, 2**17 + 3]  # the last above multi.SERIAL_BELOW: the parallel kernel, 16 parts
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["float32", "float64"]
 # Mixed list for multi_step: 0-size tensors first, between and last; shapes of several ranks; a
@@ -135,7 +135,7 @@ def plain_update(param, grad, state_tuple, hyper):
     return p.reshape(param.shape), states, slots
 
 
-@pytest.mark.parametrize("size", [0, 1, 7, 1000, 2**20 + 3])
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_defaults_are_bit_identical_to_the_plain_update(case, dtype, size, rng):

@@ -16,7 +16,7 @@ from fastopt import functional
 from conftest import assert_close
 from optim_cases import CASES, case_id, initial_state
 
-SHAPES = [(0,), (1,), (7,), (1000,), (2**20 + 3,), (3, 5, 7)]
+SHAPES = [(0,), (1,), (7,), (1000,), (2**17 + 3,), (3, 5, 7)]  # 2**17 + 3: the parallel kernels, 16 parts
 STEPS = 10
 
 

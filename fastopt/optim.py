@@ -134,6 +134,12 @@ class Optimizer:
                  comm=None, shard_state=None, grad_reduce="mean", bucket_bytes=None):
         if comm is not None and (master_weights, rounding, seed, state_dtype) != (None, "nearest", 0, "float32"):
             raise ValueError("master_weights, rounding, seed and state_dtype are not supported with comm= yet")
+        if comm is not None:
+            params = _as_groups(params)  # (a list from here: the ranks' build below reads it again)
+            low = [p for group in params for p in group["params"] if precision.is_low(getattr(p, "dtype", "f8"))]
+            if low:
+                raise TypeError(f"comm= does not take {low[0].dtype} parameters yet: data-parallel training "
+                                "updates float32 and float64 parameters")
         if comm is not None:  # every rank builds, then all agree (docs/distributed.md); imports mpi4py
             from .distributed.engine import attach
 

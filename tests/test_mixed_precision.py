@@ -292,3 +292,11 @@ def test_the_16_bit_kernels_compute_in_float32_only():
     (dispatcher,) = variant.compile()
     (llvm,) = dispatcher.inspect_llvm().values()
     assert "double" not in llvm
+
+
+def test_data_parallel_training_refuses_16_bit_parameters_when_built():
+    mpi = pytest.importorskip("mpi4py.MPI", reason="the mpi extra is not installed")
+    with pytest.raises(TypeError, match="comm= does not take bfloat16 parameters yet"):
+        fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF)
+    with pytest.raises(ValueError, match="not supported with comm= yet"):
+        fastopt.Adam([np.ones(10, np.float32)], comm=mpi.COMM_SELF, state_dtype="int8")

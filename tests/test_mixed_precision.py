@@ -285,13 +285,17 @@ def test_a_16_bit_array_on_a_backend_that_cannot_take_it_raises(monkeypatch):
 
 
 def test_the_16_bit_kernels_compute_in_float32_only():
-    """No float64 in the LLVM of a low-precision variant (decode, update, stochastic encode)."""
+    """No float64 in the LLVM of low-precision variants (decode, update, both encodes), compiled
+    afresh here: numba returns no IR for code it loaded from its disk cache."""
     from fastopt.kernels.numba_cpu import mixed, optim
+    from test_kernel_float32 import native_ir
 
-    variant = mixed.mixed_kernel(optim._adam).variant(False, False, True, True, True).serial
-    (dispatcher,) = variant.compile()
-    (llvm,) = dispatcher.inspect_llvm().values()
-    assert "double" not in llvm
+    for key in [(False, False, True, True, True), (True, True, False, False, False)]:
+        variant = mixed.mixed_kernel(optim._adam).variant(*key).serial
+        functions = native_ir(variant, variant.signatures[0])
+        assert any(" float " in f or "x float>" in f for f in functions)
+        for f in functions:
+            assert "double" not in f, f"{key}: float64 in {f.splitlines()[0][:100]}"
 
 
 def test_data_parallel_training_refuses_16_bit_parameters_when_built():

@@ -86,9 +86,9 @@ _F32_ZERO = np.float32(0.0)
 # ---------------------------------------------------------------------------------------------
 
 
-@intrinsic
-def f32_bits(typingctx, x):
-    """The uint32 bit pattern of the float32 ``x``."""
+def f32_bits_typer(typingctx, x):
+    """The uint32 bit pattern of the float32 ``x``. (The typer and code generator, shared with the
+    numba-cuda backend, which wraps it in its own ``intrinsic``.)"""
     if x != types.float32:
         return None
 
@@ -98,10 +98,9 @@ def f32_bits(typingctx, x):
     return types.uint32(types.float32), codegen
 
 
-@intrinsic
-def bits_f32(typingctx, u):
+def bits_f32_typer(typingctx, u):
     """The float32 whose bit pattern is the low 32 bits of the integer ``u`` (any integer type:
-    numba widens uint32 arithmetic to 64 bits)."""
+    numba widens uint32 arithmetic to 64 bits). (Shared with the numba-cuda backend, as above.)"""
     if not isinstance(u, types.Integer):
         return None
 
@@ -114,6 +113,10 @@ def bits_f32(typingctx, u):
         return builder.bitcast(value, ir.FloatType())
 
     return types.float32(u), codegen
+
+
+f32_bits = intrinsic(f32_bits_typer)
+bits_f32 = intrinsic(bits_f32_typer)
 
 
 # ---------------------------------------------------------------------------------------------

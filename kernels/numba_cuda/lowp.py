@@ -101,37 +101,14 @@ if SIMULATOR:
         return np.uint64((int(a) * int(b)) & _MASK64)
 
 else:
-    from llvmlite import ir
     from numba.cuda.extending import intrinsic
+
+    from ..numba_cpu.lowbits import bits_f32_typer, f32_bits_typer
 
     view = _tensors.view
 
-    @intrinsic
-    def f32_bits(typingctx, x):
-        """The uint32 bit pattern of the float32 ``x``."""
-        if x != types.float32:
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-
-        return types.uint32(types.float32), codegen
-
-    @intrinsic
-    def bits_f32(typingctx, u):
-        """The float32 whose bit pattern is the low 32 bits of the integer ``u``."""
-        if not isinstance(u, types.Integer):
-            return None
-
-        def codegen(context, builder, sig, args):
-            value, width = args[0], u.bitwidth
-            if width > 32:
-                value = builder.trunc(value, ir.IntType(32))
-            elif width < 32:
-                value = builder.zext(value, ir.IntType(32))
-            return builder.bitcast(value, ir.FloatType())
-
-        return types.float32(u), codegen
+    f32_bits = intrinsic(f32_bits_typer)  # the CPU backend's typers, for the CUDA target
+    bits_f32 = intrinsic(bits_f32_typer)
 
     @cuda.jit(device=True)
     def _u64(x):

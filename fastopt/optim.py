@@ -599,7 +599,7 @@ class Optimizer:
                 if name in absmax:
                     wanted, shape = np.dtype(np.float32), (-(-int(np.prod(shape)) // precision.BLOCK),)
                 elif bf16_state and name in spec.state:
-                    wanted = precision._bfloat16()
+                    wanted = precision.bfloat16_dtype()
                 elif name + precision.ABSMAX in absmax and name != "avg":
                     if name + precision.ABSMAX not in entry:
                         raise ValueError(f"state_dict state[{k}][{name!r}] is float32 state, but this optimizer keeps "

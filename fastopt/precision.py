@@ -178,10 +178,11 @@ def bfloat16_state(module, param, value: float):
     """A new bfloat16 state array of ``param`` filled with ``value`` (rounded to nearest)."""
     from .reference.lowp import round_nearest
 
-    return module.from_numpy(round_nearest(np.full(shape_of(param), value, _FLOAT32), _bfloat16()), param)
+    return module.from_numpy(round_nearest(np.full(shape_of(param), value, _FLOAT32), bfloat16_dtype()), param)
 
 
-def _bfloat16() -> np.dtype:
+def bfloat16_dtype() -> np.dtype:
+    """ml_dtypes' bfloat16 (imported when first needed)."""
     import ml_dtypes
 
     return np.dtype(ml_dtypes.bfloat16)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import types as pytypes
 
+import ml_dtypes
 import numba
 import numpy as np
 from numba import prange, types
@@ -52,15 +53,7 @@ MASTER = 6  # the table's extra column: the float32 master copy (0 when none)
 COLUMNS = 7
 
 
-def _bfloat16():
-    try:
-        import ml_dtypes
-    except ImportError:  # no bfloat16 arrays can exist without it
-        return None
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-LOW_DTYPES = tuple(d for d in (_bfloat16(), np.dtype(np.float16)) if d is not None)
+LOW_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 
 
 def is_low_precision(dtype) -> bool:

@@ -17,7 +17,7 @@ import pytest
 
 from fastopt import precompile
 from fastopt.kernels import numba_cpu
-from fastopt.kernels.numba_cpu import _jit, batchnorm, bnstats, optim, quantize, reduce
+from fastopt.kernels.numba_cpu import _cache, _jit, batchnorm, bnstats, optim, quantize, reduce
 
 
 def _axpy(x, a, y):
@@ -199,6 +199,44 @@ def test_dtypes_compiled_by_different_processes_load_together(tmp_path):
                              timeout=300, env=env)
         assert run.returncode == 0, f"{dtypes}: {run.stderr[-2000:]}"
         assert run.stdout.strip() == compiled, dtypes
+
+
+_STAMPED = """
+import sys
+from fastopt.kernels.numba_cpu import _cache
+_cache.package_digest = lambda: sys.argv[1]  # as if the kernel package's sources were these
+""" + _SCALE.replace("for dtype in sys.argv[1:]:", "for dtype in ['float32']:")
+
+
+def test_a_change_to_any_kernel_source_invalidates_every_cached_kernel(tmp_path):
+    """numba stamps a kernel's cache with its own file; a kernel inlining a helper from another
+    file would load stale code after the helper changed. The stamp also holds a digest of every
+    kernel source: the same digest loads, another recompiles."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    for digest, compiled in (("a", "1"), ("a", "0"), ("b", "1"), ("b", "0")):
+        run = subprocess.run([sys.executable, "-c", _STAMPED, digest], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.strip() == compiled, f"digest {digest}"
+
+
+def test_the_sources_digest_follows_content_not_file_times(tmp_path):
+    root = tmp_path / "kernels"
+    (root / "numba_cpu").mkdir(parents=True)
+    helper = root / "numba_cpu" / "lowbits.py"
+    helper.write_text("X = 1\n")
+    (root / "__init__.py").write_text("")
+    (root / "notes.txt").write_text("not a source")
+    first = _cache.sources_digest(root)
+    os.utime(helper, ns=(0, 10**9))
+    (root / "notes.txt").write_text("changed")
+    assert _cache.sources_digest(root) == first
+    helper.write_text("X = 2\n")
+    assert _cache.sources_digest(root) != first
+    helper.write_text("X = 1\n")
+    (root / "numba_cpu" / "new.py").write_text("")
+    assert _cache.sources_digest(root) != first
+    assert _cache.package_digest() == _cache.sources_digest(_cache.PACKAGE_ROOT)
 
 
 def test_the_cache_survives_a_reinstall_that_only_changes_file_times(tmp_path):

@@ -43,6 +43,8 @@ from numba import types
 from numba.core import errors, sigutils
 from numba.np.numpy_support import as_dtype
 
+from ._cache import njit as cached_njit
+
 __all__ = ["kernel", "calls_serialized"]
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -133,8 +135,8 @@ class _Kernel:
             with _compile_lock:
                 dispatcher = self._dispatchers[index]
                 if dispatcher is None:
-                    dispatcher = numba.njit([self.signatures[index]], parallel=self.parallel,
-                                            cache=True, nogil=True)(self.py_func)
+                    dispatcher = cached_njit([self.signatures[index]], parallel=self.parallel,
+                                             nogil=True)(self.py_func)
                     self._dispatchers[index] = dispatcher
                     key = self._keys[index]
                     if key is not None:

@@ -111,9 +111,10 @@ import threading
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.core.extending import intrinsic
 
+from ._cache import njit
 from ._jit import kernel
 
 __all__ = ["batchnorm_backward", "batchnorm_forward"]
@@ -150,7 +151,7 @@ def _reduction(py_func):
     helper's instructions when LLVM inlines it). Compiled lazily with its caller, so importing
     fastopt still compiles nothing.
     """
-    return njit(fastmath={"reassoc"}, cache=True)(py_func)
+    return njit(fastmath={"reassoc"})(py_func)
 
 
 @_reduction
@@ -174,7 +175,7 @@ def _sum_deviations(v, base):
     return sd, sq
 
 
-@njit(fastmath={"reassoc", "contract"}, cache=True)
+@njit(fastmath={"reassoc", "contract"})
 def _sum_shifted(v, shift):
     """Σd and Σd², d = v − shift, each value widened to float64 (shift float64): one pass."""
     sd = 0.0
@@ -186,7 +187,7 @@ def _sum_shifted(v, shift):
     return sd, sq
 
 
-@njit(fastmath={"reassoc", "contract"}, cache=True)
+@njit(fastmath={"reassoc", "contract"})
 def _sum_grad(gs, xs, mean):
     """Σg and Σg·(x − μ) (float64 sums of exact float64 products; x − μ in the dtype)."""
     sg = 0.0
@@ -198,7 +199,7 @@ def _sum_grad(gs, xs, mean):
     return sg, sgx
 
 
-@njit(fastmath={"reassoc", "contract"}, cache=True)
+@njit(fastmath={"reassoc", "contract"})
 def _sum_grad_relu(gs, xs, mean, scale, shift):
     """As _sum_grad with g = dy where (x − μ)·γ·invstd + β > 0, else 0 (a select, not a branch)."""
     zero = xs.dtype.type(0)
@@ -589,7 +590,7 @@ _grad_sums_relu_32 = _grad_sums(4, True)
 _grad_sums_relu_8 = _grad_sums(1, True)
 
 
-@njit(cache=True)
+@njit()
 def _chunk_values(k, groups, pieces, outer, inner):
     """Values e0..e1 of a channel (value e is x[e // inner, c, e % inner]) in channel-first chunk k.
 
@@ -769,7 +770,7 @@ def _stats_channels_last(x, chunks, shifted, part_mean, part_m2, scratch):
             count = total
 
 
-@njit(cache=True)
+@njit()
 def _merge_chunks(part_mean, part_m2, groups, pieces, outer, inner, mean, m2):
     """Merge the chunks' (μ_k, M2_k) per channel with Chan's update, in chunk order, into ``mean``
     and ``m2`` (float64, overwritten); returns m, the values per channel. Chunk k held the values
@@ -848,7 +849,7 @@ def _forward_coefficients(stats, weight, bias, has_weight, has_bias, saved_mean,
     _extend(coef, stats.shape[1])
 
 
-@njit(cache=True)
+@njit()
 def _extend(coef, channels):
     """Columns c ≥ C of a coefficient table repeat channel c mod C, so the L values a streaming
     line of a channels-last row needs, from any channel j on, are the contiguous coef[:, j:j + L]."""

@@ -45,6 +45,8 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
+from ._cache import njit as cached_njit
+
 __all__ = ["COLUMNS", "aligned_split", "gather", "grads_match", "itemsize", "next_span", "part_range",
            "last_at_most", "parts_for", "pointer", "written_intervals", "SERIAL_BELOW"]
 
@@ -245,9 +247,8 @@ def _array_data(array, size, written, ndarray_type, type_num):
 _I64 = types.int64
 
 
-@numba.njit(types.Tuple((_I64[:, ::1], _I64[::1], types.boolean))(
-    _I64, _I64, _I64, _I64, _I64, _I64, _I64, types.boolean, _I64, _I64, _I64, _I64),
-    cache=True)
+@cached_njit([types.Tuple((_I64[:, ::1], _I64[::1], types.boolean))(
+    _I64, _I64, _I64, _I64, _I64, _I64, _I64, types.boolean, _I64, _I64, _I64, _I64)])
 def _gather_objects(params, grads, states, avgs, slot0, slot1, slot2, param_written, type_num,
                     ndarray_type, list_type, tuple_type):
     """The table and offsets from the addresses of the Python lists (0: list not given).
@@ -357,8 +358,7 @@ _NO_SLOTS = (-1, -1, -1)
 _FLOAT32, _FLOAT64 = np.dtype(np.float32).num, np.dtype(np.float64).num
 
 
-@numba.njit(types.boolean(_I64, _I64, _I64, _I64, _I64[::1], _I64[::1], _I64, _I64, _I64),
-            cache=True)
+@cached_njit([types.boolean(_I64, _I64, _I64, _I64, _I64[::1], _I64[::1], _I64, _I64, _I64)])
 def _grads_match_objects(params, grads, lo, hi, starts, ends, ndarray_type, list_type, tuple_type):
     """``grads_match`` on the objects' addresses."""
     for k in range(lo, hi):

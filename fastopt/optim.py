@@ -132,21 +132,17 @@ class Optimizer:
                  clip_grad_norm=None, clip_grad_value=None, nonfinite="propagate", polyak=None,
                  master_weights=None, rounding="nearest", seed=0, state_dtype="float32", min_8bit_size=4096,
                  comm=None, shard_state=None, grad_reduce="mean", bucket_bytes=None):
-        if comm is not None and (master_weights, rounding, seed, state_dtype) != (None, "nearest", 0, "float32"):
-            raise ValueError("master_weights, rounding, seed and state_dtype are not supported with comm= yet")
-        if comm is not None:
-            params = _as_groups(params)  # (a list from here: the ranks' build below reads it again)
-            low = [p for group in params for p in group["params"] if precision.is_low(getattr(p, "dtype", "f8"))]
-            if low:
-                raise TypeError(f"comm= does not take {low[0].dtype} parameters yet: data-parallel training "
-                                "updates float32 and float64 parameters")
+        if comm is not None and (rounding, state_dtype) != ("nearest", "float32"):
+            raise ValueError("with comm=, 16-bit parameters are rounded to nearest and the state is float32: "
+                             "rounding='stochastic' and state_dtype='int8'/'bfloat16' are not supported with comm= yet")
         if comm is not None:  # every rank builds, then all agree (docs/distributed.md); imports mpi4py
             from .distributed.engine import attach
 
+            params = _as_groups(params)  # (a list from here: the ranks' build reads it again)
             attach(self, lambda: Optimizer.__init__(
                 self, params, defaults, convention=convention, backend=backend, clip_grad_norm=clip_grad_norm,
-                clip_grad_value=clip_grad_value, nonfinite=nonfinite, polyak=polyak),
-                comm, shard_state, grad_reduce, bucket_bytes, backend)
+                clip_grad_value=clip_grad_value, nonfinite=nonfinite, polyak=polyak, master_weights=master_weights,
+                seed=seed), comm, shard_state, grad_reduce, bucket_bytes, backend)
             return
         if (shard_state, grad_reduce, bucket_bytes) != (None, "mean", None):
             raise ValueError("shard_state, grad_reduce and bucket_bytes need comm= (an mpi4py communicator)")

@@ -298,9 +298,13 @@ def test_the_16_bit_kernels_compute_in_float32_only():
             assert "double" not in f, f"{key}: float64 in {f.splitlines()[0][:100]}"
 
 
-def test_data_parallel_training_refuses_16_bit_parameters_when_built():
+def test_data_parallel_training_refuses_stochastic_rounding_and_compact_state_when_built():
+    """16-bit parameters train with comm= (tests/distributed/mpi_lowp.py); these options do not yet."""
     mpi = pytest.importorskip("mpi4py.MPI", reason="the mpi extra is not installed")
-    with pytest.raises(TypeError, match="comm= does not take bfloat16 parameters yet"):
-        fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF)
-    with pytest.raises(ValueError, match="not supported with comm= yet"):
-        fastopt.Adam([np.ones(10, np.float32)], comm=mpi.COMM_SELF, state_dtype="int8")
+    for options in (dict(state_dtype="int8"), dict(state_dtype="bfloat16"),
+                    dict(master_weights=False, rounding="stochastic")):
+        with pytest.raises(ValueError, match="not supported with comm= yet"):
+            fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, **options)
+    opt = fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, lr=0.5)
+    opt.step([np.ones(10, BF16)])
+    assert opt.state[0]["step"] == 1 and opt.state[0]["master"].dtype == np.float32

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import precision
 from .comm import Agreement
 
 __all__ = ["load", "save"]
@@ -92,6 +93,9 @@ def _pack(state_dict: dict, params) -> bytes:
                 arrays[f"piece/{i}/{name}"] = value
     if params is not None:
         for k, p in enumerate(params):
+            if precision.is_low(p.dtype):  # .npz keeps no bfloat16 dtype: the bits, and the dtype's name
+                meta.setdefault("param_dtypes", {})[str(k)] = p.dtype.name
+                p = p.view(np.uint16)
             arrays[f"param/{k}"] = p
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     buffer = io.BytesIO()
@@ -104,6 +108,7 @@ def _unpack(path: Path) -> tuple[dict, dict]:
     with np.load(path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
     meta = json.loads(arrays.pop("meta").tobytes().decode())
+    param_dtypes = meta.pop("param_dtypes", {})
     state = {}
     for k, entry in meta["state"].items():
         state[int(k)] = dict(entry)
@@ -120,7 +125,17 @@ def _unpack(path: Path) -> tuple[dict, dict]:
                            for i, p in enumerate(meta["shard"]["pieces"])]
         state_dict["shard"] = shard
     params = {int(name.split("/")[1]): value for name, value in arrays.items() if name.startswith("param/")}
+    for k, name in param_dtypes.items():
+        params[int(k)] = params[int(k)].view(_low_dtype(name))
     return state_dict, params
+
+
+def _low_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        return precision.bfloat16_dtype()
+    if name == "float16":
+        return np.dtype(np.float16)
+    raise ValueError(f"checkpoint names an unknown parameter dtype {name!r}")
 
 
 def save(path, opt, params=None) -> None:

@@ -44,8 +44,8 @@ import operator
 
 import numpy as np
 
-from .. import dispatch
-from .._checks import check_array, check_like, check_real, dtype_of
+from .. import dispatch, precision
+from .._checks import check_real, dtype_of
 from ..functional import SPECS, with_host_options
 from . import partition
 from .comm import Agreement, check_comm, check_same, mpi
@@ -92,15 +92,25 @@ class _Piece:
         self.state = {}  # name -> array of this piece's size (a view of the full array when replicated)
 
 
+def work_dtype(dtype) -> np.dtype:
+    """The dtype of the gradients, reductions and state of parameters of ``dtype``: float32 for
+    bfloat16 and float16 parameters (``fastopt.precision``), else ``dtype`` itself."""
+    return np.dtype(np.float32) if precision.is_low(dtype) else np.dtype(dtype)
+
+
 class _Space:
-    """The parameters of one dtype as a flat index space, with the buffers collectives run on."""
+    """The parameters of one dtype as a flat index space, with the buffers collectives run on.
+
+    16-bit parameters (bfloat16, float16): the gradient buffer, the reductions and the state are
+    float32 (``work``); only the allgather of the updated parameters moves 16-bit values."""
 
     def __init__(self, dtype, ks, params, world, rank, bucket_elems, sharded, group_of):
         self.dtype = dtype
+        self.work = work_dtype(dtype)
         self.ks = ks  # optimizer-wide parameter indices, in order
         self.offsets = partition.offsets_of([params[k].size for k in ks])
         self.total = int(self.offsets[-1])
-        self.grad = np.zeros(self.total, dtype)  # the buffer handed out, one view per parameter
+        self.grad = np.zeros(self.total, self.work)  # the buffer handed out, one view per parameter
         self.views = [self.grad[self.offsets[j]:self.offsets[j + 1]].reshape(params[k].shape)
                       for j, k in enumerate(ks)]
         self.flat_params = self._flat_view([params[k] for k in ks])
@@ -113,7 +123,7 @@ class _Space:
         self.range = (int(cuts[rank]), int(cuts[rank + 1])) if sharded else (0, self.total)
         range_lo, range_hi = self.range
         self.owned = range_hi - range_lo  # elements this rank updates (T/N sharded, T replicated)
-        self.recv = np.zeros(self.owned, dtype) if sharded else None  # Ireduce_scatter's output
+        self.recv = np.zeros(self.owned, self.work) if sharded else None  # Ireduce_scatter's output
         self.buckets = []
         for lo, hi in partition.bucket_bounds(self.total, bucket_elems):
             counts, displs = partition.bucket_parts(lo, hi, cuts)
@@ -152,7 +162,11 @@ class _Space:
 
 
 def _mpi_type(dtype):
+    """The MPI datatype that moves ``dtype``'s values: 16-bit floats as their bits (they are only
+    gathered, never reduced)."""
     MPI = mpi()
+    if precision.is_low(dtype):
+        return MPI.UINT16_T
     return MPI.FLOAT if dtype == np.float32 else MPI.DOUBLE
 
 
@@ -188,7 +202,9 @@ class DataParallel:
                 k += 1
         self.group_of = group_of
         self.spaces = []
-        for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        dtypes = [np.dtype(np.float32), np.dtype(np.float64)]
+        dtypes += [d for d in dict.fromkeys(dtype_of(p) for p in params) if d not in dtypes]
+        for dtype in dtypes:
             ks = [k for k, p in enumerate(params) if dtype_of(p) == dtype]
             if ks:
                 elems = max(1, bucket_bytes // dtype.itemsize)
@@ -229,8 +245,7 @@ class DataParallel:
             if grad is self.views[k]:
                 continue
             packed = False
-            check_array(f"grads[{k}]", grad, writeable=False)
-            check_like(f"grads[{k}]", grad, f"params[{k}]", param)
+            precision.check_grad(f"grads[{k}]", grad, f"params[{k}]", param)
             if not isinstance(grad, np.ndarray):
                 raise TypeError(f"grads[{k}] must be a numpy.ndarray with comm=, got {type(grad).__name__}")
         return plan, inv_scale, packed
@@ -262,7 +277,7 @@ class DataParallel:
                 raise FloatingPointError(f"grads[{bad}] (summed over the ranks) contains NaN or Inf "
                                          "(nonfinite='raise'); nothing was updated on any rank")
             if opt.clip_grad_norm is not None:
-                multipliers = {space.dtype: module.grad_multiplier(sumsq, opt.clip_grad_norm, inv_scale, space.dtype)
+                multipliers = {space.dtype: module.grad_multiplier(sumsq, opt.clip_grad_norm, inv_scale, space.work)
                                for space in self.spaces}
         grad_clip = math.inf if opt.clip_grad_value is None else opt.clip_grad_value
         gathers = []
@@ -339,19 +354,29 @@ class DataParallel:
         return int(self._bad[0])
 
     def _state_for(self, piece, name, group):
-        """The piece's state array ``name``, created on first use at the optimizer's initial value."""
+        """The piece's state array ``name``, created on first use: at the optimizer's initial
+        value, or for ``"master"`` the float32 copy of the parameter. Float32 for 16-bit
+        parameters (``work_dtype``)."""
         array = piece.state.get(name)
         if array is not None:
             return array
         opt = self.opt
-        value = 0.0 if name == "avg" else opt._initial_value(name, group)
+        work = work_dtype(piece.param.dtype)
         if self.sharded:
-            array = np.full(piece.stop - piece.start, value, piece.param.dtype)
+            if name == "master":
+                array = piece.param.astype(work)
+            else:
+                array = np.full(piece.stop - piece.start, 0.0 if name == "avg" else opt._initial_value(name, group),
+                                work)
         else:
             state = opt.state[piece.k]
             if name not in state:
                 param = opt._params()[piece.k]
-                state[name] = np.full(param.shape, value, param.dtype)
+                if name == "master":
+                    state[name] = param.astype(work)
+                else:
+                    state[name] = np.full(param.shape, 0.0 if name == "avg" else opt._initial_value(name, group),
+                                          work)
             array = state[name].reshape(-1)[piece.start:piece.stop]
         piece.state[name] = array
         return array
@@ -382,8 +407,15 @@ class DataParallel:
                 avgs = [self._state_for(p, "avg", group) for p in pieces]
                 keywords["avg_weight"] = opt._avg_weight(avg_steps + 1)
             keywords = with_host_options(module, host, keywords, step + 1)
-            module.multi_step(spec.kernel, [p.param for p in pieces], [p.grad for p in pieces], states, avgs,
-                              **keywords)
+            params, grads = [p.param for p in pieces], [p.grad for p in pieces]
+            if precision.is_low(space.dtype):  # float32 gradients and state, 16-bit θ (rounded to nearest)
+                masters = ([self._state_for(p, "master", group) for p in pieces]
+                           if opt.precision.master(space.dtype) else None)
+                precision.mixed_module(module, opt.backend).mixed_step(
+                    spec.kernel, params, grads, masters, states, avgs, rounding="nearest", seed=opt.precision.seed,
+                    counter=step + 1, indices=[p.k for p in pieces], **keywords)
+            else:
+                module.multi_step(spec.kernel, params, grads, states, avgs, **keywords)
 
     # -- what the optimizer exposes ------------------------------------------------------------
 
@@ -427,7 +459,8 @@ def _describe(opt, shard_state, grad_reduce, bucket_bytes) -> list:
     """What must be equal on every rank: hyperparameters, options, parameter shapes and dtypes."""
     out = [("optimizer", type(opt).__name__), ("convention", opt.convention), ("backend", opt.backend),
            ("clip_grad_norm", opt.clip_grad_norm), ("clip_grad_value", opt.clip_grad_value),
-           ("nonfinite", opt.nonfinite), ("polyak", opt.polyak), ("shard_state", shard_state),
+           ("nonfinite", opt.nonfinite), ("polyak", opt.polyak), ("master_weights", opt.precision.master_weights),
+           ("seed", opt.precision.seed), ("shard_state", shard_state),
            ("grad_reduce", grad_reduce), ("bucket_bytes", bucket_bytes),
            ("param groups", len(opt.param_groups))]
     k = 0

@@ -29,6 +29,8 @@ import numbers
 
 import numpy as np
 
+from .engine import work_dtype
+
 __all__ = ["averaged_params", "consolidate_state_dict", "load_state_dict", "merge_shards", "state_dict"]
 
 
@@ -74,14 +76,15 @@ def merge_shards(shards: list[dict], params: list) -> dict:
             if not (isinstance(a, numbers.Integral) and isinstance(b, numbers.Integral) and 0 <= a < b <= size):
                 raise ValueError(f"a piece of param {k} covers [{a}, {b}), outside [0, {size})")
             entry = state.setdefault(k, {"step": 0})
+            work = work_dtype(params[k].dtype)
             for name, value in piece["state"].items():
                 value = np.asarray(value)
-                if value.shape != (b - a,) or value.dtype != params[k].dtype:
+                if value.shape != (b - a,) or value.dtype != work:
                     raise ValueError(f"piece [{a}, {b}) of state[{k}][{name!r}] must have shape ({b - a},) and "
-                                     f"dtype {params[k].dtype}, got {value.shape} {value.dtype}")
+                                     f"dtype {work}, got {value.shape} {value.dtype}")
                 full = entry.get(name)
                 if full is None:
-                    full = entry[name] = np.full(params[k].shape, np.nan, params[k].dtype)
+                    full = entry[name] = np.full(params[k].shape, np.nan, work)
                 full.reshape(-1)[a:b] = value
                 covered[(k, name)] = covered.get((k, name), 0) + (b - a)
     for (k, name), count in covered.items():
@@ -188,11 +191,12 @@ def _own_pieces(engine, saved_pieces) -> dict:
         if key not in expected:
             raise ValueError(f"state_dict has a piece {key} that this rank does not own")
         mine = expected[key]
+        work = work_dtype(mine.param.dtype)
         arrays = {}
         for name, value in piece["state"].items():
-            if not isinstance(value, np.ndarray) or value.shape != (mine.stop - mine.start,) or value.dtype != mine.param.dtype:
+            if not isinstance(value, np.ndarray) or value.shape != (mine.stop - mine.start,) or value.dtype != work:
                 raise ValueError(f"state_dict piece {key} entry {name!r} must be an array of shape "
-                                 f"({mine.stop - mine.start},) and dtype {mine.param.dtype}")
+                                 f"({mine.stop - mine.start},) and dtype {work}")
             arrays[name] = np.array(value, copy=True)
         found[key] = arrays
     for key in expected:
@@ -202,13 +206,14 @@ def _own_pieces(engine, saved_pieces) -> dict:
 
 def averaged_params(engine) -> list:
     """The full Polyak averages on every rank (a collective when sharded): each rank's slices of
-    θ̂, allgathered; a parameter not stepped yet is its own average."""
+    θ̂, allgathered; a parameter not stepped yet is its own average. The averages of 16-bit
+    parameters are float32, as in one process."""
     opt = engine.opt
     params = opt._params()
     out = [np.array(p, copy=True) for p in params]
     MPI = __import__("mpi4py.MPI", fromlist=["MPI"])
     for space in engine.spaces:
-        flat = np.empty(space.total, space.dtype)
+        flat = np.empty(space.total, space.work)
         for j, k in enumerate(space.ks):
             flat[space.offsets[j]:space.offsets[j + 1]] = params[k].reshape(-1)
         for bucket in space.buckets:
@@ -216,8 +221,9 @@ def averaged_params(engine) -> list:
                 if "avg" in piece.state:
                     flat[piece.flat:piece.flat + piece.stop - piece.start] = piece.state["avg"]
             region = flat[bucket.lo:bucket.hi]
-            mpitype = MPI.FLOAT if space.dtype == np.float32 else MPI.DOUBLE
+            mpitype = MPI.FLOAT if space.work == np.float32 else MPI.DOUBLE
             engine.comm.Allgatherv(MPI.IN_PLACE, [region, (bucket.counts, bucket.displs), mpitype])
         for j, k in enumerate(space.ks):
-            out[k] = flat[space.offsets[j]:space.offsets[j + 1]].reshape(params[k].shape).copy()
+            if space.work == space.dtype or opt.state[k].get("avg_steps", 0) > 0:
+                out[k] = flat[space.offsets[j]:space.offsets[j + 1]].reshape(params[k].shape).copy()
     return out

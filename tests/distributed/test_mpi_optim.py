@@ -31,3 +31,22 @@ def test_bad_input_on_one_rank_raises_everywhere():
     results = mpirun.run("mpi_bad_input.py", 2, timeout=60)
     assert len(results[0]) == 16, sorted(results[0])
     mpirun.assert_all_ok(results, list(results[0]))
+
+
+LOWP_CHECKS = 10
+
+
+@pytest.mark.long
+def test_16_bit_parameters_match_one_process_at_3_ranks():
+    """bfloat16 and float16 parameters with comm=: float32 reduction and master copies, sharded and
+    replicated, checkpoints, refused options and bad input on one rank (``mpi_lowp.py``)."""
+    results = mpirun.run("mpi_lowp.py", 3, "numpy", timeout=120)
+    assert len(results[0]) == LOWP_CHECKS, sorted(results[0])
+    mpirun.assert_all_ok(results, list(results[0]))
+
+
+@pytest.mark.long
+def test_16_bit_parameters_on_the_numba_backend():
+    results = mpirun.run("mpi_lowp.py", 2, "numba", "--quick", timeout=180)
+    mpirun.assert_all_ok(results, list(results[0]))
+    assert len(results[0]) == 1

@@ -251,13 +251,16 @@ def cmd_compile(args, parser) -> int:
             print(f"{op:20s} {', '.join(table)}")
         return 0
     try:
-        jobs = precompile.jobs(args.op, [args.dtype] if args.dtype else None)
+        jobs = precompile.jobs(args.op, [args.dtype] if args.dtype else None, args.state_dtype)
     except ValueError as exc:
-        parser.error(f"--op: {exc}")
+        parser.error(f"{'--op' if str(exc).startswith('unknown operation') else '--state-dtype'}: {exc}")
+    if not jobs:
+        parser.error(f"--state-dtype: {', '.join(args.op or ['no operation'])} has no kernels for "
+                     f"{args.dtype or 'float32'} parameters with {args.state_dtype} state")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     ops = ", ".join(dict.fromkeys(args.op)) if args.op else "every operation"
-    dtypes = args.dtype or " and ".join(precompile.DTYPES)
+    dtypes = " and ".join(dict.fromkeys(job.label() for job in jobs)) or args.dtype or "no dtype"
     kernels = len({id(job.kernel) for job in jobs})
     workers = f", {args.jobs} processes" if args.jobs > 1 else ""
     print(f"compiling {len(jobs)} signatures of {kernels} kernels ({ops}; {dtypes}{workers}) into numba's cache "
@@ -269,7 +272,7 @@ def cmd_compile(args, parser) -> int:
             status = "loaded from the cache" if result.cached else "compiled"
             if result.error:
                 status = f"FAILED: {result.error}"
-            bar.write(f"{result.job.name:36s} {result.job.dtype:8s} {result.seconds:7.2f} s  {status}",
+            bar.write(f"{result.job.name:44s} {result.job.label():8s} {result.seconds:7.2f} s  {status}",
                       file=sys.stdout)
 
         results = precompile.compile_kernels(jobs, report, workers=args.jobs)
@@ -608,7 +611,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     which.add_argument("--op", action="append", metavar="NAME",
                        help="operation to compile (repeatable): an optimizer (sgd, adam, ...), batchnorm_forward, "
                             "batchnorm_backward, grad_sumsq, scale_grads_; --list shows them with their kernels")
-    p_compile.add_argument("--dtype", choices=("float32", "float64"), help="dtype to compile (default: both)")
+    p_compile.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
+                           help="dtype of the parameters (and of batch norm's x) to compile for (default: float32 and "
+                                "float64); bfloat16 and float16 compile the 16-bit kernels with master weights, "
+                                "rounding to nearest and gradients of the parameter's dtype (other variants compile "
+                                "at their first use)")
+    p_compile.add_argument("--state-dtype", choices=("float32", "int8", "bfloat16"), default="float32",
+                           help="the optimizers' state (default: float32); int8 and bfloat16 compile the kernels with "
+                                "that state, for float32 parameters or those of --dtype")
     p_compile.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                            help="compile in N processes (LLVM compiles on one core; default: 1)")
     p_compile.add_argument("--list", action="store_true", help="list the operations and their kernels, compile nothing")

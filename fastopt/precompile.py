@@ -4,7 +4,9 @@ A kernel compiles for one dtype at its first call (``fastopt.kernels.numba_cpu._
 keeps the result on disk (``cache=True``), so a program's first run pays for compiling and later
 runs load. ``fastopt compile`` pays it up front, for example in a container build: every kernel
 of the selected operations (``KERNELS`` of ``fastopt.kernels.numba_cpu``: an optimizer's every
-configuration and its averaged variant, batch norm in both layouts), for each selected dtype. The
+configuration and its averaged variant, batch norm in both layouts), for each selected dtype, and
+on request the low-precision kernels (16-bit parameters, 8-bit or bfloat16 state) in the
+defaults of ``fastopt.precision`` (``low_precision_kernels`` of the backend). The
 cache must be the one the program will use: the same ``NUMBA_CACHE_DIR``, or numba's default
 (the ``__pycache__`` folders beside the kernel sources when writable, else a per-user folder), on
 the same CPU model and with the same versions of fastopt, numba and Python.
@@ -22,9 +24,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-__all__ = ["DTYPES", "Job", "Result", "compile_kernels", "kernels", "jobs"]
+__all__ = ["DTYPES", "LOW_DTYPES", "STATE_DTYPES", "Job", "Result", "compile_kernels", "kernels", "jobs"]
 
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64")  # the default: what ``KERNELS`` holds
+LOW_DTYPES = ("bfloat16", "float16")  # 16-bit parameters: asked for by name
+STATE_DTYPES = ("float32", "int8", "bfloat16")
 
 
 def kernels() -> dict[str, dict]:
@@ -34,18 +38,38 @@ def kernels() -> dict[str, dict]:
     return KERNELS
 
 
+def _table(op: str, precision: tuple | None) -> dict:
+    """{kernel name: kernel} of ``op``: ``KERNELS``'s, or for ``precision`` = (parameter dtype,
+    state dtype) the low-precision kernels (``low_precision_kernels``)."""
+    if precision is None:
+        return kernels()[op]
+    from .kernels.numba_cpu import low_precision_kernels
+
+    return low_precision_kernels(op, *precision)
+
+
 @dataclass(frozen=True)
 class Job:
-    """One kernel to compile for one dtype; ``ops`` are the selected operations that use it."""
+    """One kernel to compile for one dtype; ``ops`` are the selected operations that use it.
+    ``precision``: (parameter dtype, state dtype) of a low-precision kernel, whose one signature
+    computes in ``dtype`` float32; None for the kernels of ``KERNELS``."""
 
     name: str
     dtype: str
     kernel: object
     ops: tuple[str, ...]
+    precision: tuple | None = None
 
-    def key(self) -> tuple[str, str, str]:
-        """(operation, kernel name, dtype): finds the job in another process."""
-        return self.ops[0], self.name, self.dtype
+    def key(self) -> tuple:
+        """(operation, kernel name, dtype, precision): finds the job in another process."""
+        return self.ops[0], self.name, self.dtype, self.precision
+
+    def label(self) -> str:
+        """The dtype as a user asked for it: "float32", or "bfloat16", "float32/int8-state", ..."""
+        if self.precision is None:
+            return self.dtype
+        dtype, state = self.precision
+        return dtype if state == "float32" else f"{dtype}/{state}-state"
 
 
 @dataclass
@@ -58,28 +82,43 @@ class Result:
     error: str | None = None
 
 
-def jobs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None) -> list[Job]:
+def jobs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
+         state_dtype: str = "float32") -> list[Job]:
     """The (kernel, dtype) pairs of ``ops`` (default: every operation), each kernel once, in
-    operation order. Raises ValueError naming an unknown operation or dtype."""
+    operation order. ``dtypes``: of ``DTYPES`` (the default: both) and ``LOW_DTYPES`` (16-bit
+    parameters); ``state_dtype`` "int8" or "bfloat16": the optimizers' kernels with that state, for
+    float32 parameters (or the 16-bit ``dtypes``). Raises ValueError naming an unknown operation or
+    dtype."""
     table = kernels()
     ops = list(dict.fromkeys(ops)) if ops else list(table)
     unknown = [op for op in ops if op not in table]
     if unknown:
         raise ValueError(f"unknown operation {', '.join(map(repr, unknown))} (choose from {', '.join(table)})")
-    dtypes = list(dict.fromkeys(dtypes)) if dtypes else list(DTYPES)
-    bad = [d for d in dtypes if d not in DTYPES]
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"unknown state dtype {state_dtype!r} (choose from {', '.join(STATE_DTYPES)})")
+    dtypes = list(dict.fromkeys(dtypes)) if dtypes else list(DTYPES if state_dtype == "float32" else ["float32"])
+    bad = [d for d in dtypes if d not in DTYPES + LOW_DTYPES]
     if bad:
-        raise ValueError(f"unknown dtype {', '.join(map(repr, bad))} (choose from {', '.join(DTYPES)})")
+        raise ValueError(f"unknown dtype {', '.join(map(repr, bad))} (choose from {', '.join(DTYPES + LOW_DTYPES)})")
+    if state_dtype != "float32" and "float64" in dtypes:
+        raise ValueError(f"state_dtype {state_dtype!r} is for float32, bfloat16 and float16 parameters, not float64")
     users: dict[tuple, list] = {}
     named: dict[tuple, tuple] = {}
     for op in ops:
-        for name, k in table[op].items():
-            for dtype in dtypes:
-                if dtype in k.dtypes:
-                    key = (id(k), dtype)
-                    named.setdefault(key, (name, k))
-                    users.setdefault(key, []).append(op)
-    return [Job(named[key][0], key[1], named[key][1], tuple(users[key])) for key in named]
+        for dtype in dtypes:
+            precisions = [(dtype, state_dtype)]
+            if dtype in DTYPES and state_dtype == "float32":
+                precisions = [None]
+            elif dtype in LOW_DTYPES and op.startswith("batchnorm"):  # 16-bit x: float32 kernels in between
+                precisions.append(None)
+            for precision in precisions:
+                compiled = "float32" if dtype in LOW_DTYPES or precision else dtype
+                for name, k in _table(op, precision).items():
+                    if compiled in k.dtypes:
+                        key = (id(k), compiled)
+                        named.setdefault(key, (name, k, precision))
+                        users.setdefault(key, []).append(op)
+    return [Job(named[key][0], key[1], named[key][1], tuple(users[key]), named[key][2]) for key in named]
 
 
 def _compile(job: Job) -> Result:
@@ -93,11 +132,10 @@ def _compile(job: Job) -> Result:
     return Result(job, seconds, cached)
 
 
-def _compile_in_worker(keys: list[tuple[str, str, str]]) -> list[tuple[float, bool, str | None]]:
-    table = kernels()
+def _compile_in_worker(keys: list[tuple]) -> list[tuple[float, bool, str | None]]:
     results = []
-    for op, name, dtype in keys:
-        r = _compile(Job(name, dtype, table[op][name], (op,)))
+    for op, name, dtype, precision in keys:
+        r = _compile(Job(name, dtype, _table(op, precision)[name], (op,), precision))
         results.append((r.seconds, r.cached, r.error))
     return results
 

@@ -387,7 +387,10 @@ def test_compile_list_names_every_operation_and_compiles_nothing(tmp_path):
     (["--op", "nope"], ["--op: unknown operation 'nope'", "choose from sgd,"]),
     (["--op", "adam", "--op", "Adam"], ["unknown operation 'Adam'"]),
     (["--all", "--op", "adam"], ["not allowed with argument --all"]),
-    (["--dtype", "float16"], ["invalid choice"]),
+    (["--dtype", "int8"], ["invalid choice"]),
+    (["--dtype", "float64", "--state-dtype", "int8"], ["--state-dtype: state_dtype 'int8' is for float32"]),
+    (["--op", "adadelta", "--state-dtype", "int8"], ["--state-dtype: adadelta has no kernels for float32 "
+                                                       "parameters with int8 state"]),
     (["--jobs", "0"], ["--jobs must be >= 1, got 0"]),
 ])
 def test_compile_usage_errors(args, fragments, capsys):

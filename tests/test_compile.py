@@ -15,6 +15,7 @@ import numba
 import numpy as np
 import pytest
 
+import fastopt
 from fastopt import precompile
 from fastopt.kernels import numba_cpu
 from fastopt.kernels.numba_cpu import _cache, _jit, batchnorm, bnstats, optim, quantize, reduce
@@ -130,8 +131,40 @@ def test_jobs_list_each_kernel_once_per_dtype():
     assert len(precompile.jobs()) == 180
     with pytest.raises(ValueError, match="unknown operation 'nope'"):
         precompile.jobs(["nope"])
-    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
-        precompile.jobs(None, ["float16"])
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        precompile.jobs(None, ["int8"])
+    with pytest.raises(ValueError, match="not float64"):
+        precompile.jobs(["adam"], ["float64"], "int8")
+    with pytest.raises(ValueError, match="unknown state dtype 'int4'"):
+        precompile.jobs(["adam"], None, "int4")
+
+
+def test_low_precision_jobs_are_the_kernels_a_step_launches():
+    """``fastopt compile --dtype float16`` (and ``--state-dtype int8``) lists the variants that a
+    default 16-bit step (master weights, nearest, gradients of θ's dtype) and an 8-bit step launch:
+    after such steps in this process, every low-precision kernel that compiled is one of the jobs."""
+    from fastopt.kernels.numba_cpu import mixed, state8
+
+    f16 = precompile.jobs(["adagrad"], ["float16"])
+    assert [(j.name, j.label()) for j in f16] == [
+        (f"adagrad.float16.{v}{s}", "float16") for v in ("plain", "averaged") for s in ("", ".serial")]
+    int8 = precompile.jobs(["adagrad"], ["float32", "float16"], "int8")
+    assert [(j.name, j.label()) for j in int8] == [
+        (f"adagrad8.{d}.int8-state.{v}{s}", f"{d}/int8-state") for d in ("float32", "float16")
+        for v in ("plain", "averaged") for s in ("", ".serial")]
+    bn = precompile.jobs(["batchnorm_forward"], ["bfloat16"])
+    assert {j.name for j in bn} >= {"decode_bf16", "encode_bf16.serial", "stats_channels_last.serial"}
+    assert precompile.jobs(["adadelta"], None, "int8") == []
+
+    rng = np.random.default_rng(0)
+    for options in ({}, {"state_dtype": "int8"}):
+        p = rng.standard_normal(5000).astype(np.float16)
+        fastopt.AdaGrad([p], lr=0.1, **options).step([np.ones(5000, np.float16)])
+    used = [k for k in (*mixed.mixed_kernel(optim._adagrad)._variants.values(), *state8._adagrad8._variants.values())
+            for k in (k, k.serial) if k.dispatchers]
+    assert len(used) == 2, used  # the two serial twins (5,000 elements)
+    jobs = {id(j.kernel) for j in f16 + int8}
+    assert all(id(k) in jobs for k in used)
 
 
 # a float32 Adam step in a new process with an empty cache: which kernels, in which dtypes, compiled?

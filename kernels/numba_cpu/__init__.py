@@ -37,7 +37,10 @@ from .quantize import dequantize_blockwise, quantize_blockwise
 from .reduce import grad_multiplier, grad_sumsq, scale_grads_
 from . import batchnorm as _bn
 from . import bnstats as _bnstats
+from . import bn_lowp as _bn_lowp
+from . import mixed as _mixed
 from . import optim as _optim
+from . import state8 as _state8
 from . import quantize as _quantize
 from . import reduce as _reduce
 
@@ -58,19 +61,24 @@ def _named(*kernels) -> dict:
     return {name: twin for k in kernels for name, twin in _with_twin(k.__name__.lstrip("_"), k).items()}
 
 
+# optimizer (named as in fastopt.verify; adamw runs Adam's kernels) -> its float32 update kernels
+_UPDATES = {
+    "sgd": (_optim._sgd, _optim._sgd_momentum, _optim._sgd_nesterov, _optim._sgd_nesterov_torch),
+    "adagrad": (_optim._adagrad,),
+    "rmsprop": (_optim._rmsprop, _optim._rmsprop_centered, _optim._rmsprop_momentum, _optim._rmsprop_momentum_centered,
+                _optim._rmsprop_nesterov, _optim._rmsprop_nesterov_centered),
+    "adadelta": (_optim._adadelta,),
+    "adam": (_optim._adam, _optim._adam_amsgrad),
+    "adamw": (_optim._adam, _optim._adam_amsgrad),
+    "delta_bar_delta": (_optim._delta_bar_delta,),
+}
+
 # operation -> {kernel name: kernel}: every kernel the operation may launch, whatever its options
 # (an optimizer's configurations and the Polyak average; batch norm's layouts; training mode and
-# evaluation; the serial twin of each parallel kernel, launched for small inputs). The optimizers are named as in fastopt.verify; adamw runs Adam's kernels.
+# evaluation; the serial twin of each parallel kernel, launched for small inputs), for float32 and
+# float64 arrays. The low-precision kernels are listed by ``low_precision_kernels``.
 KERNELS: dict[str, dict] = {
-    "sgd": _update_kernels(_optim._sgd, _optim._sgd_momentum, _optim._sgd_nesterov, _optim._sgd_nesterov_torch),
-    "adagrad": _update_kernels(_optim._adagrad),
-    "rmsprop": _update_kernels(_optim._rmsprop, _optim._rmsprop_centered, _optim._rmsprop_momentum,
-                               _optim._rmsprop_momentum_centered, _optim._rmsprop_nesterov,
-                               _optim._rmsprop_nesterov_centered),
-    "adadelta": _update_kernels(_optim._adadelta),
-    "adam": _update_kernels(_optim._adam, _optim._adam_amsgrad),
-    "adamw": _update_kernels(_optim._adam, _optim._adam_amsgrad),
-    "delta_bar_delta": _update_kernels(_optim._delta_bar_delta),
+    **{op: _update_kernels(*kernels) for op, kernels in _UPDATES.items()},
     "batchnorm_forward": _named(_bn._stats_channel_first, _bn._stats_channels_last, _bn._merge_statistics,
                                 _bn._running_statistics, _bn._forward_coefficients, _bn._normalize_channel_first,
                                 _bn._normalize_channels_last),
@@ -83,8 +91,56 @@ KERNELS: dict[str, dict] = {
     "quantize_blockwise": _named(_quantize._quantize, _quantize._dequantize),
 }
 
+# optimizer -> its kernels with 8-bit (or bfloat16) state (``state8.py``)
+_STATE8 = {
+    "sgd": (_state8._sgd_momentum8, _state8._sgd_nesterov8, _state8._sgd_nesterov_torch8),
+    "adagrad": (_state8._adagrad8,),
+    "rmsprop": (_state8._rmsprop8, _state8._rmsprop_momentum8, _state8._rmsprop_nesterov8),
+    "adam": (_state8._adam8,),
+    "adamw": (_state8._adam8,),
+}
+LOW_DTYPES = ("bfloat16", "float16")
+STATE_DTYPES = ("float32", "int8", "bfloat16")
+
+
+def low_precision_kernels(op: str, dtype: str, state_dtype: str = "float32") -> dict:
+    """{kernel name: kernel} that ``op`` launches for parameters of ``dtype`` ("float32" or one of
+    ``LOW_DTYPES``) with ``state_dtype`` state, other than the float32 kernels of ``KERNELS``:
+    an optimizer's low-precision variants in the defaults of ``fastopt.precision`` (master weights,
+    rounding to nearest, gradients of the parameter's dtype), plain and averaged, each with its
+    serial twin; batch norm's conversion kernels for 16-bit x (it runs the float32 kernels between
+    them). Empty when ``op`` has no such kernels (8-bit state for AdaDelta); every other variant
+    compiles at its first use."""
+    if dtype not in ("float32", *LOW_DTYPES) or state_dtype not in STATE_DTYPES:
+        raise ValueError(f"no low-precision kernels for dtype {dtype!r} with state_dtype {state_dtype!r}")
+    half = dtype == "float16"
+    low = dtype != "float32"
+    out = {}
+    if op.startswith("batchnorm_"):
+        if low and state_dtype == "float32":
+            for k in _bn_lowp.conversion_kernels(dtype):
+                out.update(_with_twin(f"{k.__name__.lstrip('_')}", k))
+        return out
+    if state_dtype != "float32":
+        for k in _STATE8.get(op, ()):
+            for averaged in (False, True):
+                variant = k.variant(averaged, low, low, False, low, half, state_dtype == "bfloat16")
+                tag = f"{dtype}.{state_dtype}-state.{'averaged' if averaged else 'plain'}"
+                out.update(_with_twin(f"{k.__name__.lstrip('_')}.{tag}", variant))
+    elif low:
+        for k in _UPDATES.get(op, ()):
+            for averaged in (False, True):
+                variant = _mixed.mixed_kernel(k).variant(averaged, True, False, False, half)
+                out.update(_with_twin(f"{k.__name__.lstrip('_')}.{dtype}.{'averaged' if averaged else 'plain'}",
+                                      variant))
+    return out
+
+
 __all__ = [
     "KERNELS",
+    "LOW_DTYPES",
+    "STATE_DTYPES",
+    "low_precision_kernels",
     "adadelta_step",
     "adagrad_step",
     "adam_step",

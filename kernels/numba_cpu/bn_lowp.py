@@ -53,7 +53,7 @@ from . import batchnorm as _bn
 from ._jit import kernel
 from .lowbits import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
 
-__all__ = ["batchnorm_backward", "batchnorm_forward"]
+__all__ = ["batchnorm_backward", "batchnorm_forward", "conversion_kernels"]
 
 _TILE = 1 << 14  # elements one task of a decode/encode kernel converts
 _SERIAL_BELOW = _bn._SERIAL_BELOW  # fewer elements: the serial twins (as the float32 kernels)
@@ -147,6 +147,11 @@ def _scratch(shape: tuple, count: int) -> list[np.ndarray]:
         _workspace.views.clear()
     _workspace.views[key] = views
     return views
+
+
+def conversion_kernels(dtype: str) -> tuple:
+    """The decode and encode kernels of the 16-bit format ``dtype`` ("bfloat16" or "float16")."""
+    return (_decode_f16, _encode_f16) if dtype == "float16" else (_decode_bf16, _encode_bf16)
 
 
 def _sized(k, n: int):

@@ -143,6 +143,32 @@ def test_stochastic_rounding_repeats_and_resumes_bit_for_bit():
     assert any((p.view(np.uint16) != q.view(np.uint16)).any() for p, q in zip(a, d))
 
 
+@pytest.mark.parametrize("module", [reference, numba_cpu], ids=["numpy", "numba"])
+def test_pieces_with_starts_round_as_the_whole_parameter(module):
+    """``starts``: pieces of a parameter stepped apart (as the data-parallel step does) draw the
+    stochastic-rounding stream of their places in the whole parameter, so they end bit for bit
+    where one step of the whole parameter does; without ``starts`` they do not."""
+    rng = np.random.default_rng(3)
+    param = rng.standard_normal(3001).astype(BF16)
+    grad = rng.standard_normal(3001).astype(np.float32)
+    cuts = (0, 1000, 1001, 3001)
+
+    def step(pieces, starts):
+        p = param.copy()
+        m, v = np.zeros(3001, np.float32), np.zeros(3001, np.float32)
+        views = [(p[a:b], grad[a:b], (m[a:b], v[a:b], None)) for a, b in pieces]
+        module.mixed_step("adam_step", [x[0] for x in views], [x[1] for x in views], None, [x[2] for x in views],
+                          None, rounding="stochastic", seed=5, counter=3, indices=[2] * len(views), starts=starts,
+                          step=3, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                          decoupled_weight_decay=False, amsgrad=False)
+        return p.view(np.uint16)
+
+    whole = step([(0, 3001)], None)
+    pieces = list(zip(cuts[:-1], cuts[1:]))
+    np.testing.assert_array_equal(step(pieces, list(cuts[:-1])), whole)
+    assert (step(pieces, None) != whole).any()
+
+
 @pytest.mark.parametrize("cls, hyper", OPTIMIZER_CLASSES, ids=[c for c, _ in OPTIMIZER_CLASSES])
 def test_optimizer_classes_keep_float32_master_weights_and_state(cls, hyper):
     rng = np.random.default_rng(1)
@@ -298,11 +324,11 @@ def test_the_16_bit_kernels_compute_in_float32_only():
             assert "double" not in f, f"{key}: float64 in {f.splitlines()[0][:100]}"
 
 
-def test_data_parallel_training_refuses_stochastic_rounding_and_compact_state_when_built():
-    """16-bit parameters train with comm= (tests/distributed/mpi_lowp.py); these options do not yet."""
+def test_data_parallel_training_refuses_compact_state_when_built():
+    """16-bit parameters train with comm= (tests/distributed/mpi_lowp.py); 8-bit and bfloat16 state
+    do not yet."""
     mpi = pytest.importorskip("mpi4py.MPI", reason="the mpi extra is not installed")
-    for options in (dict(state_dtype="int8"), dict(state_dtype="bfloat16"),
-                    dict(master_weights=False, rounding="stochastic")):
+    for options in (dict(state_dtype="int8"), dict(state_dtype="bfloat16")):
         with pytest.raises(ValueError, match="not supported with comm= yet"):
             fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, **options)
     opt = fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, lr=0.5)

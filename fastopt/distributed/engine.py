@@ -408,12 +408,15 @@ class DataParallel:
                 keywords["avg_weight"] = opt._avg_weight(avg_steps + 1)
             keywords = with_host_options(module, host, keywords, step + 1)
             params, grads = [p.param for p in pieces], [p.grad for p in pieces]
-            if precision.is_low(space.dtype):  # float32 gradients and state, 16-bit θ (rounded to nearest)
+            if precision.is_low(space.dtype):  # float32 gradients and state, 16-bit θ
                 masters = ([self._state_for(p, "master", group) for p in pieces]
                            if opt.precision.master(space.dtype) else None)
+                # starts: a piece's elements draw the stochastic-rounding stream of their places in
+                # the whole parameter, so the ranks round as one process would
                 precision.mixed_module(module, opt.backend).mixed_step(
-                    spec.kernel, params, grads, masters, states, avgs, rounding="nearest", seed=opt.precision.seed,
-                    counter=step + 1, indices=[p.k for p in pieces], **keywords)
+                    spec.kernel, params, grads, masters, states, avgs, rounding=opt.precision.rounding,
+                    seed=opt.precision.seed, counter=step + 1, indices=[p.k for p in pieces],
+                    starts=[p.start for p in pieces], **keywords)
             else:
                 module.multi_step(spec.kernel, params, grads, states, avgs, **keywords)
 
@@ -460,7 +463,7 @@ def _describe(opt, shard_state, grad_reduce, bucket_bytes) -> list:
     out = [("optimizer", type(opt).__name__), ("convention", opt.convention), ("backend", opt.backend),
            ("clip_grad_norm", opt.clip_grad_norm), ("clip_grad_value", opt.clip_grad_value),
            ("nonfinite", opt.nonfinite), ("polyak", opt.polyak), ("master_weights", opt.precision.master_weights),
-           ("seed", opt.precision.seed), ("shard_state", shard_state),
+           ("rounding", opt.precision.rounding), ("seed", opt.precision.seed), ("shard_state", shard_state),
            ("grad_reduce", grad_reduce), ("bucket_bytes", bucket_bytes),
            ("param groups", len(opt.param_groups))]
     k = 0

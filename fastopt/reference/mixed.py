@@ -23,17 +23,19 @@ __all__ = ["mixed_step", "mixed_sumsq"]
 
 
 def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", seed=0, counter=0, indices=None,
-               grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper) -> None:
+               starts=None, grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper) -> None:
     """``op`` on each low-precision parameter: see the module docstring. ``masters`` a list of
     float32 copies or None; stochastic rounding keys tensor t by ``lowp.tensor_key(seed,
-    counter, indices[t])``."""
+    counter, indices[t])`` and numbers its elements from ``starts[t]`` (0 without ``starts``):
+    tensor t is then the piece of a parameter that begins there."""
     update = with_step_extras(getattr(optim, op))
     for t, (param, grad, state) in enumerate(zip(params, grads, states)):
         p = masters[t] if masters is not None else param.astype(np.float32)
         update(p, grad.astype(np.float32), *state, grad_mul=grad_mul, grad_clip=grad_clip,
                avg=None if avgs is None else avgs[t], avg_weight=avg_weight, **hyper)
         if rounding == "stochastic":
-            index = np.arange(p.size, dtype=np.int64).reshape(p.shape)
+            first = 0 if starts is None else int(starts[t])
+            index = np.arange(first, first + p.size, dtype=np.int64).reshape(p.shape)
             key = lowp.tensor_key(seed, counter, indices[t])
             param[...] = lowp.round_stochastic(p, param.dtype, key, index)
         else:

@@ -44,7 +44,8 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from . import optim as _optim
 from ._jit import kernel
-from .lowbits import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, stochastic_bf16, stochastic_f16, tensor_key, uniform
+from .lowbits import (GAMMA, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, stochastic_bf16, stochastic_f16,
+                      tensor_key, uniform)
 from .multi import AVG, GRAD, PARAM, SERIAL_BELOW, STATE, last_at_most, next_span, part_range, parts_for, pointer
 
 __all__ = ["LOW_DTYPES", "mixed_step", "mixed_sumsq", "is_low_precision"]
@@ -220,8 +221,17 @@ def _table(params, grads, masters, states, avgs, slots):
     return table, offsets
 
 
+def _keys(seed, counter, indices, starts) -> np.ndarray:
+    """key_t = tensor_key(seed, counter, indices[t]) + starts[t]·γ mod 2⁶⁴, as int64 bits."""
+    keys = np.array([tensor_key(seed, counter, k) for k in indices], np.int64)
+    if starts is not None:
+        with np.errstate(over="ignore"):
+            keys = (keys.view(np.uint64) + np.asarray(starts, np.uint64) * np.uint64(GAMMA)).view(np.int64)
+    return keys
+
+
 def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", seed=0, counter=0, indices=None,
-               grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper):
+               starts=None, grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper):
     """``op`` (``"adam_step"``, ...) on low-precision parameters, in place, in one kernel call.
 
     ``params``: C-contiguous arrays of one 16-bit float dtype (bfloat16 or float16), writeable;
@@ -231,7 +241,10 @@ def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", 
     ``avgs``: float32 Polyak averages or None. ``rounding``: ``"nearest"`` or ``"stochastic"``
     (only without master weights); stochastic rounding draws element i of tensor t from
     ``lowbits.tensor_key(seed, counter, indices[t])`` (``counter`` the step's number, ``indices``
-    the tensors' places in their optimizer).
+    the tensors' places in their optimizer). ``starts``: None, or where each tensor begins in its
+    parameter (a piece of a larger parameter, as the data-parallel step updates): element i then
+    draws what element starts[t] + i of the whole parameter draws, through the key
+    key_t + starts[t]·γ (``lowbits.uniform`` adds (i + 1)·γ to it).
     The arrays are checked by the caller (``fastopt.precision``)."""
     if not params:
         return
@@ -246,7 +259,7 @@ def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", 
     hyper_array = np.array((*scalars, grad_mul, grad_clip), np.float32)
     variant(table, offsets, hyper_array, None if avgs is None else np.float32(avg_weight),
             True if masters is not None else None,
-            np.array([tensor_key(seed, counter, k) for k in indices], np.int64) if stochastic else None,
+            _keys(seed, counter, indices, starts) if stochastic else None,
             True if grad32 else None, True if half else None)
 
 

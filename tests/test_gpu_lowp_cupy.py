@@ -1,5 +1,7 @@
-"""The "cupy" backend's low-precision functions (``kernels/cupy/lowp.cu``, ``lowp.py``): 16-bit
-parameters (``mixed_step``, ``mixed_sumsq``) and 8-bit state (``state8_step``).
+"""The "cupy" backend's low-precision functions (``kernels/cupy/lowp.cu``, ``lowp.py``,
+``convert.cu``, ``bn_lowp.py``): 16-bit parameters (``mixed_step``, ``mixed_sumsq``), 8-bit state
+(``state8_step``, float32 or 16-bit parameters) and 16-bit batch norm (``batchnorm_forward_lowp``,
+``batchnorm_backward_lowp``).
 
 Tests marked ``gpu`` run the kernels on a real GPU against ``fastopt.reference`` (the same checks
 as tests/test_mixed_precision.py and tests/test_state8.py make for the CPU backend) and skip with
@@ -61,6 +63,19 @@ def test_tensor_keys_are_the_cpu_backends():
         assert lowp.tensor_key(seed, step, k) == reference_lowp.tensor_key(seed, step, k)
 
 
+def test_piece_keys_draw_the_whole_parameters_stream():
+    """A piece starting at element s, element j, draws what element s + j of the parameter draws
+    (``mixed_step(..., starts=)``, as the CPU backend's keys)."""
+    from fastopt.kernels.numba_cpu import mixed
+
+    for seed, step, k, start in ((7, 3, 4, 0), (2 ** 63 + 5, 10, 2, 1000), (1, 1, 0, 2 ** 40)):
+        key = lowp.piece_key(seed, step, k, start)
+        whole = reference_lowp.tensor_key(seed, step, k)
+        np.testing.assert_array_equal(reference_lowp.uniform(key, np.arange(50)),
+                                      reference_lowp.uniform(whole, start + np.arange(50)))
+        assert key == int(mixed._keys(seed, step, [k], [start])[0])
+
+
 _RULE_CASES = [
     ("adam_step", dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
                        amsgrad=False, step=1)),
@@ -91,10 +106,12 @@ def test_state8_rules_are_the_references(op, hyper):
 
 
 @functools.lru_cache(maxsize=None)
-def _ptx():
-    from test_cuda_sources import compile_source, ptx_entries
+def _ptx(module="lowp"):
+    """{name expression: PTX body} of ``module`` for compute_90 (test_cuda_sources' compilation,
+    shared with its tests when they run in the same process)."""
+    from test_cuda_sources import compiled, ptx_entries
 
-    result = compile_source(S.source("lowp"), S.name_expressions("lowp"), "compute_90")
+    result = compiled(module, "compute_90")
     assert result.ok, result.log
     entries = ptx_entries(result.output)
     return {name: entries[mangled] for name, mangled in result.lowered.items()}
@@ -112,8 +129,39 @@ def test_mixed_kernels_round_with_the_ptx_conversions():
 def test_state8_kernels_reduce_by_shuffles_and_search_in_shared_memory():
     bodies = _ptx()
     for variant in S.STATE8_UPDATES:
-        body = bodies[S.state8_kernel(variant)]
-        assert "shfl.sync.bfly" in body and "ld.shared.f32" in body, variant
+        for low in (None, *S.LOW_FORMATS):
+            body = bodies[S.state8_kernel(variant, low)]
+            assert "shfl.sync.bfly" in body and "ld.shared.f32" in body, (variant, low)
+
+
+def test_state8_kernels_of_16bit_params_round_with_the_ptx_conversions():
+    """Every (update, format) has its kernel: float16 θ decoded and rounded by cvt, bfloat16 θ
+    rounded by cvt.rn.bf16.f32; the float32 kernels convert nothing."""
+    bodies = _ptx()
+    names = set(S.name_expressions("lowp"))
+    for variant in S.STATE8_UPDATES:
+        half, bf16 = S.state8_kernel(variant, "float16"), S.state8_kernel(variant, "bfloat16")
+        assert {half, bf16} <= names
+        assert "cvt.rn.f16.f32" in bodies[half] and "cvt.f32.f16" in bodies[half], variant
+        assert "cvt.rn.bf16.f32" in bodies[bf16] and "cvt.rn.f16" not in bodies[bf16], variant
+        assert "cvt.rn.f16" not in bodies[S.state8_kernel(variant)], variant
+
+
+def test_convert_kernels_are_the_ptx_conversions():
+    bodies = _ptx("convert")
+    assert set(bodies) == {S.convert_kernel(k, low) for k in ("decode16", "encode16") for low in S.LOW_FORMATS}
+    assert "cvt.f32.f16" in bodies[S.convert_kernel("decode16", "float16")]
+    assert "cvt.rn.f16.f32" in bodies[S.convert_kernel("encode16", "float16")]
+    assert "cvt.rn.bf16.f32" in bodies[S.convert_kernel("encode16", "bfloat16")]
+    decode_bf16 = bodies[S.convert_kernel("decode16", "bfloat16")]
+    assert "cvt.f32" not in decode_bf16 and "shl.b32" in decode_bf16  # exact: a shift
+
+
+def test_keyed_list_layout():
+    dtype = S.keyed_list_dtype(S.STATE8_LOW_SLOTS)
+    capacity = S.keyed_list_capacity(S.STATE8_LOW_SLOTS)
+    assert dtype.itemsize == (8 * S.STATE8_LOW_SLOTS + 24) * capacity + 8 <= S.LIST_BYTES
+    assert f"sizeof(fo::KeyedList<{S.STATE8_LOW_SLOTS}>) == {dtype.itemsize}" in S.layout_checks("lowp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +210,7 @@ def test_mixed_step_packs_pointers_keys_and_flags(launches):
     grads = [Fake(n, np.float32) for n in sizes]
     states = [(Fake(n, np.float32), Fake(n, np.float32), None) for n in sizes]
     lowp.mixed_step("adam_step", params, grads, None, states, None, rounding="stochastic", seed=7, counter=3,
-                    indices=[4, 5, 6], grad_clip=2.0, step=3, **ADAM)
+                    indices=[4, 5, 6], starts=[0, 0, 9], grad_clip=2.0, step=3, **ADAM)
     (module, name, grid, block, args, stream), = launches
     assert (module, name, block, stream) == ("lowp", S.mixed_kernel("adam", "float16"), S.BLOCK, None)
     scalars, packed, mul, mul_ptr, clip, avg_weight, grad32, stochastic = args
@@ -171,7 +219,7 @@ def test_mixed_step_packs_pointers_keys_and_flags(launches):
     rows = packed["ptr"][0, :2].tolist()
     for row, t in zip(rows, (0, 2)):
         assert row == [params[t].address, grads[t].address, 0, 0, states[t][0].address, states[t][1].address]
-    assert packed["aux"][0, :2].tolist() == [lowp.tensor_key(7, 3, 4), lowp.tensor_key(7, 3, 6)]
+    assert packed["aux"][0, :2].tolist() == [lowp.tensor_key(7, 3, 4), lowp.piece_key(7, 3, 6, 9)]
     assert packed["n"][0, :2].tolist() == [5, 300]
     assert (float(mul), int(mul_ptr), float(clip), int(grad32), int(stochastic)) == (1.0, 0, 2.0, 1, 1)
     assert mul.dtype == clip.dtype == avg_weight.dtype == np.float32
@@ -203,6 +251,240 @@ def test_state8_step_packs_block_offsets_and_maps(launches):
         lowp.state8_step("adam_step", params, grads, states, None, step=2, block=512, **ADAM)
     with pytest.raises(ValueError, match="amsgrad"):
         lowp.state8_step("adam_step", params, grads, states, None, step=2, **{**ADAM, "amsgrad": True})
+
+
+def _state8_lists(sizes, param_dtype, grad_dtype, *, master, averaged=False, block=256):
+    params = [Fake(n, param_dtype) for n in sizes]
+    grads = [Fake(n, grad_dtype) for n in sizes]
+    masters = [Fake(n, np.float32) for n in sizes] if master else None
+    avgs = [Fake(n, np.float32) for n in sizes] if averaged else None
+    states = [((Fake(n, np.uint8), Fake(-(-n // block), np.float32)),
+               (Fake(n, np.uint8), Fake(-(-n // block), np.float32)), None) for n in sizes]
+    return params, grads, masters, states, avgs
+
+
+def test_state8_step_takes_the_cpu_backends_keywords_but_state_dtype():
+    from fastopt import precision
+    from fastopt.kernels import numba_cpu
+
+    import inspect
+
+    cpu = inspect.signature(numba_cpu.state8_step).parameters
+    gpu = inspect.signature(lowp.state8_step).parameters
+    assert [k for k in cpu if k != "state_dtype"] == list(gpu)
+    for k in ("masters", "rounding", "seed", "counter", "indices"):
+        assert gpu[k].default == cpu[k].default, k
+    # fastopt.precision routes 16-bit params with 8-bit state here, and refuses bfloat16 state
+    assert precision.compact_module(cupy_backend, "cupy", low=True) is cupy_backend
+    with pytest.raises(TypeError, match="bfloat16"):
+        precision.compact_module(cupy_backend, "cupy", state_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("low", ["float16", "bfloat16"])
+def test_state8_step_of_16bit_params_packs_masters_keys_and_flags(launches, low):
+    import ml_dtypes
+
+    dtype = np.float16 if low == "float16" else ml_dtypes.bfloat16
+    sizes = (1, 0, 600)
+    params, grads, masters, states, avgs = _state8_lists(sizes, dtype, dtype, master=True, averaged=True)
+    lowp.state8_step("adam_step", params, grads, states, avgs, masters=masters, rounding="stochastic", seed=9,
+                     counter=4, indices=[7, 8, 9], grad_mul=0.5, grad_clip=2.0, avg_weight=0.25, step=4, **ADAM)
+    (module, name, grid, block, args, stream), = launches
+    assert (module, name, block) == ("lowp", S.state8_kernel("adam", low), S.BLOCK) and grid == 1 + 3
+    scalars, packed, blocks, qblock, mul, mul_ptr, clip, avg_weight, signed0, signed1, grad32, stochastic = args
+    assert packed.dtype == S.keyed_list_dtype(8) and int(packed["count"][0]) == 2  # the empty tensor skipped
+    for row, t in zip(packed["ptr"][0, :2].tolist(), (0, 2)):
+        (c0, a0), (c1, a1), _ = states[t]
+        assert row == [params[t].address, grads[t].address, avgs[t].address, c0.address, a0.address, c1.address,
+                       a1.address, masters[t].address]
+    assert packed["n"][0, :2].tolist() == [1, 600] and packed["aux"][0, :2].tolist() == [0, 1]
+    assert packed["key"][0, :2].tolist() == [lowp.tensor_key(9, 4, 7), lowp.tensor_key(9, 4, 9)]
+    assert (int(blocks), int(qblock), int(signed0), int(signed1)) == (4, 256, 1, 0)
+    assert (float(mul), int(mul_ptr), float(clip), float(avg_weight)) == (0.5, 0, 2.0, 0.25)
+    assert (int(grad32), int(stochastic)) == (0, 1)
+    assert grad32.dtype == stochastic.dtype == np.int32 and clip.dtype == np.float32
+
+
+def test_state8_step_of_16bit_params_defaults_and_chunks(launches):
+    """float32 gradients, no masters, rounding to nearest: null master slots, zero keys, flags
+    (1, 0); more tensors than a KeyedList holds: one launch per capacity, block offsets per launch."""
+    capacity = S.keyed_list_capacity(S.STATE8_LOW_SLOTS)
+    sizes = [300] * (capacity + 3)
+    params, grads, _, states, _ = _state8_lists(sizes, np.float16, np.float32, master=False)
+    lowp.state8_step("sgd_step", params, grads, states, None, lr=0.1, momentum=0.9, nesterov=False,
+                     weight_decay=0.0, convention="textbook")
+    assert [a[1] for a in launches] == [S.state8_kernel("sgd_momentum", "float16")] * 2
+    first, second = (a[4] for a in launches)
+    assert int(first[1]["count"][0]) == capacity and int(second[1]["count"][0]) == 3
+    assert int(first[2]) == 2 * capacity and int(second[2]) == 6
+    assert second[1]["aux"][0, :3].tolist() == [0, 2, 4]
+    assert not first[1]["key"].any() and not first[1]["ptr"][0, :, 7].any()
+    assert first[-2:] == (1, 0)
+
+
+def _adam8_state(n, codes=np.uint8, blocks=None, second=None):
+    """Adam's state tuple (m, v, v_max) with 8-bit m and v (``second`` replaces v's pair)."""
+    blocks = -(-n // 256) if blocks is None else blocks
+    v = (Fake(n, np.uint8), Fake(-(-n // 256), np.float32)) if second is None else second
+    return ((Fake(n, codes), Fake(blocks, np.float32)), v, None)
+
+
+def _bad_state8_cases():
+    n = 300
+    good = dict(params=lambda: [Fake(n, np.float16)], grads=lambda: [Fake(n, np.float16)],
+                masters=lambda: [Fake(n, np.float32)], states=lambda: [_adam8_state(n)])
+    cases = [
+        ("params float64", dict(params=[Fake(n, np.float64)]), TypeError, r"params\[0\].*float64"),
+        ("params mixed formats", dict(params=[Fake(n, np.float16), Fake(n, np.float32)],
+                                      grads=[Fake(n, np.float16)] * 2, masters=None,
+                                      states=[_adam8_state(n)] * 2),
+         TypeError, r"params\[1\]: expected dtype float16, got float32"),
+        ("grads float64", dict(grads=[Fake(n, np.float64)]), TypeError, r"grads\[0\].*float64"),
+        ("grads size", dict(grads=[Fake(n + 1, np.float16)]), ValueError, r"grads\[0\]: expected 300 elements"),
+        ("masters float16", dict(masters=[Fake(n, np.float16)]), TypeError, r"masters\[0\]: expected dtype float32"),
+        ("masters count", dict(masters=[]), ValueError, "masters has 0 entries, params has 1"),
+        ("masters with float32 params", dict(params=[Fake(n, np.float32)], grads=[Fake(n, np.float32)]),
+         ValueError, "masters are float32 copies of 16-bit params"),
+        ("codes dtype", dict(states=[_adam8_state(n, codes=np.int8)]), TypeError,
+         r"states\[0\]\[0\]\[0\] \(codes\): expected dtype uint8"),
+        ("absmax size", dict(states=[_adam8_state(n, blocks=1)]), ValueError,
+         r"states\[0\]\[0\]\[1\] \(absmax\): expected 2 elements"),
+        ("state not a pair", dict(states=[_adam8_state(n, second=Fake(n, np.float32))]), ValueError,
+         r"states\[0\]\[1\] must be a pair"),
+        ("state too short", dict(states=[_adam8_state(n)[:1]]), ValueError, r"states\[0\] must be a tuple"),
+        ("rounding", dict(rounding="up"), ValueError, "rounding must be 'nearest' or 'stochastic'"),
+        ("indices count", dict(indices=[0, 1]), ValueError, "indices has 2 entries"),
+        ("block", dict(block=512), ValueError, "block must be an int"),
+        ("amsgrad", dict(amsgrad=True), ValueError, "amsgrad"),
+    ]
+    return good, cases
+
+
+def _state8_call(changes):
+    good, _ = _bad_state8_cases()
+    kwargs = {k: make() for k, make in good.items()}
+    hyper = {**ADAM, "step": 1}
+    for key, value in changes.items():
+        (hyper if key == "amsgrad" else kwargs)[key] = value
+    params, grads, states = kwargs.pop("params"), kwargs.pop("grads"), kwargs.pop("states")
+    lowp.state8_step("adam_step", params, grads, states, None, **kwargs, **hyper)
+
+
+@pytest.mark.parametrize("what", [c[0] for c in _bad_state8_cases()[1]])
+def test_state8_step_rejects_bad_input_before_launching(launches, what):
+    _, changes, exc, message = next(c for c in _bad_state8_cases()[1] if c[0] == what)
+    with pytest.raises(exc, match=message):
+        _state8_call(changes)
+    assert launches == []
+    _state8_call({})  # the same call with good arguments launches
+    assert len(launches) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# anywhere: 16-bit batch norm's host side (decode, the float32 kernels, encode)
+
+
+class _Calls(list):
+    """Recorded launches, and the scratch arrays the Place handed out (``scratch``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scratch = []
+
+
+@pytest.fixture
+def bn_launches(launches, monkeypatch):
+    """``launches`` with scratch memory: a Place whose scratch arrays are Fakes (recorded)."""
+    from fastopt.kernels.cupy import _device, _loader
+
+    calls = _Calls()
+
+    class Where:
+        stream = None
+
+        def scratch(self, shape, dtype):
+            calls.scratch.append(Fake(tuple(shape), dtype))
+            return calls.scratch[-1]
+
+    @contextlib.contextmanager
+    def place(like, *others):
+        yield Where()
+
+    monkeypatch.setattr(_device, "place", place)
+    monkeypatch.setattr(_loader, "launch", lambda *args: calls.append(args))
+    return calls
+
+
+def _float32_launches(calls, forbidden):
+    """The batch-norm launches between the conversions: float32 kernels none of which touches a
+    16-bit array (its address is not among the arguments)."""
+    middle = [c for c in calls if c[0] == "batchnorm"]
+    for module, name, grid, block, args, stream in middle:
+        assert "<float" in name, name
+        assert not {a.address for a in forbidden} & {int(v) for v in args if isinstance(v, np.uint64)}, name
+    return middle
+
+
+@pytest.mark.parametrize("low", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape, axis", [((4, 3, 5), 1), ((6, 3), 1)])
+def test_batchnorm_lowp_decodes_runs_float32_and_encodes(bn_launches, low, shape, axis):
+    import ml_dtypes
+
+    dtype = np.float16 if low == "float16" else ml_dtypes.bfloat16
+    C, n = shape[axis], math.prod(shape)
+    x, y, dy, dx = (Fake(shape, dtype) for _ in range(4))
+    weight, bias, rm, rv, sm, si, dw, db = (Fake(C, np.float32) for _ in range(8))
+    cupy_backend.batchnorm_forward_lowp(x, weight, bias, rm, rv, y, sm, si, training=True, momentum=0.1, eps=1e-5,
+                                        channel_axis=axis, relu=False)
+    x32, y32 = bn_launches.scratch[:2]
+    assert x32.shape == y32.shape == shape and x32.dtype == y32.dtype == np.float32
+    first, last = bn_launches[0], bn_launches[-1]
+    assert first[:2] == ("convert", S.convert_kernel("decode16", low))
+    assert [int(v) for v in first[4]] == [x.address, x32.address, n]
+    assert last[:2] == ("convert", S.convert_kernel("encode16", low))
+    assert [int(v) for v in last[4]] == [y32.address, y.address, n]
+    middle = _float32_launches(bn_launches, (x, y))
+    assert len(middle) == len(bn_launches) - 2 == 3
+    assert middle[0][4][0] == x32.address and y32.address in [int(v) for v in middle[-1][4] if isinstance(v, np.uint64)]
+
+    bn_launches.clear()
+    bn_launches.scratch.clear()
+    cupy_backend.batchnorm_backward_lowp(dy, x, weight, bias, sm, si, dx, dw, db, training=True, channel_axis=axis,
+                                         relu=False)
+    dy32, x32, dx32 = bn_launches.scratch[:3]
+    assert [(c[1], [int(v) for v in c[4]]) for c in bn_launches[:2]] == [
+        (S.convert_kernel("decode16", low), [dy.address, dy32.address, n]),
+        (S.convert_kernel("decode16", low), [x.address, x32.address, n])]
+    assert bn_launches[-1][1] == S.convert_kernel("encode16", low)
+    assert [int(v) for v in bn_launches[-1][4]] == [dx32.address, dx.address, n]
+    assert len(_float32_launches(bn_launches, (dy, x, dx))) == len(bn_launches) - 3 == 3
+
+
+def test_batchnorm_lowp_empty_batch_and_bad_dtypes(bn_launches):
+    x, y = Fake((0, 3), np.float16), Fake((0, 3), np.float16)
+    sm, si = Fake(3, np.float32), Fake(3, np.float32)
+    keywords = dict(training=True, momentum=0.1, eps=1e-5, channel_axis=1, relu=False)
+    cupy_backend.batchnorm_forward_lowp(x, None, None, None, None, y, sm, si, **keywords)
+    assert [c[1] for c in bn_launches] == [S.bn_kernel("fill", np.float32)] * 2  # NaN statistics, no conversion
+    bn_launches.clear()
+    x = Fake((2, 3), np.float16)
+    with pytest.raises(TypeError, match="x: 16-bit batch norm takes bfloat16 or float16 x and dy, got dtype float32"):
+        cupy_backend.batchnorm_forward_lowp(Fake((2, 3), np.float32), None, None, None, None, y, sm, si, **keywords)
+    with pytest.raises(TypeError, match="y: expected x's dtype float16, got float32"):
+        cupy_backend.batchnorm_forward_lowp(x, None, None, None, None, Fake((2, 3), np.float32), sm, si, **keywords)
+    with pytest.raises(TypeError, match="dy: expected x.s dtype float16, got float32"):
+        cupy_backend.batchnorm_backward_lowp(Fake((2, 3), np.float32), x, None, None, sm, si, Fake((2, 3), np.float16),
+                                             sm, si, training=True, channel_axis=1, relu=False)
+    assert bn_launches == []
+
+
+def test_batchnorm_lowp_has_the_cpu_backends_signatures():
+    import inspect
+
+    from fastopt.kernels import numba_cpu
+
+    for name in ("batchnorm_forward_lowp", "batchnorm_backward_lowp"):
+        assert inspect.signature(getattr(cupy_backend, name)) == inspect.signature(getattr(numba_cpu, name)), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,3 +591,111 @@ def test_state8_step_matches_the_reference_bit_for_bit(averaged):
         T.assert_same([_host(p) for p in d_params], params_ref,
                       [tuple(None if s is None else (_host(s[0]), _host(s[1])) for s in st) for st in d_states],
                       states_ref, None if d_avgs is None else [_host(a) for a in d_avgs], avgs_ref)
+
+
+def _state8_low_run(op, hyper, sizes, grad_dtype, master, rounding, to_device, step_fn):
+    """Three steps of ``step_fn`` (a backend's state8_step) on float16 params with 8-bit state;
+    returns host copies of (params, masters, states, avgs)."""
+    import test_state8 as T
+
+    rng = np.random.default_rng(17)
+    params = [to_device(rng.standard_normal(n).astype(F16)) for n in sizes]
+    masters = [to_device(_host(p).astype(np.float32)) for p in params] if master else None
+    states = [tuple(None if s is None else (to_device(s[0]), to_device(s[1])) for s in st)
+              for st in T.initial_state(rng, op, hyper, sizes)]
+    avgs = [to_device(_host(p).astype(np.float32)) for p in params]
+    for step in range(1, 4):
+        grads = [to_device((rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 1, n)).astype(grad_dtype))
+                 for n in sizes]
+        step_fn(op, params, grads, states, avgs, masters=masters, rounding=rounding, seed=5, counter=step,
+                indices=[3 + t for t in range(len(sizes))], grad_mul=0.5, grad_clip=3.0, avg_weight=0.25,
+                **T.with_step(op, hyper, step))
+    return ([_host(p) for p in params], None if masters is None else [_host(m) for m in masters],
+            [tuple(None if s is None else (_host(s[0]), _host(s[1])) for s in st) for st in states],
+            [_host(a) for a in avgs])
+
+
+@gpu
+@pytest.mark.parametrize("grad_dtype, master, rounding", [(F16, True, "nearest"), (np.float32, False, "stochastic"),
+                                                          (F16, False, "nearest")])
+def test_state8_step_of_16bit_params_matches_the_reference_bit_for_bit(grad_dtype, master, rounding):
+    """float16 θ (CuPy has no bfloat16 arrays; the bfloat16 kernels differ only in H, checked
+    offline) with 8-bit state: θ, masters, codes, absmax and θ̂ equal the reference's, as the
+    float32-θ kernel's do (same expressions, same rounding, same keys)."""
+    import test_state8 as T
+
+    sizes = T.SIZES + [70_000]
+    for op, hyper in T.CONFIGS:
+        got = _state8_low_run(op, hyper, sizes, grad_dtype, master, rounding, _device_copy, cupy_backend.state8_step)
+        want = _state8_low_run(op, hyper, sizes, grad_dtype, master, rounding, lambda a: a, reference8.state8_step)
+        for t in range(len(sizes)):
+            where = f"{op} {hyper} tensor {t}"
+            np.testing.assert_array_equal(got[0][t].view(np.uint16), want[0][t].view(np.uint16), err_msg=f"θ, {where}")
+            if master:
+                np.testing.assert_array_equal(got[1][t].view(np.uint32), want[1][t].view(np.uint32),
+                                              err_msg=f"master, {where}")
+            np.testing.assert_array_equal(got[3][t].view(np.uint32), want[3][t].view(np.uint32), err_msg=f"θ̂, {where}")
+        T.assert_same([], [], got[2], want[2])
+
+
+@gpu
+def test_convert_kernels_match_the_reference_roundings():
+    """decode16: every 16-bit pattern decoded exactly; encode16: float32 patterns of every kind
+    (normal, subnormal, ±0, ±Inf, NaNs with payloads, halfway cases) rounded as the CPU backend's
+    conversions (kernels/numba_cpu/bn_lowp.py, lowbits: NumPy's astype keeps other NaN payloads)."""
+    import ml_dtypes
+
+    from fastopt.kernels.cupy import _device, bn_lowp
+    from fastopt.kernels.numba_cpu import bn_lowp as cpu
+
+    rng = np.random.default_rng(1)
+    every = np.arange(1 << 16, dtype=np.uint16)
+    values = np.concatenate([rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32),
+                             (np.arange(1 << 16, dtype=np.uint32) << 16) | 0x8000,  # bfloat16 ties
+                             np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 1], np.uint32)]).view(np.float32)
+    for low, dtype in (("float16", np.dtype(np.float16)), ("bfloat16", np.dtype(ml_dtypes.bfloat16))):
+        bits, out = _device_copy(every), _device_copy(np.full(every.size, np.nan, np.float32))
+        encoded, source = _device_copy(np.zeros(values.size, np.uint16)), _device_copy(values)
+        with _device.place(bits) as where:
+            bn_lowp._convert(where, "decode16", low, bits, out)
+            bn_lowp._convert(where, "encode16", low, source, encoded)
+        decoded, rounded = np.empty(every.size, np.float32), np.empty(values.size, dtype)
+        cpu._decode(every.view(dtype), decoded)
+        cpu._encode(values, rounded)
+        np.testing.assert_array_equal(_host(out).view(np.uint32), decoded.view(np.uint32), err_msg=f"decode {low}")
+        np.testing.assert_array_equal(_host(encoded), rounded.view(np.uint16), err_msg=f"encode {low}")
+
+
+@gpu
+@pytest.mark.parametrize("shape, axis", [((8, 5, 7, 3), 1), ((300, 6), 1), ((4, 9, 33), -1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_lowp_is_the_float32_batchnorm_of_the_decoded_input(shape, axis, training):
+    """float16 x, dy: y and dx equal the float32 kernels' results on the decoded arrays rounded to
+    nearest (bit for bit: the same float32 kernels), the float32 outputs equal theirs."""
+    import cupy
+
+    rng = np.random.default_rng(4)
+    ax = axis % len(shape)
+    C = shape[ax]
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(F16)
+    dy = rng.standard_normal(shape).astype(F16)
+    weight, bias = (rng.standard_normal(C) + 1).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    rm, rv = rng.standard_normal(C).astype(np.float32), (rng.random(C) + 0.5).astype(np.float32)
+    results = {}
+    for name, xs, dys in (("low", x, dy), ("f32", x.astype(np.float32), dy.astype(np.float32))):
+        d = [cupy.asarray(a) for a in (xs, dys, weight, bias, rm, rv)]
+        y, dx = cupy.full(shape, np.nan, xs.dtype), cupy.full(shape, np.nan, xs.dtype)
+        sm, si, dw, db = (cupy.full(C, np.nan, np.float32) for _ in range(4))
+        forward = cupy_backend.batchnorm_forward_lowp if name == "low" else cupy_backend.batchnorm_forward
+        backward = cupy_backend.batchnorm_backward_lowp if name == "low" else cupy_backend.batchnorm_backward
+        forward(d[0], d[2], d[3], d[4], d[5], y, sm, si, training=training, momentum=0.1, eps=1e-5,
+                channel_axis=ax, relu=True)
+        backward(d[1], d[0], d[2], d[3], sm, si, dx, dw, db, training=training, channel_axis=ax, relu=True)
+        results[name] = [cupy.asnumpy(a) for a in (y, dx, sm, si, dw, db, d[4], d[5])]
+    low, f32 = results["low"], results["f32"]
+    for k, what in enumerate(("y", "dx")):
+        assert low[k].dtype == F16
+        np.testing.assert_array_equal(low[k].view(np.uint16), reference_lowp.round_nearest(f32[k], F16).view(np.uint16),
+                                      err_msg=what)
+    for k, what in enumerate(("saved_mean", "saved_invstd", "dweight", "dbias", "running_mean", "running_var"), 2):
+        np.testing.assert_array_equal(low[k].view(np.uint32), f32[k].view(np.uint32), err_msg=what)

@@ -16,7 +16,10 @@ Layout:
 * ``_device``: pointers, kinds, allocation and streams of the arrays;
 * ``optim``, ``reduce``, ``batchnorm``: the host functions (per-step scalars, grids, launches);
 * ``lowp.cu`` / ``lowp``: 16-bit parameters (``mixed_step``, ``mixed_sumsq``) and 8-bit state
-  (``state8_step``, ``state8_supported``, ``state8_layout``).
+  (``state8_step``, ``state8_supported``, ``state8_layout``; float32 or 16-bit parameters);
+  ``lowbits.cuh``: the 16-bit formats and stochastic rounding they share with ``convert.cu``;
+* ``convert.cu`` / ``bn_lowp``: 16-bit batch norm (``batchnorm_forward_lowp``,
+  ``batchnorm_backward_lowp``): float32 decode, the float32 batch-norm kernels, encode (not fused).
 
 Importing works on any machine: CuPy is imported on first use, nothing is compiled or allocated
 at import, and ``unavailable_reason()`` says why the backend cannot run here ("" when it can: CuPy
@@ -41,6 +44,7 @@ from ._device import (
     zeros_like,
 )
 from .batchnorm import batchnorm_backward, batchnorm_forward
+from .bn_lowp import batchnorm_backward_lowp, batchnorm_forward_lowp
 from .lowp import mixed_step, mixed_sumsq, state8_layout, state8_step, state8_supported
 from .optim import (
     adadelta_step,
@@ -58,7 +62,9 @@ __all__ = [
     "adagrad_step",
     "adam_step",
     "batchnorm_backward",
+    "batchnorm_backward_lowp",
     "batchnorm_forward",
+    "batchnorm_forward_lowp",
     "copy_from_numpy",
     "delta_bar_delta_step",
     "empty",

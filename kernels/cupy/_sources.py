@@ -5,7 +5,10 @@ exactly what the loader compiles, on machines with neither CuPy nor a GPU.
 
 A module's translation unit is::
 
-    preamble()  +  common.cuh  +  <module>.cu  +  layout_checks(<module>)
+    preamble()  +  common.cuh  +  [prerequisites]  +  <module>.cu  +  layout_checks(<module>)
+
+(prerequisites: lowp includes optim.cu, lowbits.cuh and the generated 8-bit tables; convert
+includes lowbits.cuh.)
 
 The preamble is short and generated: the constants the host also uses (threads per block, the
 byte budget of a tensor list). The layout checks are ``static_assert``s generated from the tables
@@ -26,6 +29,7 @@ __all__ = [
     "CUPY_ADDED_OPTIONS",
     "DTYPES",
     "LOW_FORMATS",
+    "STATE8_LOW_SLOTS",
     "STATE8_SLOTS",
     "STATE8_UPDATES",
     "FLOAT64_BY_DESIGN",
@@ -36,7 +40,10 @@ __all__ = [
     "Update",
     "aux_list_dtype",
     "bn_kernel",
+    "convert_kernel",
     "is_aligned",
+    "keyed_list_capacity",
+    "keyed_list_dtype",
     "layout_checks",
     "list_capacity",
     "list_dtype",
@@ -77,11 +84,13 @@ COMPILE_OPTIONS = ("--std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqr
 # CuPy runs.
 CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
-MODULES = {"optim": "optim.cu", "reduce": "reduce.cu", "batchnorm": "batchnorm.cu", "lowp": "lowp.cu"}
+MODULES = {"optim": "optim.cu", "reduce": "reduce.cu", "batchnorm": "batchnorm.cu", "lowp": "lowp.cu",
+           "convert": "convert.cu"}
 _HEADER = "common.cuh"
 # sources a module's translation unit includes before its own (lowp reuses optim.cu's element updates;
-# it instantiates none of optim.cu's kernels)
-_PREREQUISITES = {"lowp": ("optim.cu",)}
+# it instantiates none of optim.cu's kernels; lowp and convert share lowbits.cuh's 16-bit formats)
+_LOWBITS = "lowbits.cuh"
+_PREREQUISITES = {"lowp": ("optim.cu", _LOWBITS), "convert": (_LOWBITS,)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +208,11 @@ def name_expressions(module: str) -> tuple[str, ...]:
             if dtype == np.dtype(np.float32):
                 names += [mixed_kernel(v, h) for v in UPDATES for h in LOW_FORMATS]
                 names += [state8_kernel(v) for v in STATE8_UPDATES]
+                names += [state8_kernel(v, h) for v in STATE8_UPDATES for h in LOW_FORMATS]
                 names += [f"fo::mixed_sumsq_partial<fo::{h}>" for h in LOW_FORMATS.values()]
+        elif module == "convert":
+            if dtype == np.dtype(np.float32):
+                names += [convert_kernel(k, h) for k in ("decode16", "encode16") for h in LOW_FORMATS]
         else:
             raise KeyError(module)
     if module == "reduce":
@@ -258,7 +271,7 @@ def _read(name: str) -> str:
 
 
 def source(module: str) -> str:
-    """The full translation unit of ``module`` ("optim", "reduce", "batchnorm", "lowp")."""
+    """The full translation unit of ``module`` ("optim", "reduce", "batchnorm", "lowp", "convert")."""
     before = [_read(name) for name in _PREREQUISITES.get(module, ())]
     if module == "lowp":
         before.append(state8_tables())
@@ -289,6 +302,7 @@ STATE8_UPDATES: dict[str, Update] = {
                                "rmsprop_momentum", "rmsprop_nesterov")},
 }
 STATE8_SLOTS = 7  # θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁
+STATE8_LOW_SLOTS = 8  # the same and the master (16-bit θ: state8_update_low, a KeyedList)
 
 
 def mixed_kernel(variant: str, low: str) -> str:
@@ -300,8 +314,18 @@ def mixed_sumsq_kernel(low: str) -> str:
     return f"fo::mixed_sumsq_partial<fo::{LOW_FORMATS[low]}>"
 
 
-def state8_kernel(variant: str) -> str:
-    return f"fo::state8_update<fo::{STATE8_UPDATES[variant].struct}<float>>"
+def state8_kernel(variant: str, low: str | None = None) -> str:
+    """``fo::state8_update<Op<float>>`` (float32 θ, ``low`` None) or
+    ``fo::state8_update_low<Op<float>, H>`` (θ of the 16-bit dtype named ``low``)."""
+    op = f"fo::{STATE8_UPDATES[variant].struct}<float>"
+    if low is None:
+        return f"fo::state8_update<{op}>"
+    return f"fo::state8_update_low<{op}, fo::{LOW_FORMATS[low]}>"
+
+
+def convert_kernel(name: str, low: str) -> str:
+    """``fo::decode16<H, float>`` / ``fo::encode16<H, float>`` (convert.cu) for a 16-bit dtype name."""
+    return f"fo::{name}<fo::{LOW_FORMATS[low]}, float>"
 
 
 def state8_scalars_dtype(variant: str) -> np.dtype:
@@ -314,6 +338,18 @@ def aux_list_dtype(slots: int) -> np.dtype:
     cap = list_capacity(slots)
     return np.dtype([("ptr", np.uint64, (cap, slots)), ("n", np.int64, (cap,)), ("aux", np.int64, (cap,)),
                      ("count", np.int64)])
+
+
+def keyed_list_capacity(slots: int) -> int:
+    """Tensors per KeyedList<slots> (``slots`` pointers per tensor, plus n, aux and key)."""
+    return (LIST_BYTES - 8) // (8 * slots + 24)
+
+
+def keyed_list_dtype(slots: int) -> np.dtype:
+    """KeyedList<slots> (lowp.cu): void* ptr[cap][slots]; i64 n[cap], aux[cap], key[cap]; i64 count."""
+    cap = keyed_list_capacity(slots)
+    return np.dtype([("ptr", np.uint64, (cap, slots)), ("n", np.int64, (cap,)), ("aux", np.int64, (cap,)),
+                     ("key", np.int64, (cap,)), ("count", np.int64)])
 
 
 def _lowp_slots() -> list[int]:
@@ -373,6 +409,9 @@ def _lowp_layout_checks() -> list[str]:
     for slots in _lowp_slots():
         lines.append(f"static_assert(sizeof(fo::AuxList<{slots}>) == {aux_list_dtype(slots).itemsize}, "
                      f"\"AuxList<{slots}> != _sources.aux_list_dtype({slots})\");")
+    lines.append(f"static_assert(sizeof(fo::KeyedList<{STATE8_LOW_SLOTS}>) == "
+                 f"{keyed_list_dtype(STATE8_LOW_SLOTS).itemsize}, "
+                 f"\"KeyedList<{STATE8_LOW_SLOTS}> != _sources.keyed_list_dtype({STATE8_LOW_SLOTS})\");")
     update = STATE8_UPDATES["adam"]
     struct = f"fo::{update.struct}<float>"
     k = len(update.scalars)

@@ -2,10 +2,11 @@
 // float32, and optimizer updates with 8-bit block-quantized state (docs/algorithms.md,
 // "Low-precision parameters", "Optimizers with 8-bit state", "Low-precision storage").
 //
-// The translation unit is  preamble + common.cuh + optim.cu + lowp.cu + generated tables and
-// layout checks (_sources.py): the element updates of optim.cu (its Op structs, float
+// The translation unit is  preamble + common.cuh + optim.cu + lowbits.cuh + generated tables +
+// lowp.cu + layout checks (_sources.py): the element updates of optim.cu (its Op structs, float
 // instantiations) are reused as they are; optim.cu's kernels are templates this module never
-// instantiates.
+// instantiates. The 16-bit formats (Half, BFloat16), the uniforms and stochastic rounding are
+// lowbits.cuh's.
 //
 // Kernels:
 //
@@ -32,16 +33,20 @@
 //                                     a_k = NaN, zero codes; an all-zero block: a_k = 0, zero codes.
 //                           Op is an optim.cu struct (same expressions as the CPU's 8-bit updates)
 //                           or Adam8 below (the reference's Adam expression order).
+//   state8_update_low<Op, H>
+//                           the same with 16-bit θ (H = Half or BFloat16), the update of θ being
+//                           mixed_update's:
+//                               p ← m[i] or f32(θ[i]);  g ← clamp(f32(g[i])·grad_mul, ±grad_clip)
+//                               p, s ← Op(p, g, s);  m[i] ← p;  θ[i] ← rn(p) or sr(p, uniform(key_t, i))
+//                               θ̂[i] ← θ̂[i] + w·(p − θ̂[i]);  then the requantization above
+//                           (kernels/numba_cpu/state8.py with 16-bit params). Masters, the gradient's
+//                           width and the rounding are run-time choices (uniform branches), so one
+//                           kernel per (Op, H). Both kernels share the body state8_blocks, which
+//                           takes the parameter access (Float32Access, LowAccess<H>) as a template.
 //
-// Bit conversions are those of kernels/numba_cpu/lowbits.py: round to nearest even by the PTX
-// conversions cvt.rn.f16.f32 / cvt.rn.bf16.f32 (what __float2half_rn / __float2bfloat16_rn compile
-// to; NVRTC has no cuda_fp16.h without an include path), NaN encoded as lowbits does (a quiet NaN
-// with x's sign: f16 sign|0x7E00, bf16 the top 16 bits | 0x0040); decoding exact.
 // Float arithmetic only: no double except in mixed_sumsq_partial (by design).
 
 namespace fo {
-
-typedef unsigned long long u64;
 
 // ---------------------------------------------------------------------------------------------
 // tensor lists with one 64-bit extra per tensor: the stochastic-rounding key (mixed) or the
@@ -52,6 +57,18 @@ template <int D> struct AuxList {
     void* ptr[capacity][D];
     i64 n[capacity];
     i64 aux[capacity];
+    i64 count;
+};
+
+// A tensor list with two 64-bit extras per tensor (state8_update_low): aux = the tensor's first
+// quantization block in the launch, key = its stochastic-rounding key. Layout:
+// _sources.keyed_list_dtype.
+template <int D> struct KeyedList {
+    static constexpr int capacity = (FO_LIST_BYTES - 8) / (8 * D + 24);
+    void* ptr[capacity][D];
+    i64 n[capacity];
+    i64 aux[capacity];
+    i64 key[capacity];
     i64 count;
 };
 
@@ -69,86 +86,6 @@ __device__ __forceinline__ void for_each_element(const AuxList<D>& list, F&& f) 
         for (; i < n; i += S) f(t, i);
         base += n;
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// 16-bit formats
-
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float x;
-    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(x) : "h"(h));
-    return x;
-}
-
-__device__ __forceinline__ unsigned short f32_to_f16(float x) {
-    if (x != x) return (unsigned short)(((__float_as_uint(x) >> 16) & 0x8000u) | 0x7E00u);
-    unsigned short h;
-    asm("{ .reg .b16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(x));
-    return h;
-}
-
-__device__ __forceinline__ float bf16_to_f32(unsigned short h) {
-    return __uint_as_float((unsigned int)h << 16);
-}
-
-__device__ __forceinline__ unsigned short f32_to_bf16(float x) {
-    const unsigned int b = __float_as_uint(x);
-    if (x != x) return (unsigned short)((b >> 16) | 0x0040u);
-#if __CUDA_ARCH__ >= 800
-    unsigned short h;
-    asm("{ .reg .b16 t; cvt.rn.bf16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(x));
-    return h;
-#else
-    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-#endif
-}
-
-// H: the storage format; decode/encode its bits, INF its +Inf pattern.
-struct Half {
-    static constexpr unsigned short INF = 0x7C00;
-    static __device__ __forceinline__ float decode(unsigned short h) { return f16_to_f32(h); }
-    static __device__ __forceinline__ unsigned short encode(float x) { return f32_to_f16(x); }
-};
-
-struct BFloat16 {
-    static constexpr unsigned short INF = 0x7F80;
-    static __device__ __forceinline__ float decode(unsigned short h) { return bf16_to_f32(h); }
-    static __device__ __forceinline__ unsigned short encode(float x) { return f32_to_bf16(x); }
-};
-
-// ---------------------------------------------------------------------------------------------
-// counter-based uniforms (lowbits.py): MIX the splitmix64 finalizer, γ = 0x9E3779B97F4A7C15
-
-__device__ __forceinline__ u64 mix64(u64 z) {
-    z ^= z >> 30;
-    z *= 0xBF58476D1CE4E5B9ull;
-    z ^= z >> 27;
-    z *= 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return z;
-}
-
-// u = (MIX(key + (i + 1)·γ) >> 40) · 2⁻²⁴ ∈ [0, 1), exact in float
-__device__ __forceinline__ float uniform(u64 key, i64 i) {
-    const u64 z = mix64(key + ((u64)i + 1ull) * 0x9E3779B97F4A7C15ull);
-    return (float)(unsigned int)(z >> 40) * 5.9604644775390625e-08f;  // 2⁻²⁴
-}
-
-// Stochastic rounding (lowbits.stochastic_f16 / stochastic_bf16): d the format value nearest x
-// toward zero, u⁺ the next one away from zero; u⁺ when u < (|x| − |d|)/(|u⁺| − |d|), else d; the
-// fraction is 0 when d or u⁺ is Inf.
-template <class H>
-__device__ __forceinline__ unsigned short stochastic(float x, float u) {
-    const unsigned short r = H::encode(x);
-    if (x != x) return r;
-    const unsigned short sign = r & 0x8000u;
-    unsigned short d = r & 0x7FFFu;
-    const float ax = fabsf(x);
-    if (H::decode(d) > ax) d -= 1;  // RNE went up (Inf included): step back to the truncation
-    const unsigned short up = d + 1;
-    if (d == H::INF || up == H::INF) return sign | d;
-    const float low = H::decode(d);
-    return (u < (ax - low) / (H::decode(up) - low)) ? (unsigned short)(sign | up) : (unsigned short)(sign | d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -230,13 +167,52 @@ __device__ __forceinline__ unsigned int warp_max(unsigned int v) {
     return v;
 }
 
-// Slots per tensor: θ, g, θ̂ (or null), codes₀, absmax₀, codes₁, absmax₁ (null when Op::states is
-// 1); aux = the tensor's first quantization block in this launch. signed_k: the map row of state k.
-template <class Op>
-__global__ void __launch_bounds__(FO_BLOCK)
-state8_update(const Op op, const AuxList<7> list, const i64 blocks, const int block, const float grad_mul,
-              const float* __restrict__ grad_mul_ptr, const float grad_clip, const float avg_weight,
-              const int signed0, const int signed1) {
+// Parameter access of the 8-bit kernels: read θᵢ and gᵢ as float, write the updated θᵢ.
+// Slots 0 and 1 of a tensor: θ and g.
+
+// float32 θ and g
+struct Float32Access {
+    template <class L> __device__ __forceinline__ float grad(const L& list, const i64 t, const i64 i) const {
+        return static_cast<const float*>(list.ptr[t][1])[i];
+    }
+    template <class L> __device__ __forceinline__ float load(const L& list, const i64 t, const i64 i) const {
+        return static_cast<const float*>(list.ptr[t][0])[i];
+    }
+    template <class L> __device__ __forceinline__ void store(const L& list, const i64 t, const i64 i,
+                                                             const float p) const {
+        static_cast<float*>(list.ptr[t][0])[i] = p;
+    }
+};
+
+// 16-bit θ (format H), g of θ's format or float32 (grad32), the float32 master in slot 7 (or null),
+// θ rounded to nearest or stochastically with the tensor's key (KeyedList::key).
+template <class H> struct LowAccess {
+    int grad32, stochastic_rounding;
+    template <class L> __device__ __forceinline__ float grad(const L& list, const i64 t, const i64 i) const {
+        const void* g = list.ptr[t][1];
+        return grad32 ? static_cast<const float*>(g)[i] : H::decode(static_cast<const unsigned short*>(g)[i]);
+    }
+    template <class L> __device__ __forceinline__ float load(const L& list, const i64 t, const i64 i) const {
+        const float* master = static_cast<const float*>(list.ptr[t][7]);
+        return master != nullptr ? master[i] : H::decode(static_cast<const unsigned short*>(list.ptr[t][0])[i]);
+    }
+    template <class L> __device__ __forceinline__ void store(const L& list, const i64 t, const i64 i,
+                                                             const float p) const {
+        float* master = static_cast<float*>(list.ptr[t][7]);
+        if (master != nullptr) master[i] = p;
+        static_cast<unsigned short*>(list.ptr[t][0])[i] =
+            stochastic_rounding ? stochastic<H>(p, uniform((u64)list.key[t], i)) : H::encode(p);
+    }
+};
+
+// The body of both 8-bit kernels. Slots per tensor: θ, g, θ̂ (or null), codes₀, absmax₀, codes₁,
+// absmax₁ (null when Op::states is 1) [, master]; aux = the tensor's first quantization block in
+// this launch. signed_k: the map row of state k.
+template <class Op, class L, class A>
+__device__ __forceinline__ void state8_blocks(const Op& op, const L& list, const A& access, const i64 blocks,
+                                              const int block, const float grad_mul,
+                                              const float* __restrict__ grad_mul_ptr, const float grad_clip,
+                                              const float avg_weight, const int signed0, const int signed1) {
     constexpr int S = Op::states;
     static_assert(S == 1 || S == 2, "one or two 8-bit states");
     __shared__ float values[S][256];
@@ -261,8 +237,6 @@ state8_update(const Op op, const AuxList<7> list, const i64 blocks, const int bl
         const i64 n = list.n[t];
         const i64 i = lb * block + j;
         const bool active = j < block && i < n;
-        float* param = static_cast<float*>(list.ptr[t][0]);
-        const float* grad = static_cast<const float*>(list.ptr[t][1]);
         float* avg = static_cast<float*>(list.ptr[t][2]);
         unsigned char* codes[2] = {static_cast<unsigned char*>(list.ptr[t][3]), static_cast<unsigned char*>(list.ptr[t][5])};
         float* absmax[2] = {static_cast<float*>(list.ptr[t][4]), static_cast<float*>(list.ptr[t][6])};
@@ -271,11 +245,11 @@ state8_update(const Op op, const AuxList<7> list, const i64 blocks, const int bl
         if (active) {
             #pragma unroll
             for (int k = 0; k < S; ++k) s[k] = values[k][codes[k][i]] * absmax[k][lb];
-            float g = grad[i] * mul;
+            float g = access.grad(list, t, i) * mul;
             g = g > grad_clip ? grad_clip : (g < -grad_clip ? -grad_clip : g);
-            float p = param[i];
+            float p = access.load(list, t, i);
             op(p, g, s);
-            param[i] = p;
+            access.store(list, t, i, p);
             if (avg != nullptr) {
                 const float a = avg[i];
                 avg[i] = a + avg_weight * (p - a);
@@ -318,6 +292,27 @@ state8_update(const Op op, const AuxList<7> list, const i64 blocks, const int bl
         }
         __syncthreads();  // warp_amax is rewritten by the next block
     }
+}
+
+// float32 θ. Slots: θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁.
+template <class Op>
+__global__ void __launch_bounds__(FO_BLOCK)
+state8_update(const Op op, const AuxList<7> list, const i64 blocks, const int block, const float grad_mul,
+              const float* __restrict__ grad_mul_ptr, const float grad_clip, const float avg_weight,
+              const int signed0, const int signed1) {
+    state8_blocks(op, list, Float32Access{}, blocks, block, grad_mul, grad_mul_ptr, grad_clip, avg_weight,
+                  signed0, signed1);
+}
+
+// 16-bit θ of format H. Slots: θ (16-bit), g (16-bit or float32: grad32), θ̂, codes₀, absmax₀,
+// codes₁, absmax₁, master (float32 or null); key = the tensor's rounding key (stochastic_rounding).
+template <class Op, class H>
+__global__ void __launch_bounds__(FO_BLOCK)
+state8_update_low(const Op op, const KeyedList<8> list, const i64 blocks, const int block, const float grad_mul,
+                  const float* __restrict__ grad_mul_ptr, const float grad_clip, const float avg_weight,
+                  const int signed0, const int signed1, const int grad32, const int stochastic_rounding) {
+    state8_blocks(op, list, LowAccess<H>{grad32, stochastic_rounding}, blocks, block, grad_mul, grad_mul_ptr,
+                  grad_clip, avg_weight, signed0, signed1);
 }
 
 }  // namespace fo

@@ -19,10 +19,17 @@ signatures and semantics, on GPU arrays (``docs/algorithms.md``, "Low-precision 
         Σ g² over 16-bit gradients (one dtype), in float64: per-block partials, reduce.cu's
         sum_partials, then one host read (a Python float, as the CPU backend returns; this reads
         the device, i.e. synchronizes with the launch stream).
-    state8_step(op, params, grads, states, avgs, *, grad_mul, grad_clip, avg_weight, block, **hyper)
-        float32 θ with 8-bit block-quantized states (pairs (codes uint8, absmax float32)): one CUDA
-        block of 256 threads per quantization block of ``block`` ≤ 256 elements (``block`` > 256
-        raises ValueError here; the CPU backends take any block).
+    state8_step(op, params, grads, states, avgs, *, grad_mul, grad_clip, avg_weight, block, masters,
+                rounding, seed, counter, indices, **hyper)
+        8-bit block-quantized states (pairs (codes uint8, absmax float32)): one CUDA block of 256
+        threads per quantization block of ``block`` ≤ 256 elements (``block`` > 256 raises
+        ValueError here; the CPU backends take any block). float32 θ (``fo::state8_update<Op>``),
+        or 16-bit θ updated as mixed_step updates it (``fo::state8_update_low<Op, H>``):
+            p ← m or f32(θ);  g ← clamp(f32(g)·grad_mul, ±grad_clip);  s_k ← map_k[q_k]·a_k
+            p, s ← update(p, g, s);  m ← p;  θ ← rn(p) or sr(p, uniform(key_t, i));  θ̂ update
+            a_k, q_k ← requantize(s_k)
+        No ``state_dtype`` (bfloat16 state): CuPy has no bfloat16 dtype to hold such state arrays,
+        so ``fastopt.precision.compact_module`` refuses state_dtype="bfloat16" on this backend.
     state8_supported(op, **hyper), state8_layout(op, **hyper)
         the rules of the CPU backend and the reference (copied here: backends do not import
         ``fastopt.reference``).
@@ -40,7 +47,7 @@ import numpy as np
 from . import _device, _loader, _sources
 from .optim import _CONFIGURE, _scalars, grad_mul_args
 
-__all__ = ["mixed_step", "mixed_sumsq", "state8_layout", "state8_step", "state8_supported", "tensor_key"]
+__all__ = ["mixed_step", "mixed_sumsq", "piece_key", "state8_layout", "state8_step", "state8_supported", "tensor_key"]
 
 _BLOCK = _sources.BLOCK
 _F32 = np.dtype(np.float32)
@@ -107,10 +114,19 @@ def _pointer(array) -> int:
 # 16-bit parameters
 
 
+def piece_key(seed: int, step: int, k: int, start: int = 0) -> int:
+    """``tensor_key`` of a piece that begins at element ``start`` of its parameter: the key plus
+    start·γ mod 2⁶⁴ (the uniform of element i adds (i + 1)·γ), as the int64 with the same bits."""
+    key = (tensor_key(seed, step, k) + int(start) * _GAMMA) & _MASK
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
 def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", seed=0, counter=0, indices=None,
-               grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper) -> None:
+               starts=None, grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper) -> None:
     """``op`` ("adam_step", ...) on 16-bit parameters, in place, in ⌈tensors / capacity⌉ launches
-    (see the module docstring). ``indices``: the tensors' places in their optimizer (None: 0, 1, …)."""
+    (see the module docstring). ``indices``: the tensors' places in their optimizer (None: 0, 1, …);
+    ``starts``: where each tensor begins in its parameter, for the stochastic-rounding stream
+    (``piece_key``; None: 0)."""
     if not params:
         return
     low = _low_format(params[0], "params[0]")
@@ -132,7 +148,7 @@ def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", 
                      _pointer(None if avgs is None else avgs[t])]
                     + [_device.pointer(states[t][i]) for i in used])
         sizes.append(n)
-        keys.append(tensor_key(seed, counter, indices[t]) if stochastic else 0)
+        keys.append(piece_key(seed, counter, indices[t], 0 if starts is None else starts[t]) if stochastic else 0)
     if not rows:
         return
     first = next(p for p in params if _device.size_of(p) > 0)
@@ -196,17 +212,95 @@ def _state8_plan(op, hyper):
     return variant, values
 
 
+def _check_state8(params, grads, states, avgs, masters, indices, layout, block, rounding):
+    """The 16-bit format of ``params`` (None for float32) and the gradients' dtype name; raises
+    TypeError (a dtype) or ValueError (anything else) naming the first bad argument."""
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    count = len(params)
+    for name, seq in (("grads", grads), ("states", states), ("avgs", avgs), ("masters", masters),
+                      ("indices", indices)):
+        if seq is not None and len(seq) != count:
+            raise ValueError(f"{name} has {len(seq)} entries, params has {count}")
+    if count == 0:
+        return None, "float32"
+    first = _dtype_name(params[0])
+    if first != "float32" and first not in _sources.LOW_FORMATS:
+        raise TypeError(f"params[0]: the cupy backend's 8-bit state takes float32, float16 or bfloat16 "
+                        f"params, got dtype {first}")
+    low = None if first == "float32" else first
+    if low is None and masters is not None:
+        raise ValueError("masters are float32 copies of 16-bit params; params[0] is float32 (pass masters=None)")
+    grad_name = _dtype_name(grads[0])
+    allowed = (low, "float32") if low is not None else ("float32",)
+    if grad_name not in allowed:
+        raise TypeError(f"grads[0]: expected {' or '.join(allowed)} gradients for {first} params, "
+                        f"got dtype {grad_name}")
+
+    def check(array, where, dtype, size):
+        name = _dtype_name(array)
+        if name != dtype:
+            raise TypeError(f"{where}: expected dtype {dtype}, got {name}")
+        if _device.size_of(array) != size:
+            raise ValueError(f"{where}: expected {size} elements, got {_device.size_of(array)} "
+                             f"(shape {tuple(array.shape)})")
+
+    for t, param in enumerate(params):
+        n = _device.size_of(param)
+        check(param, f"params[{t}]", first, n)
+        check(grads[t], f"grads[{t}]", grad_name, n)
+        if masters is not None:
+            check(masters[t], f"masters[{t}]", "float32", n)
+        if avgs is not None:
+            check(avgs[t], f"avgs[{t}]", "float32", n)
+        state = states[t]
+        if not isinstance(state, (tuple, list)) or len(state) <= max(slot for slot, _ in layout):
+            raise ValueError(f"states[{t}] must be a tuple in the op's state order, got {state!r:.80}")
+        for slot, _ in layout:
+            pair = state[slot]
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"states[{t}][{slot}] must be a pair (codes, absmax), got {pair!r:.80}")
+            check(pair[0], f"states[{t}][{slot}][0] (codes)", "uint8", n)
+            check(pair[1], f"states[{t}][{slot}][1] (absmax)", "float32", -(-n // block))
+    return low, grad_name
+
+
+def _pack_keyed(rows, sizes, firsts, keys):
+    """The KeyedList<STATE8_LOW_SLOTS> struct of one launch (≤ capacity tensors)."""
+    packed = np.zeros(1, _sources.keyed_list_dtype(_sources.STATE8_LOW_SLOTS))
+    count = len(rows)
+    packed["ptr"][0, :count] = np.asarray(rows, dtype=np.uint64)
+    packed["n"][0, :count] = np.asarray(sizes, dtype=np.int64)
+    packed["aux"][0, :count] = np.asarray(firsts, dtype=np.int64)
+    packed["key"][0, :count] = np.asarray(keys, dtype=np.int64)
+    packed["count"] = count
+    return packed
+
+
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, block=256,
-                **hyper) -> None:
-    """``op`` with 8-bit block-wise quantized state on every tensor of the lists (float32 θ, g,
-    θ̂; states[t][slot] = (codes, absmax) for the slots of ``state8_layout``), in place; raises
-    ValueError before launching anything for an unsupported configuration or block."""
+                masters=None, rounding="nearest", seed=0, counter=0, indices=None, **hyper) -> None:
+    """``op`` with 8-bit block-wise quantized state on every tensor of the lists (θ, g, θ̂;
+    states[t][slot] = (codes, absmax) for the slots of ``state8_layout``), in place; raises
+    ValueError (TypeError for a dtype) before launching anything for an unsupported configuration,
+    block or argument.
+
+    float32 θ: g float32, one launch of ``state8_update<Op>`` per ``list_capacity(7)`` tensors.
+    16-bit θ (float16 or bfloat16, one format for the list), as ``kernels/numba_cpu/state8.py``
+    updates it: g of θ's format or float32, ``masters`` float32 copies or None, θ rounded to
+    nearest or stochastically (``rounding``; key_t = tensor_key(seed, counter, indices[t]),
+    ``indices`` None: 0, 1, …), one launch of ``state8_update_low<Op, H>`` per
+    ``keyed_list_capacity(8)`` tensors. No ``state_dtype``: bfloat16 state arrays have no CuPy
+    dtype."""
     layout = state8_layout(op, **hyper)
     if not isinstance(block, int) or not 1 <= block <= _BLOCK:
         raise ValueError(f"block must be an int in [1, {_BLOCK}] on the cupy backend (one CUDA block of "
                          f"{_BLOCK} threads per quantization block), got {block!r}")
+    low, grad_name = _check_state8(params, grads, states, avgs, masters, indices, layout, block, rounding)
     variant, values = _state8_plan(op, hyper)
-    rows, sizes, blocks = [], [], []
+    stochastic = low is not None and rounding == "stochastic"
+    if indices is None:
+        indices = range(len(params))
+    rows, sizes, blocks, keys = [], [], [], []
     for t, (param, grad) in enumerate(zip(params, grads)):
         n = _device.size_of(param)
         if n == 0:
@@ -216,6 +310,9 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         for k in range(2):
             codes, absmax = pairs[k] if k < len(pairs) else (None, None)
             row += [_pointer(codes), _pointer(absmax)]
+        if low is not None:
+            row.append(_pointer(None if masters is None else masters[t]))
+            keys.append(tensor_key(seed, counter, indices[t]) if stochastic else 0)
         rows.append(row)
         sizes.append(n)
         blocks.append(-(-n // block))
@@ -225,20 +322,27 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     scalars = np.empty(1, _sources.state8_scalars_dtype(variant))
     scalars[0] = tuple(float(v) for v in values)
     mul_value, mul_pointer = grad_mul_args(grad_mul, _F32)
-    name = _sources.state8_kernel(variant)
+    name = _sources.state8_kernel(variant, low)
     first = next(p for p in params if _device.size_of(p) > 0)
     arrays = [*params, *grads, *(a for st in states for pair in st if pair is not None for a in pair),
-              *(avgs or ()), grad_mul]
+              *(avgs or ()), *(masters or ()), grad_mul]
+    tail = () if low is None else (np.int32(grad_name == "float32"), np.int32(stochastic))
     with _device.place(first, *arrays) as where:
-        capacity = _sources.list_capacity(_sources.STATE8_SLOTS)
+        capacity = (_sources.list_capacity(_sources.STATE8_SLOTS) if low is None
+                    else _sources.keyed_list_capacity(_sources.STATE8_LOW_SLOTS))
         for start in range(0, len(rows), capacity):
             counts = blocks[start:start + capacity]
             firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
             total = int(sum(counts))
-            (packed, _), = _pack(rows[start:start + capacity], sizes[start:start + capacity], firsts,
-                                 _sources.STATE8_SLOTS)
+            if low is None:
+                (packed, _), = _pack(rows[start:start + capacity], sizes[start:start + capacity], firsts,
+                                     _sources.STATE8_SLOTS)
+            else:
+                packed = _pack_keyed(rows[start:start + capacity], sizes[start:start + capacity], firsts,
+                                     keys[start:start + capacity])
             grid = min(total, _loader.resident("lowp", name, _BLOCK))
             _loader.launch("lowp", name, grid, _BLOCK,
                            (scalars, packed, np.int64(total), np.int32(block), mul_value, mul_pointer,
-                            np.float32(grad_clip), np.float32(avg_weight), np.int32(signed[0]), np.int32(signed[1])),
+                            np.float32(grad_clip), np.float32(avg_weight), np.int32(signed[0]), np.int32(signed[1]),
+                            *tail),
                            where.stream)

@@ -29,10 +29,13 @@ Design decisions
   training raises ``ValueError`` (one value has no variance), as torch does.
 * ``running_mean`` and ``running_var`` are given together or not at all.
 * 16-bit inputs (``docs/algorithms.md``, "16-bit inputs"): x (and dy) may be bfloat16 or float16
-  NumPy arrays on the host backends; ``weight``, ``bias``, the running and saved statistics,
-  ``dweight`` and ``dbias`` are then float32 (as in cuDNN and torch), y and dx have x's dtype, and
-  dy must have x's dtype. The result is the float32 batch norm of x decoded exactly, with y and dx
-  rounded to nearest even. The GPU backends raise ``TypeError`` for 16-bit x (not supported yet).
+  NumPy arrays on the host backends, float16 (and, on "cupy", bfloat16) device arrays on the GPU
+  backends; ``weight``, ``bias``, the running and saved statistics, ``dweight`` and ``dbias`` are
+  then float32 (as in cuDNN and torch), y and dx have x's dtype, and dy must have x's dtype. The
+  result is the float32 batch norm of x decoded exactly, with y and dx rounded to nearest even.
+  A backend module takes them through ``batchnorm_forward_lowp``/``batchnorm_backward_lowp`` (same
+  signatures as the float functions); on every backend these decode to float32 scratch, run the
+  float32 kernels and encode (not fused).
 
 Backend contract
 ----------------
@@ -101,7 +104,8 @@ _UNSET = _Unset()  # ``bias`` not passed to batchnorm_backward
 # argument checks
 
 
-_HOST_BACKENDS = ("numba", "numpy")
+# backend -> the kind of array its 16-bit batch norm takes (batchnorm_*_lowp)
+_LOW_BACKENDS = {"numba": "host", "numpy": "host", "numba-cuda": "device", "cupy": "device"}
 
 
 def _is_low(x) -> bool:
@@ -132,12 +136,16 @@ def _check_channel_axis(channel_axis, ndim: int) -> int:
 
 
 def _check_low_backend(x, backend) -> None:
-    """16-bit x runs on the host backends only (the GPU backends have no 16-bit batch norm yet)."""
+    """16-bit x: NumPy arrays on the host backends, device arrays on the GPU backends (which of
+    the 16-bit formats a GPU backend takes, its ``batchnorm_*_lowp`` checks: numba-cuda float16)."""
     if _is_low(x):
         name = dispatch.default_backend(x) if backend is None else backend
-        if name not in _HOST_BACKENDS:
-            raise TypeError(f"backend {name!r} does not take {dtype_of(x)} x for batch norm (yet): 16-bit "
-                            f"batch norm runs on the host backends 'numba' and 'numpy' (NumPy arrays)")
+        host = isinstance(x, np.ndarray)
+        if _LOW_BACKENDS.get(name) != ("host" if host else "device"):
+            kind = "NumPy arrays" if host else "device arrays"
+            raise TypeError(f"backend {name!r} does not take {dtype_of(x)} x ({kind}) for batch norm: 16-bit "
+                            "batch norm runs on 'numba' and 'numpy' for NumPy arrays and on 'numba-cuda' "
+                            "(float16) and 'cupy' for device arrays")
 
 
 def _check_channels(name: str, array, x: np.ndarray, axis: int, *, writeable: bool) -> np.ndarray:
@@ -365,8 +373,8 @@ class BatchNorm:
     For NumPy arrays of the layer's dtype and channel count, ``forward`` and ``backward`` check
     ``x``/``dy`` alone: the layer's own arrays were checked when it made them.
 
-    16-bit input: a float32 layer on a host backend takes bfloat16 or float16 ``x`` (and ``dy`` of
-    x's dtype) and returns y and dx in that dtype (``batchnorm_forward``, "16-bit inputs"); such
+    16-bit input: a float32 layer takes bfloat16 or float16 ``x`` (and ``dy`` of x's dtype) where its
+    backend does (``batchnorm_forward``, "16-bit inputs") and returns y and dx in that dtype; such
     calls take the full checks of the functions and allocate their results.
 
     The layer's arrays are NumPy arrays, unless ``backend`` names a GPU backend: ``"numba-cuda"``

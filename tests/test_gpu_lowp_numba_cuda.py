@@ -1,7 +1,9 @@
-"""float16 parameters and 8-bit optimizer state of the numba-cuda backend on a real GPU, at large
-sizes, against ``fastopt.reference``: the runners and comparisons of ``tests/cudasim/test_lowp.py``
-(θ within one float16 code and bitwise where the float32 values agree; 8-bit codes and absmax
-equal; float32 values within float32 tolerance).
+"""float16 parameters, 8-bit optimizer state (for float32 and float16 parameters) and float16 batch
+norm of the numba-cuda backend on a real GPU, at large sizes, against ``fastopt.reference``: the
+runners and comparisons of ``tests/cudasim/test_lowp.py``, ``test_lowp_state8.py`` and
+``helpers.run_batchnorm_f16`` (θ within one float16 code and bitwise where the float32 values
+agree; 8-bit codes and absmax equal; float32 values within float32 tolerance; float16 batch norm
+bit for bit the rounding of the float32 kernels, and within one float16 rounding of the reference).
 
 Marked ``gpu``; skipped with the reason when numba-cuda finds no usable CUDA device (and under the
 CUDA simulator, which tests/cudasim covers with small sizes).
@@ -20,6 +22,9 @@ import fastopt.kernels.numba_cuda as backend  # noqa: E402
 
 from cudasim.test_lowp import (MIXED_CASES, MIXED_OPTIONS, STATE8_CASES, _device,  # noqa: E402
                                _state8_id, run_mixed, run_state8)
+from cudasim.helpers import run_batchnorm_f16  # noqa: E402
+from cudasim.test_lowp_state8 import TABLE as STATE8_F16_TABLE  # noqa: E402
+from cudasim.test_lowp_state8 import run_state8_f16  # noqa: E402
 from fastopt.reference import mixed as ref_mixed  # noqa: E402
 from optim_cases import case_id  # noqa: E402
 
@@ -61,3 +66,32 @@ def test_state8_step_matches_reference(case, rng):
 def test_state8_step_options(options, rng):
     op, hyper = STATE8_CASES[1]
     run_state8(op, hyper, SHAPES, rng, steps=2, exact=False, **options)
+
+
+@pytest.mark.parametrize("case, options", STATE8_F16_TABLE,
+                         ids=[_state8_id(c) + "-" + "-".join(f"{k}={v}" for k, v in o.items())
+                              for c, o in STATE8_F16_TABLE])
+def test_state8_f16_matches_reference(case, options, rng):
+    """Every variant, each option set in several configurations (the simulator's table)."""
+    op, hyper = case
+    run_state8_f16(op, hyper, SHAPES, rng, steps=3, exact=False, **options)
+
+
+@pytest.mark.parametrize("options", [dict(master=True, rounding="stochastic", grad32=False, nan_grad=True),
+                                     dict(master=False, rounding="nearest", grad32=True, block=64),
+                                     dict(master=True, rounding="nearest", grad32=False, block=2048)],
+                         ids=["nan-block", "block64", "block2048"])
+def test_state8_f16_options(options, rng):
+    op, hyper = STATE8_CASES[0]
+    run_state8_f16(op, hyper, SHAPES, rng, steps=2, exact=False, **options)
+
+
+BN_F16_SHAPES = [((64, 32, 28, 28), 1), ((64, 28, 28, 32), 3), ((4096, 100), 1), ((3, 5, 7), 1), ((2, 3), 1)]
+
+
+@pytest.mark.parametrize("training, relu, affine", [(True, False, True), (True, True, False), (False, True, True)],
+                         ids=["train-linear-affine", "train-relu-plain", "eval-relu-affine"])
+@pytest.mark.parametrize("case", BN_F16_SHAPES, ids=lambda c: "x".join(map(str, c[0])) + f"-axis{c[1]}")
+def test_batchnorm_f16_is_the_float32_kernels_rounded(case, training, relu, affine, rng):
+    shape, axis = case
+    run_batchnorm_f16(rng, shape, axis, training=training, relu=relu, affine=affine)

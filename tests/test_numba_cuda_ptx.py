@@ -45,6 +45,11 @@ else:
     CASES = [(name, dt) for name, k in KERNELS.items() for dt in k.dtypes]
 
 
+# float32 kernels that only move float32 values as bits (integer operations), so their PTX need not
+# hold a .f32 instruction: the name and why
+BITS_ONLY = {"bn_lowp.encode_f16": "float32 → float16 rounding is integer arithmetic on the bit pattern"}
+
+
 def require(nvvm: bool = True) -> None:
     """Fail, never skip, when numba-cuda is missing or (``nvvm``) NVVM cannot be loaded."""
     problem = MISSING or (_nvvm_problem() if nvvm else "")
@@ -98,6 +103,19 @@ def test_every_kernel_is_registered():
             "reduce.scale", "reduce.convert", "arrays.fill"} <= names
 
 
+def test_the_low_precision_variants_are_registered():
+    """float16 θ with 8-bit state (one kernel per state8 variant) and the float16 batch-norm
+    conversions are in the registry, so the parametrized test above compiles each for sm_90 and
+    checks its float32 PTX for float64."""
+    require(nvvm=False)
+    state8 = {n for n in KERNELS if n.startswith("state8.") and not n.endswith("_f16")}
+    assert len(state8) == 8
+    assert {f"{n}_f16" for n in state8} <= set(KERNELS)
+    assert {"bn_lowp.decode_f16", "bn_lowp.encode_f16"} <= set(KERNELS)
+    for name in [f"{n}_f16" for n in state8] + ["bn_lowp.decode_f16", "bn_lowp.encode_f16"]:
+        assert KERNELS[name].float64 is None and KERNELS[name].dtypes == (numba.float32,), name
+
+
 @pytest.mark.parametrize("name, dtype", CASES, ids=[f"{n}-{d}" for n, d in CASES])
 def test_kernel_compiles_and_float32_computes_in_float32(name, dtype, device_for_device_functions):
     require()
@@ -107,7 +125,9 @@ def test_kernel_compiles_and_float32_computes_in_float32(name, dtype, device_for
     if dtype != numba.float32:
         return
     lines = float64_lines(ptx)
-    if kernel.float64 is None:
+    if name in BITS_ONLY:  # reads float32 as bits: no float instruction at all, float64 least of all
+        assert ".u16" in ptx and not lines, f"{name}: {lines[:5]}"
+    elif kernel.float64 is None:
         assert ".f32" in ptx, f"{name}: no float32 arithmetic at all"
         assert not lines, f"{name}: float64 in the float32 kernel: {lines[:5]}"
     else:

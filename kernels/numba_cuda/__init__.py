@@ -3,8 +3,10 @@
 Implements the backend contract of ``docs/backends.md`` on CUDA device arrays (numba device arrays,
 CuPy arrays, torch CUDA tensors, anything exposing ``__cuda_array_interface__``): the optimizer
 updates with the training-step extras (``optim``), tensor lists in one launch (``multi_step``),
-the gradient reductions (``reduce``), batch normalization (``batchnorm``), float16 parameters
-(``lowp``: ``mixed_step``, ``mixed_sumsq``) and 8-bit optimizer state (``state8``).
+the gradient reductions (``reduce``), batch normalization (``batchnorm``; float16 x and dy in
+``bn_lowp``: ``batchnorm_forward_lowp``, ``batchnorm_backward_lowp``), float16 parameters (``lowp``:
+``mixed_step``, ``mixed_sumsq``) and 8-bit optimizer state (``state8``, for float32 and float16
+parameters).
 
 Importing needs no GPU: kernels compile on first use (``_jit.KERNELS``), and ``unavailable_reason()``
 says whether a CUDA device is usable. Under numba-cuda's simulator (``NUMBA_ENABLE_CUDASIM=1``) the
@@ -33,6 +35,7 @@ from ._arrays import (  # noqa: E402
     zeros_like,
 )
 from .batchnorm import batchnorm_backward, batchnorm_forward  # noqa: E402
+from .bn_lowp import batchnorm_backward_lowp, batchnorm_forward_lowp  # noqa: E402
 from .lowp import mixed_step, mixed_sumsq  # noqa: E402
 from .optim import (  # noqa: E402
     adadelta_step,
@@ -51,7 +54,9 @@ __all__ = [
     "adagrad_step",
     "adam_step",
     "batchnorm_backward",
+    "batchnorm_backward_lowp",
     "batchnorm_forward",
+    "batchnorm_forward_lowp",
     "copy_from_numpy",
     "delta_bar_delta_step",
     "empty",

@@ -504,12 +504,20 @@ def _vector(array, dummy):
 def batchnorm_forward(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd, *,
                       training, momentum, eps, channel_axis, relu):
     """Batch normalization forward (see the module docstring and ``fastopt.batchnorm``)."""
+    stream = stream_of(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd)
+    forward_on(stream, x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd,
+               training=training, momentum=momentum, eps=eps, channel_axis=channel_axis, relu=relu)
+
+
+def forward_on(stream, x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd, *,
+               training, momentum, eps, channel_axis, relu):
+    """``batchnorm_forward``'s launches on ``stream`` (chosen by the caller: ``bn_lowp`` passes
+    float32 scratch for x and y and launches on the stream of the caller's arrays)."""
     dtype = dtype_of(x)
     outer, channels, inner = _layout(shape_of(x), channel_axis)
     if channels == 0:
         return
     m = outer * inner
-    stream = stream_of(x, weight, bias, running_mean, running_var, y, saved_mean, saved_invstd)
     mean_out = flat(saved_mean)
     invstd_out = flat(saved_invstd)
     if training and m == 0:  # an empty batch: nothing to normalize, statistics undefined
@@ -544,6 +552,14 @@ def batchnorm_forward(x, weight, bias, running_mean, running_var, y, saved_mean,
 def batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias, *,
                        training, channel_axis, relu):
     """Batch normalization backward (see the module docstring and ``fastopt.batchnorm``)."""
+    stream = stream_of(x, dy, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias)
+    backward_on(stream, dy, x, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias,
+                training=training, channel_axis=channel_axis, relu=relu)
+
+
+def backward_on(stream, dy, x, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias, *,
+                training, channel_axis, relu):
+    """``batchnorm_backward``'s launches on ``stream`` (see ``forward_on``)."""
     dtype = dtype_of(x)
     outer, channels, inner = _layout(shape_of(x), channel_axis)
     if channels == 0:
@@ -553,7 +569,6 @@ def batchnorm_backward(dy, x, weight, bias, saved_mean, saved_invstd, dx, dweigh
         fill(dweight, 0.0)
         fill(dbias, 0.0)
         return
-    stream = stream_of(x, dy, weight, bias, saved_mean, saved_invstd, dx, dweight, dbias)
     mean_view = flat(saved_mean)
     invstd_view = flat(saved_invstd)
     weight_view, has_weight = _vector(weight, invstd_view)

@@ -243,7 +243,7 @@ def stochastic_f16(x, u):
 # ---------------------------------------------------------------------------------------------
 # the mixed step: load, update, store
 
-_N, _FIRST, _PARAM, _GRAD, _MASTER, _AVG, _INDEX, _STATE = range(8)  # table columns
+_N, _FIRST, _PARAM, _GRAD, _MASTER, _AVG, _INDEX, _START, _STATE = range(9)  # table columns
 
 
 @cuda.jit(device=True)
@@ -299,7 +299,8 @@ def _mixed_kernel(update, states):
             n = table[t, _N]
             start = (q - table[t, _FIRST]) * _CHUNK
             stop = min(start + _CHUNK, n)
-            key = _tensor_key(seed, counter, table[t, _INDEX])
+            # a piece starting at element s of its parameter draws that parameter's stream from s
+            key = _add64(_tensor_key(seed, counter, table[t, _INDEX]), _mul64(_u64(table[t, _START]), _GAMMA))
             param, grad16, grad32, master, avg, has_avg = _views(table, t, like16, like32, grad_is32,
                                                                  has_master)
             if states == 0:
@@ -375,14 +376,15 @@ def _check_params(params, grads):
 
 
 def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", seed=0, counter=0,
-               indices=None, grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper) -> None:
+               indices=None, starts=None, grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, **hyper) -> None:
     """``op`` (``"adam_step"``, ...) on float16 parameters, in place, in one kernel launch.
 
     ``params``: C-contiguous float16 device arrays; ``grads``: float16 or float32 (one dtype);
     ``masters``: float32 master copies or None; ``states``: per tensor the op's state tuple
     (float32); ``avgs``: float32 Polyak averages or None. ``rounding``: ``"nearest"`` or
     ``"stochastic"``, element i of tensor t drawing ``uniform(tensor_key(seed, counter,
-    indices[t]), i)`` (``indices`` defaults to 0, 1, …)."""
+    indices[t]), i)`` (``indices`` defaults to 0, 1, …), or with ``starts`` ``uniform(…, starts[t] + i)``:
+    tensor t is then the piece of a parameter that begins at element starts[t]."""
     variant, used, scalars = _PLANS[op](**hyper)
     if not params:
         return
@@ -403,7 +405,7 @@ def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", 
         avg = None if avgs is None else avgs[k]
         rows.append((n, address(param), address(grads[k]),
                      0 if masters is None else address(masters[k]),
-                     0 if avg is None else address(avg), int(indices[k]),
+                     0 if avg is None else address(avg), int(indices[k]), 0 if starts is None else int(starts[k]),
                      *(address(states[k][j]) for j in used)))
     table, chunks = _tensors.table(rows, stream)
     if chunks == 0:

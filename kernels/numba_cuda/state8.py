@@ -3,7 +3,8 @@ of ``kernels/numba_cpu/state8.py`` (``docs/algorithms.md``, "Optimizers with 8-b
 signatures, rules and results:
 
     state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
-                avg_weight=0.0, block=256, **hyper)
+                avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0,
+                indices=None, **hyper)
     state8_supported(op, **hyper) -> None or the reason;  state8_layout(op, **hyper)
 
 float32 θ, g (and θ̂) device arrays; each used state a pair (codes uint8 of θ's shape, absmax
@@ -28,8 +29,30 @@ a larger ``block`` raises ``ValueError``. The tensor list goes through ``_tensor
 each tensor's size given as (its number of blocks) · ``CHUNK``, so that a table chunk is exactly
 one quantization block; the real size and the block are extra table columns.
 
-Kernels (float32 only): ``state8.<variant>`` for adam, sgd_momentum, sgd_nesterov,
-sgd_nesterov_torch, adagrad, rmsprop, rmsprop_momentum, rmsprop_nesterov.
+float16 θ (``docs/algorithms.md``, "Low-precision parameters"; ``masters``, ``rounding``,
+``seed``, ``counter``, ``indices`` as ``lowp.mixed_step`` takes them, the semantics of the CPU
+backend and of ``fastopt/reference/state8.py``): the same blocks, with θ's float32 value and the
+gradient read as ``lowp.mixed_step`` reads them and θ stored rounded (``lowp``'s bit conversions,
+stochastic rounding and device-side tensor keys), so that, with masters or not, rounded to nearest
+or stochastically, θ, the masters, the codes and absmax equal the reference's bit for bit:
+
+    p = m[i] (masters) or f32(θ[i]);   g = f32(g[i]) (float16 g) or g[i] (float32 g)
+    s_k = map_k[q_k,j] · a_k;  g ← extras(g);  p, s_k ← update(p, g, s_k);  θ̂_j ← θ̂_j + w (p − θ̂_j)
+    m[i] ← p;  θ[i] ← rn(p) or sr(p, uniform(tensor_key(seed, counter, indices[t]), i))
+    then the block requantizes as above
+
+Only float16: the CUDA array interface has no bfloat16 typestr, so a bfloat16 device array cannot
+reach this backend; another 16-bit θ raises ``TypeError`` naming the backend (``lowp``'s check).
+Gradients are float16 or float32 (one dtype per call), masters float32 or None (None for float32
+θ, which is its own master copy: masters given with float32 θ raise ``ValueError``); ``rounding``,
+``seed``, ``counter`` and ``indices`` do not apply to float32 θ. No bfloat16 state
+(``state_dtype``) on this backend. Memory traffic per element of float16 θ: 2 (θ) + 2 or 4 (g) + k
+(codes) read, 2 + k written (+ 8 with masters, + 8 with θ̂), plus the absmax per block.
+
+Kernels (float32 arithmetic only): ``state8.<variant>`` (float32 θ) and ``state8.<variant>_f16``
+(float16 θ; table rows carry the master copy's address and the tensor index as two more columns)
+for adam, sgd_momentum, sgd_nesterov, sgd_nesterov_torch, adagrad, rmsprop, rmsprop_momentum,
+rmsprop_nesterov.
 """
 
 from __future__ import annotations
@@ -42,12 +65,13 @@ from numba import cuda, types
 from . import _tensors
 from ._arrays import address, dtype_of, flat, shape_of, stream_of
 from ._jit import SIMULATOR, THREADS, blocks_for, kernel
-from .lowp import _u64, bits_f32, f32_bits, view
+from .lowp import (_check_params, _int64, _tensor_key, _u64, bits_f32, f16_to_f32, f32_bits, f32_to_f16,
+                   stochastic_f16, uniform, view)
 from .reduce import multiplier
 from ..numba_cpu.quantize import MAP_AS, THRESHOLDS, ZERO
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 
-__all__ = ["MAX_BLOCK", "STATE8", "SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
+__all__ = ["MAX_BLOCK", "STATE8", "STATE8_F16", "SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
 
 MAX_BLOCK = 2048
 _CHUNK = _tensors.CHUNK
@@ -338,6 +362,115 @@ del _name, _update, _states, _scalars
 
 
 # ---------------------------------------------------------------------------------------------
+# the float16 kernel: the same blocks, θ float16 (a uint16 view), g float16 or float32, masters
+
+_MASTER, _INDEX = 11, 12  # the float16 kernel's two more table columns
+
+
+def _state8_f16_kernel(update, states):
+    """The float32 kernel's blocks with float16 θ: p = m[i] or f32(θ[i]), g = f32(g[i]) (or g[i]
+    float32), the same update and requantization, then m[i] ← p and θ[i] ← rn(p) or
+    sr(p, uniform(key_t, i)) (``lowp``: the bit conversions, stochastic rounding and tensor keys of
+    ``mixed_step``)."""
+
+    def state8_f16(table, like16, like32, like8, mul_array, use_mul_array, mul, clip, avg_weight,
+                   chunks, signed0, signed1, has_master, stochastic, grad_is32, seed, counter, hyper):
+        m = mul_array[0] if use_mul_array else mul
+        constants = cuda.const.array_like(_MAPS)
+        maps = cuda.shared.array((4, 256), types.float32)
+        scratch = cuda.shared.array((2, MAX_BLOCK), types.float32)
+        red = cuda.shared.array((2, THREADS), types.uint64)
+        rows0 = 0 if signed0 else 1
+        rows1 = 0 if signed1 else 1
+        for j in range(cuda.threadIdx.x, 256, cuda.blockDim.x):
+            maps[0, j] = constants[rows0, j]
+            maps[1, j] = constants[rows1, j]
+            maps[2, j] = constants[rows0 + 2, j]
+            maps[3, j] = constants[rows1 + 2, j]
+        cuda.syncthreads()
+        zero0 = _ZERO_SIGNED if signed0 else _ZERO_UNSIGNED
+        zero1 = _ZERO_SIGNED if signed1 else _ZERO_UNSIGNED
+        for q in range(cuda.blockIdx.x, chunks, cuda.gridDim.x):
+            t = _find(table, q)
+            b = q - table[t, _FIRST]
+            n = table[t, _SIZE]
+            block = table[t, _BLOCK]
+            blocks = table[t, _N] // _CHUNK
+            i0 = b * block
+            count = min(block, n - i0)
+            key = _tensor_key(seed, counter, table[t, _INDEX])
+            param = view(table[t, _PARAM], n, like16)
+            grad16 = view(table[t, _GRAD], 0 if grad_is32 else n, like16)
+            grad32 = view(table[t, _GRAD], n if grad_is32 else 0, like32)
+            master = view(table[t, _MASTER] if has_master else table[t, _PARAM], n if has_master else 0,
+                          like32)
+            has_avg = table[t, _AVG] != 0
+            avg = view(table[t, _AVG] if has_avg else table[t, _PARAM], n if has_avg else 0, like32)
+            codes0 = view(table[t, _CODES0], n, like8)
+            absmax0 = view(table[t, _ABSMAX0], blocks, like32)
+            two = states > 1
+            codes1 = view(table[t, _CODES1] if two else table[t, _CODES0], n if two else 0, like8)
+            absmax1 = view(table[t, _ABSMAX1] if two else table[t, _ABSMAX0], blocks if two else 0,
+                           like32)
+            a0 = absmax0[b]
+            a1 = absmax1[b] if two else _F32_ZERO
+            bits0 = _NO_BITS
+            bits1 = _NO_BITS
+            for j in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+                i = i0 + j
+                s0 = maps[0, codes0[i]] * a0
+                s1 = maps[1, codes1[i]] * a1 if two else _F32_ZERO
+                if grad_is32:
+                    g = grad32[i]
+                else:
+                    g = f16_to_f32(grad16[i])
+                g = _transformed(g, m, clip)
+                if has_master:
+                    p = master[i]
+                else:
+                    p = f16_to_f32(param[i])
+                p, s0, s1 = update(p, g, s0, s1, hyper)
+                if has_master:
+                    master[i] = p
+                if stochastic:
+                    param[i] = stochastic_f16(p, uniform(key, i))
+                else:
+                    param[i] = f32_to_f16(p)
+                if has_avg:
+                    a = avg[i]
+                    avg[i] = _add(a, _mul(avg_weight, _sub(p, a)))
+                scratch[0, j] = s0
+                bits0 = max(bits0, _u64(f32_bits(s0)) & _ABS32)
+                if two:
+                    scratch[1, j] = s1
+                    bits1 = max(bits1, _u64(f32_bits(s1)) & _ABS32)
+            amax0 = _block_max(red, 0, bits0)
+            _requantize(scratch, 0, count, amax0, codes0, i0, absmax0, b, maps, 2, zero0)
+            if two:
+                amax1 = _block_max(red, 1, bits1)
+                _requantize(scratch, 1, count, amax1, codes1, i0, absmax1, b, maps, 3, zero1)
+            cuda.syncthreads()  # scratch and red are reused by the next block
+
+    return state8_f16
+
+
+def _f16_signature(scalars):
+    def signature(dt):
+        f32, flag = types.float32, types.boolean
+        return types.void(types.int64[:, ::1], types.uint16[::1], f32[::1], types.uint8[::1], f32[::1],
+                          flag, f32, f32, f32, types.int64, flag, flag, flag, flag, flag, types.int64,
+                          types.int64, types.UniTuple(f32, scalars))
+    return signature
+
+
+STATE8_F16 = {}
+for _name, (_update, _states, _scalars) in _VARIANTS.items():
+    STATE8_F16[_name] = kernel(_f16_signature(_scalars), name=f"state8.{_name}_f16",
+                               dtypes=(types.float32,))(_state8_f16_kernel(_update, _states))
+del _name, _update, _states, _scalars
+
+
+# ---------------------------------------------------------------------------------------------
 # plans: the CPU backend's (same scalars, same slots), by variant name
 
 
@@ -376,19 +509,65 @@ def _check(array, where, dtype, shape):
                          f"got {dtype_of(array)} {tuple(shape_of(array))}")
 
 
+def _check_lengths(params, **lists):
+    for name, seq in lists.items():
+        if seq is not None and len(seq) != len(params):
+            raise ValueError(f"{name} has {len(seq)} entries, params has {len(params)}")
+
+
+def _state_pairs(states, t, slots, shape, n, block):
+    """The (codes, absmax) addresses of tensor t's used states, checked; two pairs, (0, 0) unused."""
+    pairs = []
+    for slot, _ in slots:
+        state = states[t]
+        if not isinstance(state, (tuple, list)) or len(state) <= slot:
+            raise ValueError(f"states[{t}] must be a tuple in the op's state order, got {state!r:.80}")
+        pair = state[slot]
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"states[{t}][{slot}] must be a pair (codes, absmax), got {pair!r:.80}")
+        _check(pair[0], f"states[{t}][{slot}][0] (codes)", np.uint8, shape)
+        _check(pair[1], f"states[{t}][{slot}][1] (absmax)", np.float32, (-(-n // block),))
+        pairs.append((address(pair[0]), address(pair[1])))
+    if len(pairs) == 1:
+        pairs.append((0, 0))
+    return pairs
+
+
+def _is_16bit(dtype) -> bool:
+    return np.dtype(dtype).itemsize == 2
+
+
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
-                avg_weight=0.0, block=256, **hyper) -> None:
+                avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0,
+                indices=None, **hyper) -> None:
     """``op`` with 8-bit block-wise quantized state on every tensor of the lists, in one launch
-    (module docstring); raises ValueError, before writing anything, for an unsupported
-    configuration or a bad argument."""
+    (module docstring); raises ValueError (TypeError for a dtype), before writing anything, for an
+    unsupported configuration or a bad argument.
+
+    ``params`` float32, or float16 (one dtype per call; bfloat16 cannot reach this backend and
+    raises ``TypeError``), updated as ``lowp.mixed_step`` updates them: ``grads`` float16 or
+    float32 (one dtype), ``masters`` float32 copies or None, θ stored rounded to nearest or
+    stochastically (``rounding``) with the keys ``tensor_key(seed, counter, indices[t])``
+    (``indices`` defaults to 0, 1, …). float32 ``params`` are not rounded, so ``rounding``,
+    ``seed``, ``counter`` and ``indices`` do not apply to them, and ``masters`` must be None."""
     reason = state8_supported(op, **hyper)
     if reason is not None:
         raise ValueError(reason)
     if not isinstance(block, int) or not 1 <= block <= MAX_BLOCK:
         raise ValueError(f"block must be an int in [1, {MAX_BLOCK}] on numba-cuda, got {block!r}")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
     if len(params) == 0:
         return
+    _check_lengths(params, grads=grads, states=states, avgs=avgs, masters=masters, indices=indices)
     variant, slots, scalars = _plan(op, hyper)
+    if _is_16bit(dtype_of(params[0])):
+        _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, masters, grad_mul, grad_clip,
+                         avg_weight, block, rounding == "stochastic", seed, counter, indices)
+        return
+    if masters is not None:
+        raise ValueError("masters: float32 params are their own master copy; expected None, got a list "
+                         f"of {len(masters)}")
     rows = []
     for t, param in enumerate(params):
         shape = tuple(shape_of(param))
@@ -398,16 +577,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         avg = None if avgs is None else avgs[t]
         if avg is not None:
             _check(avg, f"avgs[{t}]", np.float32, shape)
-        pairs = []
-        for slot, _ in slots:
-            pair = states[t][slot]
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise ValueError(f"states[{t}][{slot}] must be a pair (codes, absmax), got {pair!r:.80}")
-            _check(pair[0], f"states[{t}][{slot}][0] (codes)", np.uint8, shape)
-            _check(pair[1], f"states[{t}][{slot}][1] (absmax)", np.float32, (-(-n // block),))
-            pairs.append((address(pair[0]), address(pair[1])))
-        if len(pairs) == 1:
-            pairs.append((0, 0))
+        pairs = _state_pairs(states, t, slots, shape, n, block)
         if n == 0:
             continue
         rows.append((-(-n // block) * _CHUNK, address(param), address(grads[t]),
@@ -427,3 +597,49 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     STATE8[variant][np.float32][blocks_for(chunks, threads=1), THREADS, stream](
         table, like32, like8, mul_array, use_mul_array, f32(mul), f32(grad_clip), f32(avg_weight),
         np.int64(chunks), signed[0], signed[1], tuple(f32(s) for s in scalars))
+
+
+def _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, masters, grad_mul, grad_clip,
+                     avg_weight, block, stochastic, seed, counter, indices):
+    """``state8_step`` on float16 ``params``: checks everything, then one launch of
+    ``STATE8_F16[variant]``."""
+    grad_is32 = _check_params(params, grads)
+    gdt = np.float32 if grad_is32 else np.float16
+    if indices is None:
+        indices = range(len(params))
+    rows = []
+    for t, param in enumerate(params):
+        shape = tuple(shape_of(param))
+        n = math.prod(shape)
+        _check(grads[t], f"grads[{t}]", gdt, shape)
+        if masters is not None:
+            _check(masters[t], f"masters[{t}]", np.float32, shape)
+        avg = None if avgs is None else avgs[t]
+        if avg is not None:
+            _check(avg, f"avgs[{t}]", np.float32, shape)
+        index = indices[t]
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"indices[{t}] must be an int, got {type(index).__name__} {index!r}")
+        pairs = _state_pairs(states, t, slots, shape, n, block)
+        if n == 0:
+            continue
+        rows.append((-(-n // block) * _CHUNK, address(param), address(grads[t]),
+                     0 if avg is None else address(avg), *pairs[0], *pairs[1], n, block,
+                     0 if masters is None else address(masters[t]), int(index)))
+    if not rows:
+        return
+    arrays = [*params, *grads, *(masters or ()), *(a for a in (avgs or ()) if a is not None),
+              *(states[t][slot][j] for t in range(len(params)) for slot, _ in slots for j in (0, 1)),
+              grad_mul]
+    stream = stream_of(*arrays)
+    table, chunks = _tensors.table(rows, stream)
+    like16 = flat(params[0]).view(np.uint16)
+    like32 = flat(states[0][slots[0][0]][1])  # absmax: float32 in every configuration
+    like8 = flat(states[0][slots[0][0]][0])
+    mul_array, use_mul_array, mul = multiplier(grad_mul, _F32, stream, like32)
+    f32 = np.float32
+    signed = [s for _, s in slots] + [slots[0][1]]
+    STATE8_F16[variant][np.float32][blocks_for(chunks, threads=1), THREADS, stream](
+        table, like16, like32, like8, mul_array, use_mul_array, f32(mul), f32(grad_clip), f32(avg_weight),
+        np.int64(chunks), signed[0], signed[1], masters is not None, stochastic, grad_is32, _int64(seed),
+        _int64(counter), tuple(f32(s) for s in scalars))

@@ -259,3 +259,96 @@ def bn_compare(got, ref, case, dtype, *, relu, axis, keys=None):
             i = np.unravel_index(np.argmax(err / bound), err.shape)
             raise AssertionError(f"{key}: |{actual[i]!r} - {expected[i]!r}| = {err[i]:.3e} > {bound[i]:.3e} "
                                  f"at {i}; worst error / bound = {np.max(err / bound):.3g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# batch normalization of float16 x and dy (``bn_lowp``)
+
+
+def _run_f16_or_f32(lowp, inputs, shape, axis, *, training, relu):
+    """Forward then backward on the device: float16 x, dy through the ``*_lowp`` functions, or
+    their float32 decodings through the float32 ones; every output poisoned (NaN) first."""
+    x16, dy16, weight, bias, running_mean, running_var = inputs
+    channels = shape[axis]
+    dtype = np.float16 if lowp else np.float32
+    x = device(x16 if lowp else x16.astype(np.float32))
+    dy = device(dy16 if lowp else dy16.astype(np.float32))
+    weight, bias = (None if v is None else device(v) for v in (weight, bias))
+    d_mean, d_var = device(running_mean), device(running_var)
+    y, dx = (device(np.full(shape, np.nan, dtype)) for _ in range(2))
+    mean, invstd, dweight, dbias = (device(np.full(channels, np.nan, np.float32)) for _ in range(4))
+    forward = backend.batchnorm_forward_lowp if lowp else backend.batchnorm_forward
+    backward = backend.batchnorm_backward_lowp if lowp else backend.batchnorm_backward
+    forward(x, weight, bias, d_mean, d_var, y, mean, invstd, training=training, momentum=0.1, eps=1e-5,
+            channel_axis=axis, relu=relu)
+    backward(dy, x, weight, bias, mean, invstd, dx, dweight, dbias, training=training, channel_axis=axis,
+             relu=relu)
+    return dict(y=host(y), saved_mean=host(mean), saved_invstd=host(invstd), running_mean=host(d_mean),
+                running_var=host(d_var), dx=host(dx), dweight=host(dweight), dbias=host(dbias))
+
+
+def run_batchnorm_f16(rng, shape, axis, *, training, relu, affine=True):
+    """float16 batch norm (forward and backward) on the device, checked two ways:
+
+    * bit for bit the rounding (to nearest even) of the backend's float32 kernels run on the
+      decoded inputs, and float32 outputs equal to theirs (the module only decodes and encodes);
+    * against the float64 reference of the decoded inputs: y and dx within one float16 rounding
+      (relative 2⁻¹⁰) or, near 0, within 10⁻⁴ of the largest terms they are computed from (the
+      float32 error of the terms: dx of a channel with few values cancels to about 0),
+      float32 outputs within float32 tolerance (absolute: 10⁻⁵ of the largest channel's); with
+      relu, elements whose pre-activation lies within float32 rounding of 0 (either side of the
+      mask is right) are left out of dx and widen the dweight and dbias bounds by their terms."""
+    channels = shape[axis % len(shape)]
+    inputs = ((rng.standard_normal(shape) * 2 + 0.5).astype(np.float16),
+              rng.standard_normal(shape).astype(np.float16),
+              (rng.standard_normal(channels) + 1).astype(np.float32) if affine else None,
+              rng.standard_normal(channels).astype(np.float32) if affine else None,
+              rng.standard_normal(channels).astype(np.float32),
+              (rng.random(channels) + 0.5).astype(np.float32))
+    got = _run_f16_or_f32(True, inputs, shape, axis, training=training, relu=relu)
+    f32 = _run_f16_or_f32(False, inputs, shape, axis, training=training, relu=relu)
+    for key in ("y", "dx"):
+        assert got[key].dtype == np.float16 and got[key].shape == shape, key
+        np.testing.assert_array_equal(got[key].view(np.uint16), f32[key].astype(np.float16).view(np.uint16),
+                                      err_msg=f"{key}: not the float32 kernels' result rounded")
+    for key in ("saved_mean", "saved_invstd", "running_mean", "running_var", "dweight", "dbias"):
+        np.testing.assert_array_equal(got[key], f32[key], err_msg=key)
+
+    x64, dy64, weight, bias, running_mean, running_var = (None if v is None else v.astype(np.float64)
+                                                          for v in inputs)
+    ref = {k: np.empty(shape) for k in ("y", "dx")}
+    ref.update({k: np.empty(channels) for k in ("saved_mean", "saved_invstd", "dweight", "dbias")})
+    ref["running_mean"], ref["running_var"] = running_mean, running_var
+    reference.batchnorm_forward(x64, weight, bias, running_mean, running_var, ref["y"], ref["saved_mean"],
+                                ref["saved_invstd"], training=training, momentum=0.1, eps=1e-5,
+                                channel_axis=axis % len(shape), relu=relu)
+    reference.batchnorm_backward(dy64, x64, weight, bias, ref["saved_mean"], ref["saved_invstd"], ref["dx"],
+                                 ref["dweight"], ref["dbias"], training=training, channel_axis=axis % len(shape),
+                                 relu=relu)
+    # with relu, a pre-activation within float32 rounding of 0 may take either side of the mask:
+    # such elements are left out of dx, and their terms widen the bounds of dweight and dbias
+    ndim, axis = len(shape), axis % len(shape)
+    extra = {"dweight": np.zeros(channels), "dbias": np.zeros(channels)}
+    ambiguous = np.zeros(shape, bool)
+    gamma = _channel(np.ones(channels) if weight is None else weight, ndim, axis)
+    xhat = (x64 - _channel(ref["saved_mean"], ndim, axis)) * _channel(ref["saved_invstd"], ndim, axis)
+    scaled = xhat * gamma
+    shift = _channel(np.zeros(channels) if bias is None else bias, ndim, axis)
+    # the largest terms each output is computed from (dx cancels to ~0 for tiny m, e.g. m = 2)
+    terms = {"y": np.max(np.abs(scaled) + np.abs(shift), initial=0.0),
+             "dx": np.max(np.abs(gamma * _channel(ref["saved_invstd"], ndim, axis)), initial=0.0)
+             * np.max(np.abs(dy64), initial=0.0) * (1.0 + np.max(np.abs(xhat), initial=0.0))}
+    if relu:
+        ambiguous = np.abs(scaled + shift) <= 1e-5 * (1.0 + np.abs(scaled) + np.abs(shift))
+        others = tuple(a for a in range(ndim) if a != axis)
+        extra["dbias"] = np.sum(np.where(ambiguous, np.abs(dy64), 0.0), axis=others)
+        extra["dweight"] = np.sum(np.where(ambiguous, np.abs(dy64 * xhat), 0.0), axis=others)
+    for key, value in ref.items():
+        if key in ("y", "dx"):
+            keep = ~ambiguous if key == "dx" else np.ones(shape, bool)
+            np.testing.assert_allclose(got[key].astype(np.float64)[keep], value[keep], rtol=2.0**-10,
+                                       atol=1e-4 * terms[key], err_msg=key)
+        else:  # sums over m values (dweight, dbias) may cancel: absolute error against the largest
+            bound = 1e-5 * (np.abs(value) + max(1.0, np.max(np.abs(value), initial=0.0))) + extra.get(key, 0.0)
+            error = np.abs(got[key].astype(np.float64) - value)
+            assert np.all(error <= bound), f"{key}: error {np.max(error - bound)} past the bound"

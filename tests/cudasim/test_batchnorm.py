@@ -20,7 +20,7 @@ import pytest
 import fastopt.kernels.numba_cuda as backend
 import fastopt.reference as reference
 
-from .helpers import bn_case, bn_compare, device, host, run_batchnorm
+from .helpers import bn_case, bn_compare, device, host, run_batchnorm, run_batchnorm_f16
 
 SHAPES = [
     ((7, 3), 1),            # rank 2, channels last (inner = 1), one block per channel group
@@ -141,3 +141,63 @@ def test_eval_forward_saves_the_running_statistics(rng):
     np.testing.assert_array_equal(got["saved_mean"], case["running_mean"])
     np.testing.assert_allclose(got["saved_invstd"], 1 / np.sqrt(case["running_var"] + 1e-5), rtol=1e-15)
     assert math.isfinite(host(device(got["y"])).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 x and dy (``bn_lowp``: decode, the float32 kernels, encode)
+
+# one case (each launch costs the simulator ~0.1 s): the shape-dependent code is the float32 kernels'
+# (the tests above); tests/test_gpu_lowp_numba_cuda.py runs more shapes, eval mode and no affine
+F16_TABLE = [(((7, 3), 1), True, True, True)]  # channels last, training, relu, affine
+
+
+@pytest.mark.parametrize("case_shape, training, relu, affine", F16_TABLE,
+                         ids=[f"{shape_id(s)}-{'train' if t else 'eval'}-{'relu' if r else 'linear'}-"
+                              f"{'affine' if a else 'plain'}" for s, t, r, a in F16_TABLE])
+def test_batchnorm_f16_is_the_float32_kernels_rounded(case_shape, training, relu, affine, rng):
+    shape, axis = case_shape
+    run_batchnorm_f16(rng, shape, axis, training=training, relu=relu, affine=affine)
+
+
+def test_f16_conversion_kernels_match_the_cpu_backend_bits(rng):
+    """decode: every float16 pattern class (±0, subnormals, normals, ±Inf, quiet and signalling
+    NaNs with payloads) exactly; encode: round to nearest even, ties, overflow, subnormal results
+    and NaN: the bits of the CPU backend's conversion passes (``numba_cpu.bn_lowp``)."""
+    from fastopt.kernels.numba_cpu import bn_lowp as cpu
+    from fastopt.kernels.numba_cuda import bn_lowp
+
+    bits = np.concatenate([np.array([0, 0x8000, 1, 0x3FF, 0x400, 0x3C00, 0x7BFF, 0x7C00, 0xFC00, 0x7C01,
+                                     0x7E00, 0xFFFF, 0x8001], np.uint16),
+                           rng.integers(0, 1 << 16, 100, dtype=np.uint16)])
+    out = device(np.full(bits.size, np.nan, np.float32))
+    bn_lowp._decode(device(bits).view(np.float16), out, 0)
+    want = np.empty(bits.size, np.float32)
+    cpu._decode(bits.view(np.float16), want)
+    np.testing.assert_array_equal(host(out).view(np.uint32), want.view(np.uint32))
+
+    values = np.concatenate([np.float32([1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 65519.0, 65520.0, -70000.0, 2.0**-25,
+                                         3 * 2.0**-26, -6e-8, np.inf, -np.inf, np.nan, -np.nan]),
+                             rng.standard_normal(100).astype(np.float32) * 1e3])
+    encoded = device(np.zeros(values.size, np.uint16))
+    bn_lowp._encode(device(values), encoded.view(np.float16), 0)
+    want = np.empty(values.size, np.float16)
+    cpu._encode(values, want)
+    np.testing.assert_array_equal(host(encoded), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("which", ["x-float32", "y-float32", "dx-float32"])
+def test_batchnorm_f16_bad_dtype_raises_before_writing(which):
+    """A float32 x, y or dx given to the float16 functions: TypeError naming it; nothing written."""
+    x16 = device(np.ones((4, 3), np.float16))
+    ones = device(np.ones(3, np.float32))
+    out = device(np.full((4, 3), np.nan, np.float16 if which == "x-float32" else np.float32))
+    a, b = device(np.full(3, np.nan, np.float32)), device(np.full(3, np.nan, np.float32))
+    with pytest.raises(TypeError, match=f"{which.split('-')[0]}: .*float16 only"):
+        if which == "dx-float32":
+            backend.batchnorm_backward_lowp(x16, x16, ones, ones, ones, ones, out, a, b, training=True,
+                                            channel_axis=1, relu=False)
+        else:
+            x = device(np.ones((4, 3), np.float32)) if which == "x-float32" else x16
+            backend.batchnorm_forward_lowp(x, ones, ones, ones, ones, out, a, b, training=True, momentum=0.1,
+                                           eps=1e-5, channel_axis=1, relu=False)
+    assert np.isnan(host(a)).all() and np.isnan(host(b)).all() and np.isnan(host(out)).all()

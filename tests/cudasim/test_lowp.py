@@ -124,9 +124,11 @@ def test_mixed_step_matches_reference(case, options, rng):
     run_mixed(name, hyper, SHAPES, rng, **options)
 
 
-def test_stochastic_rounding_is_bitwise_the_reference():
+@pytest.mark.parametrize("starts", [None, [1000]], ids=["whole", "piece"])
+def test_stochastic_rounding_is_bitwise_the_reference(starts):
     """θ from float32 masters of known values: the stochastic bits equal the reference's exactly,
-    including ties, subnormals, overflow, ±Inf and NaN (SGD with lr = 0 keeps p = m)."""
+    including ties, subnormals, overflow, ±Inf and NaN (SGD with lr = 0 keeps p = m); also for a
+    piece that starts at element 1000 of its parameter (``starts=``)."""
     values = np.array([1.0, 1.0 + 2.0 ** -11, -3.14159, 65504.0, 65519.0, 70000.0, -70000.0,
                        2.0 ** -20, -2.0 ** -25, 6e-8, 0.0, np.inf, -np.inf, np.nan] * 20, np.float32)
     with np.errstate(over="ignore"):
@@ -134,7 +136,7 @@ def test_stochastic_rounding_is_bitwise_the_reference():
     d_params, d_master = _device(params), _device(values)
     grads = np.zeros_like(values)
     hyper = dict(lr=0.0, momentum=0.0, nesterov=False, weight_decay=0.0, convention="textbook")
-    kw = dict(rounding="stochastic", seed=7, counter=9, indices=[4], **hyper)
+    kw = dict(rounding="stochastic", seed=7, counter=9, indices=[4], starts=starts, **hyper)
     ref_mixed.mixed_step("sgd_step", [params], [grads], [values.copy()], [(None,)], None, **kw)
     backend.mixed_step("sgd_step", [d_params], [_device(grads)], [d_master], [(None,)], None, **kw)
     np.testing.assert_array_equal(_host(d_params).view(np.uint16), params.view(np.uint16))

@@ -424,9 +424,9 @@ def cmd_train(args, parser) -> int:
     if args.master_weights is not None and args.dtype == "float32":
         parser.error(f"--{'' if args.master_weights else 'no-'}master-weights applies to --dtype bfloat16 or "
                      "float16 (the float32 copy of 16-bit parameters), not to float32 parameters")
-    if comm is not None and args.dtype != "float32":
-        parser.error(f"under mpiexec, fastopt train takes --dtype float32 only (data-parallel optimizers take "
-                     f"float32 parameters), got --dtype {args.dtype}")
+    if comm is not None and args.state_dtype != "float32":
+        parser.error(f"under mpiexec, fastopt train takes --state-dtype float32 only (data-parallel optimizers "
+                     f"keep float32 state), got --state-dtype {args.state_dtype}")
     from .demo.train import precision_options
 
     precision = precision_options(args.state_dtype, args.master_weights)

@@ -246,7 +246,7 @@ def test_a_change_to_any_kernel_source_invalidates_every_cached_kernel(tmp_path)
     file would load stale code after the helper changed. The stamp also holds a digest of every
     kernel source: the same digest loads, another recompiles."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    for digest, compiled in (("a", "1"), ("a", "0"), ("b", "1"), ("b", "0")):
+    for digest, compiled in (("a", "1"), ("a", "0"), ("b", "1")):
         run = subprocess.run([sys.executable, "-c", _STAMPED, digest], capture_output=True, text=True,
                              timeout=300, env=env)
         assert run.returncode == 0, run.stderr[-2000:]

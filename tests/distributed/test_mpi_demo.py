@@ -28,13 +28,15 @@ def _mpiexec(*args, timeout=120):
 
 
 @pytest.mark.long
-def test_mpiexec_fastopt_train_matches_single_process():
-    out = _mpiexec("train", "--backend", "numpy", "--epochs", str(EPOCHS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mpiexec_fastopt_train_matches_single_process(dtype):
+    """bfloat16: the optimizer's parameters (and its float32 master copies) data-parallel."""
+    out = _mpiexec("train", "--backend", "numpy", "--epochs", str(EPOCHS), "--dtype", dtype)
     assert out.count("test accuracy:") == 1, out  # rank 0 alone prints
     assert "data-parallel on 2 MPI ranks" in out
     accuracy = float(re.search(r"test accuracy: ([\d.]+)%", out).group(1))
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", out)]
-    single = fastopt.demo.train(epochs=EPOCHS, backend="numpy")
+    single = fastopt.demo.train(epochs=EPOCHS, backend="numpy", dtype=dtype)
     assert abs(accuracy - 100 * single.test_accuracy) <= 0.5
     assert losses == pytest.approx([h["loss"] for h in single.history], abs=1e-4)
 

@@ -268,22 +268,67 @@ def _requantize(scratch, k, count, amax, codes, i0, absmax, b, maps, row, zero):
             codes[i0 + j] = _code(scratch[k, j] / a, maps, row)
 
 
+@cuda.jit(device=True)
+def _shared_maps(maps, constants, signed0, signed1):
+    """Rows 0 and 1 of the shared ``maps``: the maps of states 0 and 1 (signed or unsigned), rows
+    2 and 3 their midpoints, copied from the constant table by the block's threads; then a barrier."""
+    rows0 = 0 if signed0 else 1
+    rows1 = 0 if signed1 else 1
+    for j in range(cuda.threadIdx.x, 256, cuda.blockDim.x):
+        maps[0, j] = constants[rows0, j]
+        maps[1, j] = constants[rows1, j]
+        maps[2, j] = constants[rows0 + 2, j]
+        maps[3, j] = constants[rows1 + 2, j]
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _quantized(table, t, n, blocks, two, like8, like32):
+    """Tensor t's codes (n) and absmax (blocks) of state 0, and of state 1 when ``two`` (else empty
+    views)."""
+    codes0 = view(table[t, _CODES0], n, like8)
+    absmax0 = view(table[t, _ABSMAX0], blocks, like32)
+    codes1 = view(table[t, _CODES1] if two else table[t, _CODES0], n if two else 0, like8)
+    absmax1 = view(table[t, _ABSMAX1] if two else table[t, _ABSMAX0], blocks if two else 0, like32)
+    return codes0, absmax0, codes1, absmax1
+
+
+@cuda.jit(device=True)
+def _keep(p, s0, s1, i, j, avg, has_avg, avg_weight, scratch, bits0, bits1, two):
+    """After element i's update (p, new states s0, s1): θ̂[i] ← θ̂[i] + w (p − θ̂[i]) (unfused), the
+    states to the scratch rows at j, and the running largest |s| bit patterns, returned."""
+    if has_avg:
+        a = avg[i]
+        avg[i] = _add(a, _mul(avg_weight, _sub(p, a)))
+    scratch[0, j] = s0
+    bits0 = max(bits0, _u64(f32_bits(s0)) & _ABS32)
+    if two:
+        scratch[1, j] = s1
+        bits1 = max(bits1, _u64(f32_bits(s1)) & _ABS32)
+    return bits0, bits1
+
+
+@cuda.jit(device=True)
+def _requantize_block(red, scratch, count, bits0, bits1, codes0, codes1, i0, absmax0, absmax1, b, maps, zero0,
+                      zero1, two):
+    """The block's new absmax of each state (the largest |s| pattern over the threads' ``bits``),
+    then its codes from the scratch rows; a barrier after, as scratch and red serve the next block."""
+    amax0 = _block_max(red, 0, bits0)
+    _requantize(scratch, 0, count, amax0, codes0, i0, absmax0, b, maps, 2, zero0)
+    if two:
+        amax1 = _block_max(red, 1, bits1)
+        _requantize(scratch, 1, count, amax1, codes1, i0, absmax1, b, maps, 3, zero1)
+    cuda.syncthreads()
+
+
 def _state8_kernel(update, states):
     def state8(table, like32, like8, mul_array, use_mul_array, mul, clip, avg_weight, chunks,
                signed0, signed1, hyper):
         m = mul_array[0] if use_mul_array else mul
-        constants = cuda.const.array_like(_MAPS)
         maps = cuda.shared.array((4, 256), types.float32)
         scratch = cuda.shared.array((2, MAX_BLOCK), types.float32)
         red = cuda.shared.array((2, THREADS), types.uint64)
-        rows0 = 0 if signed0 else 1
-        rows1 = 0 if signed1 else 1
-        for j in range(cuda.threadIdx.x, 256, cuda.blockDim.x):
-            maps[0, j] = constants[rows0, j]
-            maps[1, j] = constants[rows1, j]
-            maps[2, j] = constants[rows0 + 2, j]
-            maps[3, j] = constants[rows1 + 2, j]
-        cuda.syncthreads()
+        _shared_maps(maps, cuda.const.array_like(_MAPS), signed0, signed1)
         zero0 = _ZERO_SIGNED if signed0 else _ZERO_UNSIGNED
         zero1 = _ZERO_SIGNED if signed1 else _ZERO_UNSIGNED
         for q in range(cuda.blockIdx.x, chunks, cuda.gridDim.x):
@@ -298,12 +343,8 @@ def _state8_kernel(update, states):
             grad = view(table[t, _GRAD], n, like32)
             has_avg = table[t, _AVG] != 0
             avg = view(table[t, _AVG] if has_avg else table[t, _PARAM], n if has_avg else 0, like32)
-            codes0 = view(table[t, _CODES0], n, like8)
-            absmax0 = view(table[t, _ABSMAX0], blocks, like32)
             two = states > 1
-            codes1 = view(table[t, _CODES1] if two else table[t, _CODES0], n if two else 0, like8)
-            absmax1 = view(table[t, _ABSMAX1] if two else table[t, _ABSMAX0], blocks if two else 0,
-                           like32)
+            codes0, absmax0, codes1, absmax1 = _quantized(table, t, n, blocks, two, like8, like32)
             a0 = absmax0[b]
             a1 = absmax1[b] if two else _F32_ZERO
             bits0 = _NO_BITS
@@ -315,20 +356,9 @@ def _state8_kernel(update, states):
                 g = _transformed(grad[i], m, clip)
                 p, s0, s1 = update(param[i], g, s0, s1, hyper)
                 param[i] = p
-                if has_avg:
-                    a = avg[i]
-                    avg[i] = _add(a, _mul(avg_weight, _sub(p, a)))
-                scratch[0, j] = s0
-                bits0 = max(bits0, _u64(f32_bits(s0)) & _ABS32)
-                if two:
-                    scratch[1, j] = s1
-                    bits1 = max(bits1, _u64(f32_bits(s1)) & _ABS32)
-            amax0 = _block_max(red, 0, bits0)
-            _requantize(scratch, 0, count, amax0, codes0, i0, absmax0, b, maps, 2, zero0)
-            if two:
-                amax1 = _block_max(red, 1, bits1)
-                _requantize(scratch, 1, count, amax1, codes1, i0, absmax1, b, maps, 3, zero1)
-            cuda.syncthreads()  # scratch and red are reused by the next block
+                bits0, bits1 = _keep(p, s0, s1, i, j, avg, has_avg, avg_weight, scratch, bits0, bits1, two)
+            _requantize_block(red, scratch, count, bits0, bits1, codes0, codes1, i0, absmax0, absmax1, b, maps,
+                              zero0, zero1, two)
 
     return state8
 
@@ -376,18 +406,10 @@ def _state8_f16_kernel(update, states):
     def state8_f16(table, like16, like32, like8, mul_array, use_mul_array, mul, clip, avg_weight,
                    chunks, signed0, signed1, has_master, stochastic, grad_is32, seed, counter, hyper):
         m = mul_array[0] if use_mul_array else mul
-        constants = cuda.const.array_like(_MAPS)
         maps = cuda.shared.array((4, 256), types.float32)
         scratch = cuda.shared.array((2, MAX_BLOCK), types.float32)
         red = cuda.shared.array((2, THREADS), types.uint64)
-        rows0 = 0 if signed0 else 1
-        rows1 = 0 if signed1 else 1
-        for j in range(cuda.threadIdx.x, 256, cuda.blockDim.x):
-            maps[0, j] = constants[rows0, j]
-            maps[1, j] = constants[rows1, j]
-            maps[2, j] = constants[rows0 + 2, j]
-            maps[3, j] = constants[rows1 + 2, j]
-        cuda.syncthreads()
+        _shared_maps(maps, cuda.const.array_like(_MAPS), signed0, signed1)
         zero0 = _ZERO_SIGNED if signed0 else _ZERO_UNSIGNED
         zero1 = _ZERO_SIGNED if signed1 else _ZERO_UNSIGNED
         for q in range(cuda.blockIdx.x, chunks, cuda.gridDim.x):
@@ -406,12 +428,8 @@ def _state8_f16_kernel(update, states):
                           like32)
             has_avg = table[t, _AVG] != 0
             avg = view(table[t, _AVG] if has_avg else table[t, _PARAM], n if has_avg else 0, like32)
-            codes0 = view(table[t, _CODES0], n, like8)
-            absmax0 = view(table[t, _ABSMAX0], blocks, like32)
             two = states > 1
-            codes1 = view(table[t, _CODES1] if two else table[t, _CODES0], n if two else 0, like8)
-            absmax1 = view(table[t, _ABSMAX1] if two else table[t, _ABSMAX0], blocks if two else 0,
-                           like32)
+            codes0, absmax0, codes1, absmax1 = _quantized(table, t, n, blocks, two, like8, like32)
             a0 = absmax0[b]
             a1 = absmax1[b] if two else _F32_ZERO
             bits0 = _NO_BITS
@@ -436,20 +454,9 @@ def _state8_f16_kernel(update, states):
                     param[i] = stochastic_f16(p, uniform(key, i))
                 else:
                     param[i] = f32_to_f16(p)
-                if has_avg:
-                    a = avg[i]
-                    avg[i] = _add(a, _mul(avg_weight, _sub(p, a)))
-                scratch[0, j] = s0
-                bits0 = max(bits0, _u64(f32_bits(s0)) & _ABS32)
-                if two:
-                    scratch[1, j] = s1
-                    bits1 = max(bits1, _u64(f32_bits(s1)) & _ABS32)
-            amax0 = _block_max(red, 0, bits0)
-            _requantize(scratch, 0, count, amax0, codes0, i0, absmax0, b, maps, 2, zero0)
-            if two:
-                amax1 = _block_max(red, 1, bits1)
-                _requantize(scratch, 1, count, amax1, codes1, i0, absmax1, b, maps, 3, zero1)
-            cuda.syncthreads()  # scratch and red are reused by the next block
+                bits0, bits1 = _keep(p, s0, s1, i, j, avg, has_avg, avg_weight, scratch, bits0, bits1, two)
+            _requantize_block(red, scratch, count, bits0, bits1, codes0, codes1, i0, absmax0, absmax1, b, maps,
+                              zero0, zero1, two)
 
     return state8_f16
 

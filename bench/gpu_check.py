@@ -2,8 +2,9 @@
 
     python bench/gpu_check.py OUTDIR [--pytest-timeout 180] [--skip-tests] [--adam-log2 28] [--repeats 20]
 
-1. ``pytest -m gpu`` on tests/test_gpu_streams.py, tests/test_gpu_cupy.py and
-   tests/test_gpu_numba_cuda.py (the files that exist), with a wall-clock limit; its summary is
+1. ``pytest -m gpu`` on tests/test_gpu_streams.py, tests/test_gpu_cupy.py,
+   tests/test_gpu_numba_cuda.py and the low-precision tests/test_gpu_lowp_cupy.py and
+   tests/test_gpu_lowp_numba_cuda.py (the files that exist), with a wall-clock limit; its summary is
    printed and saved. The stream checks run first: torch tensors on a side stream
    behind a slow producer (update, non-finite skip, clip_grad_norm_, batch norm), a step captured
    with torch.cuda.graph and replayed, CuPy arrays on a non-blocking stream, numba arrays bound to
@@ -41,7 +42,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_TEST_FILES = ["tests/test_gpu_streams.py", "tests/test_gpu_cupy.py", "tests/test_gpu_numba_cuda.py"]
+GPU_TEST_FILES = ["tests/test_gpu_streams.py", "tests/test_gpu_cupy.py", "tests/test_gpu_numba_cuda.py",
+                  "tests/test_gpu_lowp_cupy.py", "tests/test_gpu_lowp_numba_cuda.py"]
 BN_SHAPE = (256, 64, 56, 56)
 
 

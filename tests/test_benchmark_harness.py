@@ -434,3 +434,17 @@ def test_a_case_builds_and_verifies_on_its_own():
     prepared.verify()
     assert prepared.elements == 120 and prepared.traffic().bytes_per_element == 12
     assert prepared.torch is None and prepared.torch_reason
+
+
+def test_the_gpu_check_runs_every_gpu_test_file():
+    """``bench/gpu_check.py`` (the one script run when a GPU is lent) lists every tests/test_gpu_*.py,
+    so a new GPU test file cannot be left out of the only run that executes it."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    files = {p.relative_to(root).as_posix() for p in (root / "tests").glob("test_gpu_*.py")}
+    assert files and set(module.GPU_TEST_FILES) == files

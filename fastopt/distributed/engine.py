@@ -206,8 +206,8 @@ class DataParallel:
         dtypes += [d for d in dict.fromkeys(dtype_of(p) for p in params) if d not in dtypes]
         for dtype in dtypes:
             ks = [k for k, p in enumerate(params) if dtype_of(p) == dtype]
-            if ks:
-                elems = max(1, bucket_bytes // dtype.itemsize)
+            if ks:  # a bucket's reduction moves bucket_bytes (16-bit parameters: float32 gradients)
+                elems = max(1, bucket_bytes // work_dtype(dtype).itemsize)
                 self.spaces.append(_Space(dtype, ks, params, self.world, self.rank, elems, shard_state, group_of))
         self.views = [None] * len(params)
         for space in self.spaces:

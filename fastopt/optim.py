@@ -132,9 +132,6 @@ class Optimizer:
                  clip_grad_norm=None, clip_grad_value=None, nonfinite="propagate", polyak=None,
                  master_weights=None, rounding="nearest", seed=0, state_dtype="float32", min_8bit_size=4096,
                  comm=None, shard_state=None, grad_reduce="mean", bucket_bytes=None):
-        if comm is not None and state_dtype != "float32":
-            raise ValueError(f"state_dtype={state_dtype!r} is not supported with comm= yet: a quantization block "
-                             "would have to lie within one rank's range (docs/distributed.md)")
         if comm is not None:  # every rank builds, then all agree (docs/distributed.md); imports mpi4py
             from .distributed.engine import attach
 
@@ -142,7 +139,8 @@ class Optimizer:
             attach(self, lambda: Optimizer.__init__(
                 self, params, defaults, convention=convention, backend=backend, clip_grad_norm=clip_grad_norm,
                 clip_grad_value=clip_grad_value, nonfinite=nonfinite, polyak=polyak, master_weights=master_weights,
-                rounding=rounding, seed=seed), comm, shard_state, grad_reduce, bucket_bytes, backend)
+                rounding=rounding, seed=seed, state_dtype=state_dtype, min_8bit_size=min_8bit_size),
+                comm, shard_state, grad_reduce, bucket_bytes, backend)
             return
         if (shard_state, grad_reduce, bucket_bytes) != (None, "mean", None):
             raise ValueError("shard_state, grad_reduce and bucket_bytes need comm= (an mpi4py communicator)")

@@ -324,13 +324,14 @@ def test_the_16_bit_kernels_compute_in_float32_only():
             assert "double" not in f, f"{key}: float64 in {f.splitlines()[0][:100]}"
 
 
-def test_data_parallel_training_refuses_compact_state_when_built():
-    """16-bit parameters train with comm= (tests/distributed/mpi_lowp.py); 8-bit and bfloat16 state
-    do not yet."""
+def test_data_parallel_training_refuses_sharded_compact_state_when_built():
+    """16-bit parameters train with comm= (tests/distributed/mpi_lowp.py), and so does 8-bit or
+    bfloat16 state, replicated only."""
     mpi = pytest.importorskip("mpi4py.MPI", reason="the mpi extra is not installed")
     for options in (dict(state_dtype="int8"), dict(state_dtype="bfloat16")):
-        with pytest.raises(ValueError, match="not supported with comm= yet"):
-            fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, **options)
+        with pytest.raises(ValueError, match="needs shard_state=False"):
+            fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, shard_state=True, **options)
+        fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, **options)  # one rank: replicated
     opt = fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, lr=0.5)
     opt.step([np.ones(10, BF16)])
     assert opt.state[0]["step"] == 1 and opt.state[0]["master"].dtype == np.float32

@@ -69,7 +69,8 @@ def check_precision(dtype: str, state_dtype: str, master_weights, comm=None) -> 
     if master_weights is not None and dtype == "float32":
         raise ValueError(f"master_weights applies to bfloat16 and float16 parameters, not dtype={dtype!r}")
     if comm is not None and state_dtype != "float32":
-        raise ValueError(f"data-parallel training (comm) keeps float32 optimizer state, got state_dtype={state_dtype!r}")
+        raise ValueError(f"the demo's data-parallel training (comm) shards the optimizer state, which 8-bit and "
+                         f"bfloat16 state do not take, got state_dtype={state_dtype!r}")
 
 
 def param_dtype(name: str) -> np.dtype:

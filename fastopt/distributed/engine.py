@@ -34,6 +34,11 @@ packed into the buffer first: one copy of T elements.
 
 Every rank's parameters are bit-identical after each step: each element is computed by exactly
 one rank (sharded) or from the same reduced bytes by every rank (replicated).
+
+8-bit or bfloat16 state (``state_dtype``): replicated only (sharding would cut the quantization
+blocks of 256 between ranks). The reductions run as above; once all have completed, every rank
+runs the single-process step on the whole reduced buffer, with grad_scale·N for the mean, so the
+state keeps the single-process layout (and state dict) and no update overlaps a reduction.
 """
 
 from __future__ import annotations
@@ -264,6 +269,12 @@ class DataParallel:
                     np.copyto(self.views[k], grad)
         module = dispatch.resolve(opt.backend, opt._params()[0])
         requests = self._start_reductions()
+        if opt.precision.state_dtype != "float32":  # replicated (attach): every rank steps the whole
+            # parameters once every reduction is done, as one process would on the reduced gradients
+            mpi().Request.Waitall([r for rs in requests for r in rs])
+            scale = (1.0 if grad_scale is None else grad_scale) * (self.world if self.grad_reduce == "mean" else 1)
+            opt._step_local(self.views, grad_scale=scale, groups=groups)
+            return
         global_decision = opt.clip_grad_norm is not None or opt.nonfinite != "propagate"
         multipliers = {space.dtype: inv_scale for space in self.spaces}
         if global_decision:
@@ -463,7 +474,9 @@ def _describe(opt, shard_state, grad_reduce, bucket_bytes) -> list:
     out = [("optimizer", type(opt).__name__), ("convention", opt.convention), ("backend", opt.backend),
            ("clip_grad_norm", opt.clip_grad_norm), ("clip_grad_value", opt.clip_grad_value),
            ("nonfinite", opt.nonfinite), ("polyak", opt.polyak), ("master_weights", opt.precision.master_weights),
-           ("rounding", opt.precision.rounding), ("seed", opt.precision.seed), ("shard_state", shard_state),
+           ("rounding", opt.precision.rounding), ("seed", opt.precision.seed),
+           ("state_dtype", opt.precision.state_dtype), ("min_8bit_size", opt.precision.min_8bit_size),
+           ("shard_state", shard_state),
            ("grad_reduce", grad_reduce), ("bucket_bytes", bucket_bytes),
            ("param groups", len(opt.param_groups))]
     k = 0
@@ -510,6 +523,10 @@ def attach(opt, init_local, comm, shard_state, grad_reduce, bucket_bytes, backen
         init_local()
         if not all(isinstance(p, np.ndarray) for p in opt._params()):
             raise device
+        if options[0] and opt.precision.state_dtype != "float32":
+            raise ValueError(f"state_dtype={opt.precision.state_dtype!r} with comm= needs shard_state=False (the "
+                             "default with more than one rank is True): sharding would cut quantization blocks "
+                             "between ranks (docs/distributed.md)")
     except Exception as exc:  # every local failure is agreed on, so no rank waits in a collective
         error = exc
     Agreement(comm)(error, f"building {type(opt).__name__}")

@@ -1,9 +1,9 @@
-"""Under mpiexec: 16-bit parameters with comm=. Every rank passes bfloat16 (or float16) gradients
-of its share of the batch; the step reduces them in float32 and updates the float32 master copies
-(sharded or replicated), and every rank ends with the same 16-bit parameters. The single-process
-reference is given what the ranks reduce: the float32 sum of the ranks' 16-bit gradients, with
-grad_scale = N for the mean. Arguments: the backend, then the world size of a checkpoint to resume
-(optional, from a directory written by an earlier job)."""
+"""Under mpiexec: low precision with comm=. Every rank passes bfloat16 (or float16) gradients of
+its share of the batch; the step reduces them in float32 and updates the float32 master copies
+(sharded or replicated), and every rank ends with the same 16-bit parameters. 8-bit and bfloat16
+optimizer state run replicated. One process on the same backend is given what the ranks reduce:
+the float32 sum of the ranks' gradients, with grad_scale = N for the mean. Argument: the backend
+(and --quick for the compiled kernels' short job)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def trajectory(dtype_name, shard, master_weights=None, extras=False, rounding="n
     else:
         options.update(master_weights=master_weights)
     opt = fastopt.Adam(params, lr=0.01, **options, backend=BACKEND, comm=COMM, shard_state=shard, bucket_bytes=256)
-    ref = fastopt.Adam(reference, lr=0.01, **options, backend="numpy")
+    ref = fastopt.Adam(reference, lr=0.01, **options, backend=BACKEND)  # one process, same kernels
     for step in range(STEPS):
         views = opt.grad_buffers()
         assert all(v.dtype == np.float32 for v in views), [v.dtype for v in views]
@@ -82,6 +82,31 @@ def trajectory(dtype_name, shard, master_weights=None, extras=False, rounding="n
             assert_close(a, r, np.float32, f"averaged_params()[{k}]")
 
 
+def compact_state(dtype_name, state_dtype):
+    """8-bit or bfloat16 state, replicated: every rank steps the whole parameters on the reduced
+    gradients, as one process given their sum does (bit for bit at 2 ranks)."""
+    dtype = DTYPES.get(dtype_name, np.dtype(np.float32))
+    params = [p.astype(dtype) for p in initial_params([np.float32] * 4)]
+    reference = [p.copy() for p in params]
+    options = dict(lr=0.01, state_dtype=state_dtype, min_8bit_size=64, clip_grad_norm=1.0, polyak=0.9)
+    opt = fastopt.Adam(params, **options, backend=BACKEND, comm=COMM, shard_state=False, bucket_bytes=256)
+    ref = fastopt.Adam(reference, **options, backend=BACKEND)  # one process, same kernels
+    for step in range(8):
+        opt.step(gradients(params, step, N, MINE))
+        ref.step(summed_gradients(reference, step), grad_scale=N)
+        assert_identical_on_all_ranks(params, f"step {step}")
+    for k, (p, r) in enumerate(zip(params, reference)):
+        if N == 2:
+            assert p.tobytes() == r.tobytes(), f"params[{k}]"
+        assert np.allclose(p.astype(np.float64), r.astype(np.float64), rtol=1e-2, atol=1e-3), f"params[{k}]"
+    state, expected = opt.state_dict()["state"], ref.state_dict()["state"]
+    for k in expected:
+        names = sorted(n for n, v in expected[k].items() if isinstance(v, np.ndarray))
+        assert names == sorted(n for n, v in state[k].items() if isinstance(v, np.ndarray)), names
+        if state_dtype == "int8" and params[k].size >= 64:
+            assert state[k]["m"].dtype == np.uint8 and "m_absmax" in names, names
+
+
 def checkpoint_resumes(shard):
     """save → load into a new optimizer over other arrays → the same next steps, bit for bit."""
     dtype = DTYPES["bfloat16"]
@@ -104,13 +129,14 @@ def checkpoint_resumes(shard):
 
 
 def refused():
-    """What comm= does not take yet raises on every rank, before anything is built."""
+    """Compact state with sharding (the default with several ranks) raises on every rank, before
+    anything is built."""
     params = [p.astype(DTYPES["bfloat16"]) for p in initial_params([np.float32] * 4)]
-    for options in (dict(state_dtype="int8"), dict(state_dtype="bfloat16")):
+    for options in (dict(state_dtype="int8"), dict(state_dtype="bfloat16", shard_state=True)):
         try:
             fastopt.Adam(params, lr=0.01, comm=COMM, backend=BACKEND, **options)
         except ValueError as exc:
-            assert "comm=" in str(exc), exc
+            assert "needs shard_state=False" in str(exc), exc
         else:
             raise AssertionError(f"{options} was accepted with comm=")
 
@@ -144,6 +170,7 @@ checks = Checks()
 if "--quick" in sys.argv:  # the numba job
     checks.run("bfloat16 sharded", trajectory, "bfloat16", True, extras=True)
     checks.run("bfloat16 stochastic rounding sharded", trajectory, "bfloat16", True, rounding="stochastic")
+    checks.run("int8 state replicated", compact_state, "float32", "int8")
     sys.exit(0)
 for shard in (True, False):
     checks.run(f"bfloat16 shard={shard}", trajectory, "bfloat16", shard, extras=shard)
@@ -151,5 +178,8 @@ for shard in (True, False):
     checks.run(f"bfloat16 master_weights=False shard={shard}", trajectory, "bfloat16", shard, master_weights=False)
     checks.run(f"float16 stochastic rounding shard={shard}", trajectory, "float16", shard, rounding="stochastic")
     checks.run(f"bfloat16 checkpoint shard={shard}", checkpoint_resumes, shard)
-checks.run("compact state refused", refused)
+checks.run("int8 state replicated, float32 parameters", compact_state, "float32", "int8")
+checks.run("int8 state replicated, bfloat16 parameters", compact_state, "bfloat16", "int8")
+checks.run("bfloat16 state replicated, float16 parameters", compact_state, "float16", "bfloat16")
+checks.run("compact state with sharding refused", refused)
 checks.run("a float16 gradient for a bfloat16 parameter on one rank", bad_gradient_on_one_rank)

@@ -31,14 +31,14 @@ Bytes moved per element (the float32 passes as ``batchnorm.py`` runs them):
 
 So a 16-bit call moves about twice the bytes of a float32 call instead of half: this module buys
 correctness and the float32 kernels' numerics, not speed. Measured on x of shape (64, 64, 56, 56)
-(12.8 M elements; the 2-core development machine with other jobs running, load average about 3.5,
-medians of 7 calls with ``out=``): forward in training 16 ms float32, 68 ms bfloat16, 87 ms
-float16; eval 11.5 / 76 / 76 ms; backward 16 / 92 / 101 ms. Each conversion pass alone took 18 to
-36 ms there (3 to 4 GB/s, no faster than NumPy's ``astype``), so the conversions, not the float32
-kernels, are most of the time. (The float32 kernels write large
-outputs with streaming stores, so the encode pass reads y32 or dx32 back from memory.) A fused
-kernel that decodes inside the statistics and normalization passes and encodes as it stores is
-future work.
+(12.8 M elements, the idle 2-core development machine, medians of 9 calls with ``out=``):
+forward in training 4.4 ms float32, 10.2 ms bfloat16, 14.5 ms float16; backward 8.3 / 16.8 /
+21.5 ms (``bench/RESULTS.md``, "Low precision"). The conversion passes run near memory speed
+(bfloat16 decode 36 GB/s; float16 encode, with its subnormal branch, 13 GB/s) since each tile's
+loop is a function of its own (written inline in the ``prange`` body it did not vectorize and
+the passes were 4x slower). (The float32 kernels write large outputs with streaming stores, so
+the encode pass reads y32 or dx32 back from memory.) A fused kernel that decodes inside the
+statistics and normalization passes and encodes as it stores is future work.
 """
 
 from __future__ import annotations

@@ -176,16 +176,16 @@ def test_verify_prints_a_table_and_passes():
 
 def test_verify_one_backend_every_dtype():
     """Without --dtype: float32 and float64 for every op, the 16-bit rows for the optimizers, and
-    no int8-state row for an optimizer without 8-bit state (delta-bar-delta: one kernel, so the
-    16-bit rows compile little)."""
-    proc = fastopt_cmd("verify", "--backend", "numba", "--op", "delta_bar_delta", "--op", "batchnorm_forward",
+    no int8-state row for an optimizer without 8-bit state. (Which rows run does not depend on the
+    backend: the numpy one compiles nothing; the numba rows are verified by the tests around.)"""
+    proc = fastopt_cmd("verify", "--backend", "numpy", "--op", "delta_bar_delta", "--op", "batchnorm_forward",
                        "--seed", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = ROW.findall(proc.stdout)
     assert sorted((op, dtype) for op, _, dtype, *_ in rows) == [
         ("batchnorm_forward", "float32"), ("batchnorm_forward", "float64"), ("delta_bar_delta", "bfloat16"),
         ("delta_bar_delta", "float16"), ("delta_bar_delta", "float32"), ("delta_bar_delta", "float64")]
-    assert all(backend == "numba" for _, backend, *_ in rows)
+    assert all(backend == "numpy" for _, backend, *_ in rows)
 
 
 @pytest.mark.parametrize("row", ["bfloat16", "int8-state"])

@@ -55,7 +55,7 @@ _GAMMA = _U64(GAMMA)
 _MIX1 = _U64(0xBF58476D1CE4E5B9)
 _MIX2 = _U64(0x94D049BB133111EB)
 _S16, _S30, _S27, _S31, _S40 = _U64(16), _U64(30), _U64(27), _U64(31), _U64(40)
-_S10, _S13, _S23 = _U64(10), _U64(13), _U64(23)
+_S10, _S13, _S23, _S25 = _U64(10), _U64(13), _U64(23), _U64(25)
 _ZERO, _ONE = _U64(0), _U64(1)
 _LOW16 = _U64(0xFFFF)
 _ABS32 = _U64(0x7FFFFFFF)
@@ -152,11 +152,13 @@ def f16_to_f32(h):
     sign = (h & _SIGN16) << _S16
     e = (h >> _S10) & _F16_EXP
     m = h & _F16_MANT
-    if e == _F16_EXP:
-        return bits_f32(sign | _INF32 | (m << _S13))
-    if e == _ZERO:  # ±0 and subnormals: m · 2⁻²⁴, exact in float32
-        return bits_f32(f32_bits(numba.float32(m) * _TWO_M24) | sign)
-    return bits_f32(sign | ((((e << _S10) | m) << _S13) + _F16_REBIAS))
+    # every case computed, then selected: no branch, so loops over arrays vectorize
+    r = sign | ((((e << _S10) | m) << _S13) + _F16_REBIAS)  # normal
+    special = sign | _INF32 | (m << _S13)  # ±Inf, NaN (payload kept)
+    small = numba.uint64(f32_bits(numba.float32(m) * _TWO_M24)) | sign  # ±0 and subnormals: m · 2⁻²⁴, exact
+    r = special if e == _F16_EXP else r
+    r = small if e == _ZERO else r
+    return bits_f32(r)
 
 
 @_device
@@ -166,23 +168,23 @@ def f32_to_f16(x):
     b = numba.uint64(f32_bits(x))
     sign = (b >> _S16) & _SIGN16
     a = b & _ABS32
-    if a > _INF32:
-        return numba.uint16(sign | _F16_INF | _F16_QUIET)
-    if a >= _F16_OVERFLOW:
-        return numba.uint16(sign | _F16_INF)
-    if a >= _F16_NORMAL:  # the carry of the rounding may run into the exponent: still correct
-        return numba.uint16(sign | ((a - _F16_REBIAS + _F16_HALF + ((a >> _S13) & _ONE)) >> _S13))
-    if a <= _F16_ZERO:
-        return numba.uint16(sign)
-    # subnormal half: the significand (hidden bit included) times 2^(e − 126) units of 2⁻²⁴
-    shift = _E126 - (a >> _S23)  # 14 … 24
+    # every case computed, then selected (no branch, so loops over arrays vectorize); a case's
+    # value is only used in its own range of |x|
+    # normal half: the carry of the rounding may run into the exponent: still correct
+    r = sign | ((a - _F16_REBIAS + _F16_HALF + ((a >> _S13) & _ONE)) >> _S13)
+    # subnormal half: the significand (hidden bit included) times 2^(e − 126) units of 2⁻²⁴;
+    # shift is 14 … 24 there, clamped to [1, 25] elsewhere so that every shift is defined
+    shift = max(min(_E126 - min(a >> _S23, _E126), _S25), _ONE)
     m = (a & _F32_MANT) | _F32_HIDDEN
     q = m >> shift
     rest = m - (q << shift)
     half = _ONE << (shift - _ONE)
-    if rest > half or (rest == half and (q & _ONE) == _ONE):
-        q += _ONE
-    return numba.uint16(sign | q)
+    q += numba.uint64(rest > half) | (numba.uint64(rest == half) & q & _ONE)  # ties to even
+    r = (sign | q) if a < _F16_NORMAL else r
+    r = sign if a <= _F16_ZERO else r
+    r = (sign | _F16_INF) if a >= _F16_OVERFLOW else r
+    r = (sign | _F16_INF | _F16_QUIET) if a > _INF32 else r
+    return numba.uint16(r)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,11 +32,12 @@ Bytes moved per element (the float32 passes as ``batchnorm.py`` runs them):
 So a 16-bit call moves about twice the bytes of a float32 call instead of half: this module buys
 correctness and the float32 kernels' numerics, not speed. Measured on x of shape (64, 64, 56, 56)
 (12.8 M elements, the idle 2-core development machine, medians of 9 calls with ``out=``):
-forward in training 4.4 ms float32, 10.2 ms bfloat16, 14.5 ms float16; backward 8.3 / 16.8 /
-21.5 ms (``bench/RESULTS.md``, "Low precision"). The conversion passes run near memory speed
-(bfloat16 decode 36 GB/s; float16 encode, with its subnormal branch, 13 GB/s) since each tile's
-loop is a function of its own (written inline in the ``prange`` body it did not vectorize and
-the passes were 4x slower). (The float32 kernels write large outputs with streaming stores, so
+forward in training 4.4 ms float32, 10.2 ms bfloat16, 14.5 ms float16 (11.8 ms once the float16
+conversions stopped branching); backward 8.3 / 16.8 / 21.5 (16.4) ms (``bench/RESULTS.md``, "Low
+precision"). The conversion passes run near memory speed (bfloat16 decode 36 GB/s; float16
+encode, which computes the subnormal rounding for every element, 17 GB/s) since each tile's loop
+is a function of its own (written inline in the ``prange`` body it did not vectorize and the
+passes were 4x slower). (The float32 kernels write large outputs with streaming stores, so
 the encode pass reads y32 or dx32 back from memory.) A fused kernel that decodes inside the
 statistics and normalization passes and encodes as it stores is future work.
 """

@@ -65,8 +65,7 @@ from numba import cuda, types
 from . import _tensors
 from ._arrays import address, dtype_of, flat, shape_of, stream_of
 from ._jit import SIMULATOR, THREADS, blocks_for, kernel
-from .lowp import (_check_params, _int64, _tensor_key, _u64, bits_f32, f16_to_f32, f32_bits, f32_to_f16,
-                   stochastic_f16, uniform, view)
+from .lowp import _check_params, _int64, _load, _store, _tensor_key, _u64, bits_f32, f32_bits, view
 from .reduce import multiplier
 from ..numba_cpu.quantize import MAP_AS, THRESHOLDS, ZERO
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
@@ -438,22 +437,10 @@ def _state8_f16_kernel(update, states):
                 i = i0 + j
                 s0 = maps[0, codes0[i]] * a0
                 s1 = maps[1, codes1[i]] * a1 if two else _F32_ZERO
-                if grad_is32:
-                    g = grad32[i]
-                else:
-                    g = f16_to_f32(grad16[i])
-                g = _transformed(g, m, clip)
-                if has_master:
-                    p = master[i]
-                else:
-                    p = f16_to_f32(param[i])
+                p, g = _load(param, grad16, grad32, master, i, grad_is32, has_master, m, clip)  # as mixed_step
                 p, s0, s1 = update(p, g, s0, s1, hyper)
-                if has_master:
-                    master[i] = p
-                if stochastic:
-                    param[i] = stochastic_f16(p, uniform(key, i))
-                else:
-                    param[i] = f32_to_f16(p)
+                # m[i] and θ[i] as mixed_step stores them; the average (unfused, as the reference) in _keep
+                _store(p, param, master, avg, i, has_master, stochastic, key, False, avg_weight)
                 bits0, bits1 = _keep(p, s0, s1, i, j, avg, has_avg, avg_weight, scratch, bits0, bits1, two)
             _requantize_block(red, scratch, count, bits0, bits1, codes0, codes1, i0, absmax0, absmax1, b, maps,
                               zero0, zero1, two)

@@ -279,6 +279,11 @@ def test_the_sources_digest_follows_content_not_file_times(tmp_path):
     helper.write_text("X = 1\n")
     (root / "numba_cpu" / "new.py").write_text("")
     assert _cache.sources_digest(root) != first
+    second = _cache.sources_digest(root)
+    for gpu in _cache.GPU_SUBPACKAGES:  # GPU kernel sources never reach a CPU kernel
+        (root / gpu).mkdir()
+        (root / gpu / "launch.py").write_text("Y = 1\n")
+    assert _cache.sources_digest(root) == second
     assert _cache.package_digest() == _cache.sources_digest(_cache.PACKAGE_ROOT)
 
 

@@ -7,9 +7,10 @@ compiled into its own machine code, so a change to a helper alone left the kerne
 was: the next process loaded the kernel's old code from the cache and ran the old helper.
 
 Here the stamp is the pair (numba's own stamp, a SHA-256 over the relative path and bytes of every
-``.py`` file of the ``fastopt.kernels`` package). Any change to any kernel source, helper or not,
-invalidates every cached kernel; a reinstall that rewrites the same bytes (another mtime, another
-checkout) keeps them. The digest is computed once per process.
+``.py`` file of the ``fastopt.kernels`` package that a CPU kernel can compile in: the package's own
+modules and ``numba_cpu``, not the GPU backends' ``cupy`` and ``numba_cuda``). Any change to such a
+source, helper or not, invalidates every cached kernel; a reinstall that rewrites the same bytes
+(another mtime, another checkout) keeps them. The digest is computed once per process.
 
 Everything else is numba's: where the cache lives (``NUMBA_CACHE_DIR``, or ``__pycache__`` next
 to the source), the index key (signature, CPU, bytecode), and the file format.
@@ -29,10 +30,16 @@ __all__ = ["njit", "sources_digest", "package_digest"]
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the fastopt.kernels package
 
 
+GPU_SUBPACKAGES = ("cupy", "numba_cuda")  # no CPU kernel imports from these
+
+
 def sources_digest(root: Path) -> str:
-    """SHA-256 over the relative path and the bytes of every ``.py`` file under ``root``."""
+    """SHA-256 over the relative path and the bytes of every ``.py`` file under ``root``, except
+    those of the ``GPU_SUBPACKAGES``."""
     digest = hashlib.sha256()
     for path in sorted(Path(root).rglob("*.py")):
+        if path.relative_to(root).parts[0] in GPU_SUBPACKAGES:
+            continue
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()

@@ -424,10 +424,6 @@ def cmd_train(args, parser) -> int:
     if args.master_weights is not None and args.dtype == "float32":
         parser.error(f"--{'' if args.master_weights else 'no-'}master-weights applies to --dtype bfloat16 or "
                      "float16 (the float32 copy of 16-bit parameters), not to float32 parameters")
-    if comm is not None and args.state_dtype != "float32":
-        parser.error(f"under mpiexec, fastopt train takes --state-dtype float32 only (its data-parallel optimizer "
-                     f"shards the state, and 8-bit or bfloat16 state runs replicated only), got --state-dtype "
-                     f"{args.state_dtype}")
     from .demo.train import precision_options
 
     precision = precision_options(args.state_dtype, args.master_weights)

@@ -169,6 +169,39 @@ def test_pieces_with_starts_round_as_the_whole_parameter(module):
     assert (step(pieces, None) != whole).any()
 
 
+@pytest.mark.parametrize("module", [reference, numba_cpu], ids=["numpy", "numba"])
+def test_8_bit_state_pieces_with_starts_round_as_the_whole_parameter(module):
+    """``state8_step``'s ``starts``, as ``mixed_step``'s: pieces cut on blocks of 256 and stepped
+    apart end where one step of the whole parameter does (parameter, codes and absmax), and
+    without ``starts`` the parameter does not."""
+    rng = np.random.default_rng(5)
+    n = 3001
+    param = rng.standard_normal(n).astype(BF16)
+    grad = rng.standard_normal(n).astype(np.float32)
+    cuts = (0, 512, 768, n)
+
+    def step(pieces, starts):
+        p = param.copy()
+        m, v = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+        blocks = -(-n // 256)
+        am, av = np.zeros(blocks, np.float32), np.zeros(blocks, np.float32)
+        reference.quantize_blockwise(np.zeros(n, np.float32), m, am, signed=True, block=256)
+        reference.quantize_blockwise(np.zeros(n, np.float32), v, av, signed=False, block=256)
+        views = [(p[a:b], grad[a:b], ((m[a:b], am[a // 256:-(-b // 256)]), (v[a:b], av[a // 256:-(-b // 256)]), None))
+                 for a, b in pieces]
+        module.state8_step("adam_step", [x[0] for x in views], [x[1] for x in views], [x[2] for x in views], None,
+                           rounding="stochastic", seed=5, counter=3, indices=[2] * len(views), starts=starts,
+                           step=3, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                           decoupled_weight_decay=False, amsgrad=False)
+        return p.view(np.uint16), m, v, am, av
+
+    whole = step([(0, n)], None)
+    pieces = list(zip(cuts[:-1], cuts[1:]))
+    for got, want in zip(step(pieces, list(cuts[:-1])), whole):
+        np.testing.assert_array_equal(got, want)
+    assert (step(pieces, None)[0] != whole[0]).any()
+
+
 @pytest.mark.parametrize("cls, hyper", OPTIMIZER_CLASSES, ids=[c for c, _ in OPTIMIZER_CLASSES])
 def test_optimizer_classes_keep_float32_master_weights_and_state(cls, hyper):
     rng = np.random.default_rng(1)
@@ -324,14 +357,40 @@ def test_the_16_bit_kernels_compute_in_float32_only():
             assert "double" not in f, f"{key}: float64 in {f.splitlines()[0][:100]}"
 
 
-def test_data_parallel_training_refuses_sharded_compact_state_when_built():
-    """16-bit parameters train with comm= (tests/distributed/mpi_lowp.py), and so does 8-bit or
-    bfloat16 state, replicated only."""
+@pytest.mark.parametrize("dtype, state_dtype, options", [
+    (np.float32, "int8", {}),
+    (BF16, "int8", dict(master_weights=False, rounding="stochastic", seed=9)),
+    (np.float16, "bfloat16", dict(clip_grad_norm=1.0, polyak=0.9)),
+], ids=["float32-int8", "bfloat16-int8-stochastic", "float16-bfloat16-state"])
+def test_sharded_compact_state_on_one_rank_equals_one_process(dtype, state_dtype, options):
+    """comm= with shard_state=True on one rank steps the parameters piece by piece, one bucket of
+    256 elements at a time (bucket_bytes=1024), cut inside the parameters: 8-bit pieces start on
+    blocks (``partition.aligned``) and stochastic rounding numbers each piece's elements from its
+    start, so parameters and (consolidated) state equal one process's bit for bit."""
     mpi = pytest.importorskip("mpi4py.MPI", reason="the mpi extra is not installed")
-    for options in (dict(state_dtype="int8"), dict(state_dtype="bfloat16")):
-        with pytest.raises(ValueError, match="needs shard_state=False"):
-            fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, shard_state=True, **options)
-        fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, **options)  # one rank: replicated
-    opt = fastopt.Adam([np.ones(10, BF16)], comm=mpi.COMM_SELF, lr=0.5)
-    opt.step([np.ones(10, BF16)])
-    assert opt.state[0]["step"] == 1 and opt.state[0]["master"].dtype == np.float32
+    import fastopt.distributed
+
+    rng = np.random.default_rng(2)
+    shapes = [(30, 40), (700,), (100,), (3, 5)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    alone = [p.copy() for p in params]
+    hyper = dict(lr=0.01, state_dtype=state_dtype, min_8bit_size=64, backend="numba", **options)
+    opt = fastopt.Adam(params, comm=mpi.COMM_SELF, shard_state=True, bucket_bytes=1024, **hyper)
+    ref = fastopt.Adam(alone, **hyper)
+    for _ in range(4):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        opt.step(grads)
+        ref.step(grads)
+    starts = sorted({(p.k, p.start) for p in opt._dist._all_pieces()})
+    assert (0, 512) in starts or (0, 256) in starts, starts
+    for p, q in zip(params, alone):
+        np.testing.assert_array_equal(p.view(np.uint8), q.view(np.uint8))
+    whole, expected = fastopt.distributed.consolidate_state_dict(opt), ref.state_dict()
+    for k, entry in expected["state"].items():
+        arrays = {n: v for n, v in entry.items() if isinstance(v, np.ndarray)}
+        assert sorted(arrays) == sorted(n for n, v in whole["state"][k].items() if isinstance(v, np.ndarray))
+        for name, value in arrays.items():
+            assert whole["state"][k][name].dtype == value.dtype, (k, name)
+            np.testing.assert_array_equal(whole["state"][k][name].view(np.uint8), value.view(np.uint8))
+    if state_dtype == "int8":
+        assert expected["state"][0]["m"].dtype == np.uint8

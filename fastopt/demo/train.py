@@ -68,9 +68,6 @@ def check_precision(dtype: str, state_dtype: str, master_weights, comm=None) -> 
         raise ValueError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {state_dtype!r}")
     if master_weights is not None and dtype == "float32":
         raise ValueError(f"master_weights applies to bfloat16 and float16 parameters, not dtype={dtype!r}")
-    if comm is not None and state_dtype != "float32":
-        raise ValueError(f"the demo's data-parallel training (comm) shards the optimizer state, which 8-bit and "
-                         f"bfloat16 state do not take, got state_dtype={state_dtype!r}")
 
 
 def param_dtype(name: str) -> np.dtype:
@@ -182,8 +179,9 @@ def train(*, optimizer: str = DEFAULTS["optimizer"], hyper: dict | None = None, 
     parameters themselves). ``state_dtype="int8"``: the optimizer's 8-bit state
     (``fastopt.precision``; only tensors of at least its ``min_8bit_size`` elements, which
     ``hyper`` may set). Both are the optimizer's keywords: it raises for what it does not take.
-    With ``comm``, 16-bit parameters train as the optimizer's ``comm=`` takes them (float32
-    reductions and master copies, ``docs/distributed.md``); ``state_dtype`` must be float32.
+    With ``comm``, 16-bit parameters and 8-bit or bfloat16 state train as the optimizer's
+    ``comm=`` takes them (float32 reductions, master copies and state sharded over the ranks,
+    ``docs/distributed.md``).
     """
     import numba
 

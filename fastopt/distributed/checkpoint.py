@@ -21,7 +21,8 @@ rank reads every file (each needs the slices that now fall to it). Any failure o
 every rank raise (``comm.Agreement``) before anything is modified.
 
 Files are ``numpy.savez`` archives read with ``allow_pickle=False``; the non-array part of the
-state dict travels as JSON. Hyperparameters that are not JSON (an ``lr`` schedule) are not saved:
+state dict travels as JSON. ``.npz`` keeps no bfloat16 dtype, so a 16-bit array (a parameter, a
+bfloat16 state) is stored as its bits (uint16) and the JSON names its dtype. Hyperparameters that are not JSON (an ``lr`` schedule) are not saved:
 the optimizer keeps its own.
 """
 
@@ -70,9 +71,23 @@ def _jsonable(value):
     return True
 
 
+class _Arrays(dict):
+    """The archive's arrays; a 16-bit float is put in as its bits, its dtype named in ``dtypes``."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = {}
+
+    def put(self, name: str, value: np.ndarray) -> None:
+        if precision.is_low(value.dtype):
+            self.dtypes[name] = value.dtype.name
+            value = value.view(np.uint16)
+        self[name] = value
+
+
 def _pack(state_dict: dict, params) -> bytes:
     """A state dict (sharded or ordinary) and optionally the parameters as one .npz archive."""
-    arrays = {}
+    arrays = _Arrays()
     meta = {key: value for key, value in state_dict.items() if key not in ("state", "shard", "param_groups")}
     meta["param_groups"] = [{key: value for key, value in group.items() if _jsonable(value)}
                             for group in state_dict["param_groups"]]
@@ -81,7 +96,7 @@ def _pack(state_dict: dict, params) -> bytes:
         meta["state"][str(k)] = {name: value for name, value in entry.items() if not isinstance(value, np.ndarray)}
         for name, value in entry.items():
             if isinstance(value, np.ndarray):
-                arrays[f"state/{k}/{name}"] = value
+                arrays.put(f"state/{k}/{name}", value)
     if "shard" in state_dict:
         shard = state_dict["shard"]
         meta["shard"] = {key: value for key, value in shard.items() if key != "pieces"}
@@ -90,13 +105,11 @@ def _pack(state_dict: dict, params) -> bytes:
             meta["shard"]["pieces"].append({"param": piece["param"], "start": piece["start"], "stop": piece["stop"],
                                             "names": sorted(piece["state"])})
             for name, value in piece["state"].items():
-                arrays[f"piece/{i}/{name}"] = value
+                arrays.put(f"piece/{i}/{name}", value)
     if params is not None:
         for k, p in enumerate(params):
-            if precision.is_low(p.dtype):  # .npz keeps no bfloat16 dtype: the bits, and the dtype's name
-                meta.setdefault("param_dtypes", {})[str(k)] = p.dtype.name
-                p = p.view(np.uint16)
-            arrays[f"param/{k}"] = p
+            arrays.put(f"param/{k}", p)
+    meta["array_dtypes"] = arrays.dtypes
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -108,7 +121,8 @@ def _unpack(path: Path) -> tuple[dict, dict]:
     with np.load(path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
     meta = json.loads(arrays.pop("meta").tobytes().decode())
-    param_dtypes = meta.pop("param_dtypes", {})
+    for name, dtype in meta.pop("array_dtypes", {}).items():
+        arrays[name] = arrays[name].view(_low_dtype(dtype))
     state = {}
     for k, entry in meta["state"].items():
         state[int(k)] = dict(entry)
@@ -125,8 +139,6 @@ def _unpack(path: Path) -> tuple[dict, dict]:
                            for i, p in enumerate(meta["shard"]["pieces"])]
         state_dict["shard"] = shard
     params = {int(name.split("/")[1]): value for name, value in arrays.items() if name.startswith("param/")}
-    for k, name in param_dtypes.items():
-        params[int(k)] = params[int(k)].view(_low_dtype(name))
     return state_dict, params
 
 

@@ -35,10 +35,14 @@ packed into the buffer first: one copy of T elements.
 Every rank's parameters are bit-identical after each step: each element is computed by exactly
 one rank (sharded) or from the same reduced bytes by every rank (replicated).
 
-8-bit or bfloat16 state (``state_dtype``): replicated only (sharding would cut the quantization
-blocks of 256 between ranks). The reductions run as above; once all have completed, every rank
-runs the single-process step on the whole reduced buffer, with grad_scale·N for the mean, so the
-state keeps the single-process layout (and state dict) and no update overlaps a reduction.
+8-bit or bfloat16 state (``state_dtype``), sharded: as above, each piece's state being 8-bit codes
+with one float32 absmax per block of 256 (or bfloat16 values) of the piece, stepped by the
+backend's ``state8_step``. With 8-bit state the rank cuts and bucket bounds are moved down to block
+boundaries of the parameters they fall in (``partition.aligned``), so every piece starts on a
+block of its parameter: its blocks are the parameter's, and the ranks quantize exactly what one
+process would. Replicated: the reductions run as above; once all have completed, every rank runs
+the single-process step on the whole reduced buffer, with grad_scale·N for the mean, so the state
+keeps the single-process layout (and state dict) and no update overlaps a reduction.
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ class _Space:
     16-bit parameters (bfloat16, float16): the gradient buffer, the reductions and the state are
     float32 (``work``); only the allgather of the updated parameters moves 16-bit values."""
 
-    def __init__(self, dtype, ks, params, world, rank, bucket_elems, sharded, group_of):
+    def __init__(self, dtype, ks, params, world, rank, bucket_elems, sharded, group_of, block=None):
         self.dtype = dtype
         self.work = work_dtype(dtype)
         self.ks = ks  # optimizer-wide parameter indices, in order
@@ -124,13 +128,17 @@ class _Space:
             self.staging = np.empty(self.total, dtype)
         flat_param_views = [params[k].reshape(-1) for k in ks]
         cuts = partition.rank_bounds(self.total, world)
+        bounds = partition.bucket_bounds(self.total, bucket_elems)
+        if block is not None:  # 8-bit state: no piece may cut a quantization block
+            cuts = partition.aligned(cuts, self.offsets, block)
+            bounds = partition.aligned_buckets(bounds, self.offsets, block)
         # this rank's range of the space: one contiguous 1/N sharded, everything replicated
         self.range = (int(cuts[rank]), int(cuts[rank + 1])) if sharded else (0, self.total)
         range_lo, range_hi = self.range
         self.owned = range_hi - range_lo  # elements this rank updates (T/N sharded, T replicated)
         self.recv = np.zeros(self.owned, self.work) if sharded else None  # Ireduce_scatter's output
         self.buckets = []
-        for lo, hi in partition.bucket_bounds(self.total, bucket_elems):
+        for lo, hi in bounds:
             counts, displs = partition.bucket_parts(lo, hi, cuts)
             my_lo = min(max(range_lo, lo), hi)
             my_hi = max(min(range_hi, hi), my_lo)
@@ -207,13 +215,15 @@ class DataParallel:
                 k += 1
         self.group_of = group_of
         self.spaces = []
+        block = precision.BLOCK if shard_state and opt.precision.state_dtype == "int8" else None
         dtypes = [np.dtype(np.float32), np.dtype(np.float64)]
         dtypes += [d for d in dict.fromkeys(dtype_of(p) for p in params) if d not in dtypes]
         for dtype in dtypes:
             ks = [k for k, p in enumerate(params) if dtype_of(p) == dtype]
             if ks:  # a bucket's reduction moves bucket_bytes (16-bit parameters: float32 gradients)
                 elems = max(1, bucket_bytes // work_dtype(dtype).itemsize)
-                self.spaces.append(_Space(dtype, ks, params, self.world, self.rank, elems, shard_state, group_of))
+                self.spaces.append(_Space(dtype, ks, params, self.world, self.rank, elems, shard_state, group_of,
+                                          block))
         self.views = [None] * len(params)
         for space in self.spaces:
             for k, view in zip(space.ks, space.views):
@@ -243,6 +253,7 @@ class DataParallel:
         plan = {}
         for i in selected:
             plan[i] = _check_group(opt, i, opt.param_groups[i], opt.steps)
+            opt._check_compact(i, plan[i][0])
         packed = True
         for k, (param, grad) in enumerate(zip(params, grads)):
             if self.group_of[k] not in plan:
@@ -269,7 +280,7 @@ class DataParallel:
                     np.copyto(self.views[k], grad)
         module = dispatch.resolve(opt.backend, opt._params()[0])
         requests = self._start_reductions()
-        if opt.precision.state_dtype != "float32":  # replicated (attach): every rank steps the whole
+        if opt.precision.state_dtype != "float32" and not self.sharded:  # every rank steps the whole
             # parameters once every reduction is done, as one process would on the reduced gradients
             mpi().Request.Waitall([r for rs in requests for r in rs])
             scale = (1.0 if grad_scale is None else grad_scale) * (self.world if self.grad_reduce == "mean" else 1)
@@ -364,21 +375,31 @@ class DataParallel:
             self.comm.Allreduce(mpi().IN_PLACE, self._bad, op=mpi().MIN)
         return int(self._bad[0])
 
-    def _state_for(self, piece, name, group):
+    def _state_for(self, piece, name, group, module=None, signed=None):
         """The piece's state array ``name``, created on first use: at the optimizer's initial
         value, or for ``"master"`` the float32 copy of the parameter. Float32 for 16-bit
-        parameters (``work_dtype``)."""
+        parameters (``work_dtype``). A state in ``signed`` (sharded 8-bit or bfloat16 state: the
+        name's map is signed or not) is created compact by ``module``: bfloat16, or 8-bit codes
+        with ``name + "_absmax"`` beside them, and returned as the backend takes it (a pair
+        (codes, absmax) for 8-bit)."""
         array = piece.state.get(name)
         if array is not None:
-            return array
+            absmax = piece.state.get(name + precision.ABSMAX)
+            return array if absmax is None else (array, absmax)
         opt = self.opt
         work = work_dtype(piece.param.dtype)
         if self.sharded:
+            value = 0.0 if name == "avg" else opt._initial_value(name, group)
             if name == "master":
                 array = piece.param.astype(work)
+            elif signed is not None and name in signed and opt.precision.state_dtype == "bfloat16":
+                array = precision.bfloat16_state(module, piece.param, value)
+            elif signed is not None and name in signed:
+                array, absmax = precision.quantized_state(module, piece.param, value, signed[name])
+                piece.state[name], piece.state[name + precision.ABSMAX] = array, absmax
+                return array, absmax
             else:
-                array = np.full(piece.stop - piece.start, 0.0 if name == "avg" else opt._initial_value(name, group),
-                                work)
+                array = np.full(piece.stop - piece.start, value, work)
         else:
             state = opt.state[piece.k]
             if name not in state:
@@ -392,21 +413,53 @@ class DataParallel:
         piece.state[name] = array
         return array
 
+    def piece_array(self, piece, name):
+        """(shape, dtype) of the piece's state array ``name`` (as the step creates it), or None
+        when the optimizer keeps no such array."""
+        opt = self.opt
+        spec = SPECS[opt._spec]
+        work = work_dtype(piece.param.dtype)
+        size = piece.stop - piece.start
+        if name == "avg" and opt.polyak is not None or name == "master" and opt.precision.master(piece.param.dtype):
+            return (size,), work
+        base = name[:-len(precision.ABSMAX)] if name.endswith(precision.ABSMAX) else name
+        if base not in spec.state:
+            return None
+        signed = {}
+        if opt.precision.compact(opt._params()[piece.k]):
+            hyper = _check_group(opt, piece.group, opt.param_groups[piece.group], opt.steps)[0]
+            signed = self._signed(dispatch.resolve(opt.backend, piece.param), spec, hyper)
+        eight_bit = base in signed and opt.precision.state_dtype == "int8"
+        if base != name:
+            return ((-(-size // precision.BLOCK),), np.dtype(np.float32)) if eight_bit else None
+        if eight_bit:
+            return (size,), np.dtype(np.uint8)
+        return (size,), precision.bfloat16_dtype() if base in signed else work
+
+    def _signed(self, module, spec, hyper) -> dict:
+        """{state name: whether its 8-bit map is signed} of the states a compact piece keeps compact."""
+        layout = module.state8_layout(spec.kernel, **(dict(hyper, step=1) if spec.step_count else hyper))
+        return {spec.state[slot]: sign for slot, sign in layout}
+
     def _update_bucket(self, module, space, bucket, plan, grad_mul, grad_clip) -> None:
-        """The fused update of this rank's pieces of one bucket, batched by (group, step count)."""
+        """The fused update of this rank's pieces of one bucket, batched by (group, step count,
+        compact state or not)."""
         opt = self.opt
         spec = SPECS[opt._spec]
         runs: dict[tuple, list] = {}
+        params = opt._params()
         for piece in bucket.pieces:
             if piece.group not in plan:
                 continue
             state = opt.state[piece.k]
-            runs.setdefault((piece.group, state["step"], state.get("avg_steps", 0)), []).append(piece)
-        for (i, step, avg_steps), pieces in runs.items():
+            compact = self.sharded and opt.precision.compact(params[piece.k])
+            runs.setdefault((piece.group, state["step"], state.get("avg_steps", 0), compact), []).append(piece)
+        for (i, step, avg_steps, compact), pieces in runs.items():
             hyper, host = plan[i]
             group = opt.param_groups[i]
             used = spec.uses(hyper)
-            states = [tuple(self._state_for(p, name, group) if name in used else p.state.get(name)
+            signed = self._signed(module, spec, hyper) if compact else None
+            states = [tuple(self._state_for(p, name, group, module, signed) if name in used else p.state.get(name)
                             for name in spec.state) for p in pieces]
             avgs = None
             keywords = dict(hyper)
@@ -419,15 +472,23 @@ class DataParallel:
                 keywords["avg_weight"] = opt._avg_weight(avg_steps + 1)
             keywords = with_host_options(module, host, keywords, step + 1)
             params, grads = [p.param for p in pieces], [p.grad for p in pieces]
-            if precision.is_low(space.dtype):  # float32 gradients and state, 16-bit θ
+            low = precision.is_low(space.dtype)
+            extra = {}
+            if low:  # float32 gradients and state (or compact state), 16-bit θ
                 masters = ([self._state_for(p, "master", group) for p in pieces]
                            if opt.precision.master(space.dtype) else None)
                 # starts: a piece's elements draw the stochastic-rounding stream of their places in
                 # the whole parameter, so the ranks round as one process would
+                extra = dict(masters=masters, rounding=opt.precision.rounding, seed=opt.precision.seed,
+                             counter=step + 1, indices=[p.k for p in pieces], starts=[p.start for p in pieces])
+            if compact:
+                if opt.precision.state_dtype != "int8":
+                    extra["state_dtype"] = opt.precision.state_dtype
+                module.state8_step(spec.kernel, params, grads, states, avgs, block=precision.BLOCK, **extra,
+                                   **keywords)
+            elif low:
                 precision.mixed_module(module, opt.backend).mixed_step(
-                    spec.kernel, params, grads, masters, states, avgs, rounding=opt.precision.rounding,
-                    seed=opt.precision.seed, counter=step + 1, indices=[p.k for p in pieces],
-                    starts=[p.start for p in pieces], **keywords)
+                    spec.kernel, params, grads, extra.pop("masters"), states, avgs, **extra, **keywords)
             else:
                 module.multi_step(spec.kernel, params, grads, states, avgs, **keywords)
 
@@ -523,10 +584,6 @@ def attach(opt, init_local, comm, shard_state, grad_reduce, bucket_bytes, backen
         init_local()
         if not all(isinstance(p, np.ndarray) for p in opt._params()):
             raise device
-        if options[0] and opt.precision.state_dtype != "float32":
-            raise ValueError(f"state_dtype={opt.precision.state_dtype!r} with comm= needs shard_state=False (the "
-                             "default with more than one rank is True): sharding would cut quantization blocks "
-                             "between ranks (docs/distributed.md)")
     except Exception as exc:  # every local failure is agreed on, so no rank waits in a collective
         error = exc
     Agreement(comm)(error, f"building {type(opt).__name__}")

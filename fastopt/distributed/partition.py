@@ -24,6 +24,16 @@ buckets are consecutive pieces of its range: bucket j's part lands at clip(c_r) 
 rank's receive buffer.
 
 ``Piece`` is the intersection of one parameter with one part: the unit the fused update runs on.
+
+8-bit state (quantization blocks of B = 256 elements, counted from each parameter's first element)
+must not be cut: a piece of a parameter has to start on a block boundary of that parameter. Then
+every cut point x (rank cut or bucket bound) is moved down to one,
+
+    aligned(x) = o_k + B·⌊(x − o_k)/B⌋   for the parameter k with o_k ≤ x < o_k + n_k   (x = T: T),
+
+which keeps the cuts in order (it is monotone), moves each by less than B, and leaves a cut on a
+parameter's first element where it is. A rank then owns ⌊T/N⌋ ± B elements, and a bucket up to
+E + B − 1 (buckets that become empty are dropped).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Piece", "bucket_bounds", "bucket_parts", "offsets_of", "pieces_in", "rank_bounds"]
+__all__ = ["Piece", "aligned", "aligned_buckets", "bucket_bounds", "bucket_parts", "offsets_of", "pieces_in", "rank_bounds"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,26 @@ def rank_bounds(total: int, world_size: int) -> np.ndarray:
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     return (total * np.arange(world_size + 1, dtype=np.int64)) // world_size
+
+
+def aligned(cuts, offsets: np.ndarray, block: int) -> np.ndarray:
+    """``cuts`` (ascending positions in [0, T]) moved down to block boundaries of the parameters
+    they fall in (module docstring), as int64."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    cuts = np.asarray(cuts, np.int64)
+    owner = np.searchsorted(offsets, cuts, side="right") - 1  # o_owner <= x < o_(owner+1)
+    owner = np.clip(owner, 0, len(offsets) - 1)
+    first = offsets[owner]
+    return first + (cuts - first) // block * block
+
+
+def aligned_buckets(bounds: list[tuple[int, int]], offsets: np.ndarray, block: int) -> list[tuple[int, int]]:
+    """``bucket_bounds`` with every bound ``aligned``, empty buckets dropped."""
+    if not bounds:
+        return []
+    edges = aligned([lo for lo, _ in bounds] + [bounds[-1][1]], offsets, block)
+    return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
 
 
 def bucket_parts(lo: int, hi: int, cuts: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:

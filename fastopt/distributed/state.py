@@ -8,6 +8,8 @@ every parameter's counters ``step``/``avg_steps``) plus ``shard``: where this ra
              "pieces": [{"param": k, "start": a, "stop": b, "state": {name: array of b − a}}, ...]}
 
 (elements [a, b) of parameter k, flat in C order; ``partition`` says why a parameter may be cut).
+A piece's 8-bit state is its codes (b − a bytes) and ``name + "_absmax"``: the absmax of the
+parameter's blocks ⌊a/256⌋ … ⌈b/256⌉ − 1 (an 8-bit piece starts on a block, ``partition.aligned``).
 The pieces of all ranks cover every stepped parameter's state exactly once, so they can be
 reassembled at any world size:
 
@@ -29,6 +31,7 @@ import numbers
 
 import numpy as np
 
+from .. import precision
 from .engine import work_dtype
 
 __all__ = ["averaged_params", "consolidate_state_dict", "load_state_dict", "merge_shards", "state_dict"]
@@ -79,19 +82,41 @@ def merge_shards(shards: list[dict], params: list) -> dict:
             work = work_dtype(params[k].dtype)
             for name, value in piece["state"].items():
                 value = np.asarray(value)
-                if value.shape != (b - a,) or value.dtype != work:
-                    raise ValueError(f"piece [{a}, {b}) of state[{k}][{name!r}] must have shape ({b - a},) and "
-                                     f"dtype {work}, got {value.shape} {value.dtype}")
+                whole, lo, hi = _span(name, a, b, size)
+                if value.dtype == np.uint8 and name + precision.ABSMAX in piece["state"]:
+                    dtype = value.dtype  # 8-bit codes
+                elif value.dtype.name == "bfloat16" and not name.endswith(precision.ABSMAX):
+                    dtype = value.dtype  # bfloat16 state
+                else:
+                    dtype = np.dtype(np.float32) if name.endswith(precision.ABSMAX) else work
+                if value.shape != (hi - lo,) or value.dtype != dtype:
+                    raise ValueError(f"piece [{a}, {b}) of state[{k}][{name!r}] must have shape ({hi - lo},) and "
+                                     f"dtype {dtype}, got {value.shape} {value.dtype}")
                 full = entry.get(name)
                 if full is None:
-                    full = entry[name] = np.full(params[k].shape, np.nan, work)
-                full.reshape(-1)[a:b] = value
-                covered[(k, name)] = covered.get((k, name), 0) + (b - a)
+                    shape = params[k].shape if whole == size else (whole,)
+                    full = entry[name] = np.zeros(shape, dtype) if dtype == np.uint8 else np.full(shape, np.nan, dtype)
+                if full.dtype != dtype:
+                    raise ValueError(f"the pieces of state[{k}][{name!r}] have dtypes {full.dtype} and {dtype}")
+                full.reshape(-1)[lo:hi] = value
+                covered[(k, name)] = covered.get((k, name), 0) + (hi - lo)
     for (k, name), count in covered.items():
-        if count != params[k].size:
-            raise ValueError(f"the pieces of state[{k}][{name!r}] cover {count} of its {params[k].size} elements")
+        whole = _span(name, 0, params[k].size, params[k].size)[0]
+        if count != whole:
+            raise ValueError(f"the pieces of state[{k}][{name!r}] cover {count} of its {whole} elements")
     merged["state"] = state
     return merged
+
+
+def _span(name: str, a: int, b: int, size: int) -> tuple[int, int, int]:
+    """(length of the whole array, lo, hi): where piece [a, b) of a parameter of ``size``
+    elements sits in the whole state array ``name``; an absmax has one entry per block."""
+    if not name.endswith(precision.ABSMAX):
+        return size, a, b
+    if a % precision.BLOCK:
+        raise ValueError(f"a piece [{a}, {b}) with 8-bit state {name!r} must start on a block of "
+                         f"{precision.BLOCK} elements")
+    return -(-size // precision.BLOCK), a // precision.BLOCK, -(-b // precision.BLOCK)
 
 
 def consolidate_state_dict(opt, root: int = 0):
@@ -169,8 +194,12 @@ def load_state_dict(engine, state_dict, load_local) -> None:
         if pieces is not None:
             piece.state = pieces[(piece.k, piece.start, piece.stop)]
         else:
-            piece.state = {name: np.array(value.reshape(-1)[piece.start:piece.stop], copy=True)
-                           for name, value in entry.items() if isinstance(value, np.ndarray)}
+            size = opt._params()[piece.k].size
+            piece.state = {}
+            for name, value in entry.items():
+                if isinstance(value, np.ndarray):
+                    _, lo, hi = _span(name, piece.start, piece.stop, size)
+                    piece.state[name] = np.array(value.reshape(-1)[lo:hi], copy=True)
     for entry in opt.state:  # the full arrays are not kept: only this rank's slice is
         for name in [n for n, v in entry.items() if isinstance(v, np.ndarray)]:
             del entry[name]
@@ -191,12 +220,15 @@ def _own_pieces(engine, saved_pieces) -> dict:
         if key not in expected:
             raise ValueError(f"state_dict has a piece {key} that this rank does not own")
         mine = expected[key]
-        work = work_dtype(mine.param.dtype)
         arrays = {}
         for name, value in piece["state"].items():
-            if not isinstance(value, np.ndarray) or value.shape != (mine.stop - mine.start,) or value.dtype != work:
+            wanted = engine.piece_array(mine, name)
+            if wanted is None:
+                raise ValueError(f"state_dict piece {key} has an entry {name!r} this optimizer does not keep")
+            shape, dtype = wanted
+            if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype:
                 raise ValueError(f"state_dict piece {key} entry {name!r} must be an array of shape "
-                                 f"({mine.stop - mine.start},) and dtype {work}")
+                                 f"{shape} and dtype {dtype}")
             arrays[name] = np.array(value, copy=True)
         found[key] = arrays
     for key in expected:

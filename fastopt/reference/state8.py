@@ -14,7 +14,7 @@ rules as ``kernels/numba_cpu/state8.py``:
 
     state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
                 avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0,
-                indices=None, **hyper)
+                indices=None, starts=None, state_dtype="int8", **hyper)
 
 16-bit parameters (bfloat16, float16) are updated as ``mixed.py`` updates them: θ's float32 value
 is the master copy (``masters``) or θ decoded, the gradient is decoded to float32, and θ is
@@ -112,9 +112,11 @@ def _low(dtype) -> bool:
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
                 avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0, indices=None,
-                state_dtype="int8", **hyper) -> None:
+                starts=None, state_dtype="int8", **hyper) -> None:
     """``op`` with 8-bit state, tensor by tensor: dequantize, reference update, requantize.
-    Raises ValueError before writing anything for an unsupported configuration or bad argument."""
+    Raises ValueError before writing anything for an unsupported configuration or bad argument.
+    Stochastic rounding numbers tensor t's elements from ``starts[t]`` (0 without ``starts``): the
+    tensor is then the piece of a parameter that begins there (``mixed.py``)."""
     layout = state8_layout(op, **hyper)
     if state_dtype not in ("int8", "bfloat16"):
         raise ValueError(f"state_dtype must be 'int8' or 'bfloat16', got {state_dtype!r}")
@@ -156,7 +158,9 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
                avg=None if avgs is None else avgs[t], avg_weight=avg_weight, **hyper)
         if low and rounding == "stochastic":
             key = lowp.tensor_key(seed, counter, t if indices is None else indices[t])
-            param[...] = lowp.round_stochastic(value, param.dtype, key, np.arange(param.size).reshape(param.shape))
+            first = 0 if starts is None else int(starts[t])
+            index = np.arange(first, first + param.size, dtype=np.int64).reshape(param.shape)
+            param[...] = lowp.round_stochastic(value, param.dtype, key, index)
         elif low:
             param[...] = lowp.round_nearest(value, param.dtype)
         for slot, signed in layout:

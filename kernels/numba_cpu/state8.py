@@ -66,8 +66,8 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 from ._jit import kernel
 from .lowbits import bits_f32, f32_bits
-from .lowbits import bf16_to_f32, f32_to_bf16, tensor_key
-from .mixed import _decode, _encode, _pointer16, is_low_precision
+from .lowbits import bf16_to_f32, f32_to_bf16
+from .mixed import _decode, _encode, _keys, _pointer16, is_low_precision
 from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
 from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
@@ -633,14 +633,14 @@ _THRESHOLDS = {(a, b): np.stack([np.append(_MAPS[m][0], np.float32(np.inf)) for 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
                 avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0, indices=None,
-                state_dtype="int8", **hyper) -> None:
+                starts=None, state_dtype="int8", **hyper) -> None:
     """``op`` with 8-bit block-wise quantized state on every tensor of the lists, in one kernel
     call (see the module docstring); raises ValueError, before writing anything, for an
     unsupported configuration or a bad argument.
 
     ``params`` may be bfloat16 or float16 (one format for the list), updated as ``mixed.py``
     updates them: grads of that format or float32, ``masters`` float32 copies or None, and
-    ``rounding``, ``seed``, ``counter``, ``indices`` as there. ``state_dtype="bfloat16"``: the
+    ``rounding``, ``seed``, ``counter``, ``indices``, ``starts`` as there. ``state_dtype="bfloat16"``: the
     state entries are bfloat16 arrays instead of (codes, absmax) pairs, decoded exactly and stored
     rounded to nearest even, with the same optimizers and configurations."""
     reason = state8_supported(op, **hyper)
@@ -673,8 +673,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         variant = variant.serial
     keys = None
     if stochastic:
-        keys = np.array([tensor_key(seed, counter, k) for k in (range(len(params)) if indices is None else indices)],
-                        np.int64)
+        keys = _keys(seed, counter, range(len(params)) if indices is None else indices, starts)
     variant(table, offsets, hyper_array, None if avgs is None else np.float32(avg_weight),
             thresholds, values, zeros, lookup, block, True if low else None,
             True if low and masters is not None else None, keys, True if grad16 else None, True if half else None,

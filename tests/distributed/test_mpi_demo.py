@@ -28,17 +28,22 @@ def _mpiexec(*args, timeout=120):
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_mpiexec_fastopt_train_matches_single_process(dtype):
-    """bfloat16: the optimizer's parameters (and its float32 master copies) data-parallel."""
-    out = _mpiexec("train", "--backend", "numpy", "--epochs", str(EPOCHS), "--dtype", dtype)
+@pytest.mark.parametrize("dtype, state_dtype", [("float32", "float32"), ("bfloat16", "float32"), ("float32", "int8")])
+def test_mpiexec_fastopt_train_matches_single_process(dtype, state_dtype):
+    """bfloat16: the optimizer's parameters (and its float32 master copies) data-parallel; int8:
+    its 8-bit state, sharded over the ranks."""
+    out = _mpiexec("train", "--backend", "numpy", "--epochs", str(EPOCHS), "--dtype", dtype,
+                   "--state-dtype", state_dtype)
     assert out.count("test accuracy:") == 1, out  # rank 0 alone prints
     assert "data-parallel on 2 MPI ranks" in out
     accuracy = float(re.search(r"test accuracy: ([\d.]+)%", out).group(1))
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", out)]
-    single = fastopt.demo.train(epochs=EPOCHS, backend="numpy", dtype=dtype)
+    single = fastopt.demo.train(epochs=EPOCHS, backend="numpy", dtype=dtype, state_dtype=state_dtype)
     assert abs(accuracy - 100 * single.test_accuracy) <= 0.5
-    assert losses == pytest.approx([h["loss"] for h in single.history], abs=1e-4)
+    # 8-bit state: the ranks' sum of their gradients rounds unlike one process's batch mean, and a
+    # state near a midpoint of the map then takes the neighbouring code, an update differing by a step
+    tolerance = 1e-3 if state_dtype == "int8" else 1e-4
+    assert losses == pytest.approx([h["loss"] for h in single.history], abs=tolerance)
 
 
 @pytest.mark.long

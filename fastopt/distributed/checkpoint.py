@@ -121,7 +121,9 @@ def _unpack(path: Path) -> tuple[dict, dict]:
     with np.load(path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
     meta = json.loads(arrays.pop("meta").tobytes().decode())
-    for name, dtype in meta.pop("array_dtypes", {}).items():
+    low = meta.pop("array_dtypes", {})
+    low.update({f"param/{k}": dtype for k, dtype in meta.pop("param_dtypes", {}).items()})  # earlier saves' key
+    for name, dtype in low.items():
         arrays[name] = arrays[name].view(_low_dtype(dtype))
     state = {}
     for k, entry in meta["state"].items():

@@ -515,7 +515,8 @@ class Optimizer:
                            "params": list(range(k, k + n))})
             k += n
         state = {
-            k: {name: (value if name in self._counters else module.to_numpy(value)) for name, value in s.items()}
+            k: {name: (value if name in self._counters else precision.host_array(module, value))
+                for name, value in s.items()}
             for k, s in enumerate(self.state)
         }
         return {"optimizer": type(self).__name__, "convention": self.convention,
@@ -603,7 +604,10 @@ class Optimizer:
                     hint = " (saved with state_dtype='int8'?)" if value.dtype == np.uint8 else ""
                     raise ValueError(f"state_dict state[{k}][{name!r}] must have shape {shape} and dtype "
                                      f"{wanted}, got ({value.shape}, {value.dtype}){hint}")
-                restored[name] = module.from_numpy(np.ascontiguousarray(value), param)
+                if wanted == precision.bfloat16_dtype():
+                    restored[name] = precision.device_bfloat16(module, np.ascontiguousarray(value), param)
+                else:
+                    restored[name] = module.from_numpy(np.ascontiguousarray(value), param)
             new_state.append(restored)
         self.param_groups = new_groups
         self.state = new_state

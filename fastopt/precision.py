@@ -19,9 +19,16 @@ or float16 parameters to the backend's ``mixed_step``, one fused pass per bucket
   shape) and ``state[name + "_absmax"]`` (float32, one per block of 256), and the backend's
   ``state8_step`` dequantizes, updates and requantizes each block in the one fused pass. Smaller
   parameters keep float32 state. ``state_dict`` holds codes and absmax as they are.
+* ``state_dtype="bfloat16"`` (the same optimizers and parameters): every state array of every
+  parameter is bfloat16, decoded exactly and stored rounded to nearest even in the same pass. On
+  the host it is an ``ml_dtypes.bfloat16`` array; on a GPU backend (``"cupy"``,
+  ``"numba-cuda"``), whose device arrays have no bfloat16 dtype, it is held as its bits in a
+  uint16 array (``device_bfloat16``), and ``state_dict`` returns it as bfloat16 on the host.
 
-Only the host backends take 16-bit arrays (``"numba"`` and the reference ``"numpy"``); the GPU
-backends raise ``TypeError``.
+The host backends (``"numba"``, the reference ``"numpy"``) take bfloat16 and float16 arrays. The
+GPU backends take float16 parameters (``"cupy"`` also bfloat16 ones whose dtype it recognizes,
+such as torch's) and 8-bit or bfloat16 state; what a backend lacks raises ``TypeError`` naming it
+(``mixed_module``, ``compact_module``).
 """
 
 from __future__ import annotations
@@ -178,7 +185,21 @@ def bfloat16_state(module, param, value: float):
     """A new bfloat16 state array of ``param`` filled with ``value`` (rounded to nearest)."""
     from .reference.lowp import round_nearest
 
-    return module.from_numpy(round_nearest(np.full(shape_of(param), value, _FLOAT32), bfloat16_dtype()), param)
+    return device_bfloat16(module, round_nearest(np.full(shape_of(param), value, _FLOAT32), bfloat16_dtype()), param)
+
+
+def device_bfloat16(module, host: np.ndarray, param):
+    """The bfloat16 host array ``host`` as a state array beside ``param``: a copy of it for a NumPy
+    parameter; on a GPU its bits, as uint16 (CuPy and numba's device arrays have no bfloat16)."""
+    if isinstance(param, np.ndarray):
+        return module.from_numpy(host, param)
+    return module.from_numpy(host.view(np.uint16), param)
+
+
+def host_array(module, array) -> np.ndarray:
+    """A host copy of a state array; bfloat16 state held as bits on a GPU comes back as bfloat16."""
+    host = module.to_numpy(array)
+    return host.view(bfloat16_dtype()) if host.dtype == np.uint16 else host
 
 
 def bfloat16_dtype() -> np.dtype:

@@ -1,9 +1,11 @@
-"""float16 parameters, 8-bit optimizer state (for float32 and float16 parameters) and float16 batch
-norm of the numba-cuda backend on a real GPU, at large sizes, against ``fastopt.reference``: the
-runners and comparisons of ``tests/cudasim/test_lowp.py``, ``test_lowp_state8.py`` and
-``helpers.run_batchnorm_f16`` (θ within one float16 code and bitwise where the float32 values
-agree; 8-bit codes and absmax equal; float32 values within float32 tolerance; float16 batch norm
-bit for bit the rounding of the float32 kernels, and within one float16 rounding of the reference).
+"""float16 parameters, 8-bit and bfloat16 optimizer state (for float32 and float16 parameters) and
+float16 batch norm of the numba-cuda backend on a real GPU, at large sizes, against
+``fastopt.reference``: the runners and comparisons of ``tests/cudasim/test_lowp.py``,
+``test_lowp_state8.py`` and ``helpers.run_batchnorm_f16`` (θ within one float16 code and bitwise
+where the float32 values agree; 8-bit codes and absmax equal; bfloat16 states within one code and
+bitwise in at least 98% of the elements; float32 values within float32 tolerance; a parameter
+stepped in pieces with ``starts`` bit for bit as the whole; float16 batch norm bit for bit the
+rounding of the float32 kernels, and within one float16 rounding of the reference).
 
 Marked ``gpu``; skipped with the reason when numba-cuda finds no usable CUDA device (and under the
 CUDA simulator, which tests/cudasim covers with small sizes).
@@ -24,7 +26,7 @@ from cudasim.test_lowp import (MIXED_CASES, MIXED_OPTIONS, STATE8_CASES, _device
                                _state8_id, run_mixed, run_state8)
 from cudasim.helpers import run_batchnorm_f16  # noqa: E402
 from cudasim.test_lowp_state8 import TABLE as STATE8_F16_TABLE  # noqa: E402
-from cudasim.test_lowp_state8 import run_state8_f16  # noqa: E402
+from cudasim.test_lowp_state8 import BF16_IDS, BF16_TABLE, run_pieces, run_state8_bf16, run_state8_f16  # noqa: E402
 from fastopt.reference import mixed as ref_mixed  # noqa: E402
 from optim_cases import case_id  # noqa: E402
 
@@ -84,6 +86,28 @@ def test_state8_f16_matches_reference(case, options, rng):
 def test_state8_f16_options(options, rng):
     op, hyper = STATE8_CASES[0]
     run_state8_f16(op, hyper, SHAPES, rng, steps=2, exact=False, **options)
+
+
+@pytest.mark.parametrize("case, options", BF16_TABLE, ids=BF16_IDS)
+def test_state8_bf16_state_matches_reference(case, options, rng):
+    """bfloat16 state (uint16 device arrays), float32 and float16 θ: the simulator's table."""
+    op, hyper = case
+    run_state8_bf16(op, hyper, SHAPES, rng, steps=3, exact=False, **options)
+
+
+@pytest.mark.parametrize("options", [dict(low=False, nan_grad=True, avg=True, grad_mul=0.5, grad_clip=1.0),
+                                     dict(low=True, master=True, rounding="stochastic", grad32=False, nan_grad=True)],
+                         ids=["float32-nan-extras", "float16-nan"])
+def test_state8_bf16_state_options(options, rng):
+    op, hyper = STATE8_CASES[0]
+    run_state8_bf16(op, hyper, SHAPES, rng, steps=2, exact=False, **options)
+
+
+@pytest.mark.parametrize("state_dtype, cuts", [("bfloat16", [3 * 2**16 + 5, 2**20 - 1]), ("int8", [2**18, 2**19])],
+                         ids=["bfloat16", "int8"])
+def test_state8_starts_make_pieces_round_as_the_whole_parameter(state_dtype, cuts, rng):
+    """Pieces across chunk boundaries (bfloat16 state) or on block boundaries (int8, blocks of 256)."""
+    run_pieces(state_dtype, 2**20 + 3, cuts, 256, rng, exact=False)
 
 
 BN_F16_SHAPES = [((64, 32, 28, 28), 1), ((64, 28, 28, 32), 3), ((4096, 100), 1), ((3, 5, 7), 1), ((2, 3), 1)]

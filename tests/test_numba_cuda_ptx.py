@@ -103,17 +103,34 @@ def test_every_kernel_is_registered():
             "reduce.scale", "reduce.convert", "arrays.fill"} <= names
 
 
+STATE8_SUFFIXES = ("_f16", "_bf16state", "_f16_bf16state")  # float16 θ; bfloat16 state, float32 and float16 θ
+
+
 def test_the_low_precision_variants_are_registered():
-    """float16 θ with 8-bit state (one kernel per state8 variant) and the float16 batch-norm
-    conversions are in the registry, so the parametrized test above compiles each for sm_90 and
-    checks its float32 PTX for float64."""
+    """float16 θ with 8-bit state, and bfloat16 state with float32 and with float16 θ (one kernel
+    each per state8 variant), and the float16 batch-norm conversions are in the registry, so the
+    parametrized test above compiles each for sm_90 and checks its float32 PTX for float64."""
     require(nvvm=False)
-    state8 = {n for n in KERNELS if n.startswith("state8.") and not n.endswith("_f16")}
+    state8 = {n for n in KERNELS if n.startswith("state8.") and not n.endswith(STATE8_SUFFIXES)}
     assert len(state8) == 8
-    assert {f"{n}_f16" for n in state8} <= set(KERNELS)
+    low = [f"{n}{suffix}" for n in sorted(state8) for suffix in STATE8_SUFFIXES]
+    assert set(low) <= set(KERNELS)
+    assert len([n for n in KERNELS if n.startswith("state8.")]) == 8 * (1 + len(STATE8_SUFFIXES))
     assert {"bn_lowp.decode_f16", "bn_lowp.encode_f16"} <= set(KERNELS)
-    for name in [f"{n}_f16" for n in state8] + ["bn_lowp.decode_f16", "bn_lowp.encode_f16"]:
+    for name in low + ["bn_lowp.decode_f16", "bn_lowp.encode_f16"]:
         assert KERNELS[name].float64 is None and KERNELS[name].dtypes == (numba.float32,), name
+
+
+def test_the_bfloat16_state_kernels_convert_in_integers_and_compute_in_float32(device_for_device_functions):
+    """The bfloat16-state kernels move the state as 16-bit words (``ld``/``st`` ``.u16``), do the
+    update in float32 (``.f32``) and nothing in float64, for float32 and float16 θ."""
+    require()
+    for name in ("state8.adam_bf16state", "state8.adam_f16_bf16state", "state8.sgd_momentum_bf16state",
+                 "state8.rmsprop_nesterov_f16_bf16state"):
+        kernel = KERNELS[name]
+        ptx = compile_ptx(kernel.py_func, kernel.signature(numba.float32))
+        assert ".u16" in ptx and ".f32" in ptx, name
+        assert not float64_lines(ptx), f"{name}: {float64_lines(ptx)[:5]}"
 
 
 @pytest.mark.parametrize("name, dtype", CASES, ids=[f"{n}-{d}" for n, d in CASES])

@@ -1,15 +1,16 @@
-"""Optimizer updates with 8-bit block-quantized state, ``"numba-cuda"`` backend: the CUDA counterpart
-of ``kernels/numba_cpu/state8.py`` (``docs/algorithms.md``, "Optimizers with 8-bit state"), same
-signatures, rules and results:
+"""Optimizer updates with 8-bit block-quantized state (or bfloat16 state), ``"numba-cuda"`` backend:
+the CUDA counterpart of ``kernels/numba_cpu/state8.py`` (``docs/algorithms.md``, "Optimizers with
+8-bit state"), same signatures, rules and results:
 
     state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
                 avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0,
-                indices=None, **hyper)
+                indices=None, starts=None, state_dtype="int8", **hyper)
     state8_supported(op, **hyper) -> None or the reason;  state8_layout(op, **hyper)
 
-float32 θ, g (and θ̂) device arrays; each used state a pair (codes uint8 of θ's shape, absmax
-float32 of ⌈n / block⌉ entries). One CUDA thread block per quantization block (blocks stride over
-the quantization blocks of every tensor, one launch per call):
+float32 θ, g (and θ̂) device arrays; with ``state_dtype="int8"`` each used state a pair (codes
+uint8 of θ's shape, absmax float32 of ⌈n / block⌉ entries; bfloat16 state: below). One CUDA
+thread block per quantization block (blocks stride over the quantization blocks of every tensor,
+one launch per call):
 
     each thread, for its elements j of the block:   s_k = map_k[q_k,j] · a_k;  g ← extras(g);
         θ_j, s_k ← update(θ_j, g, s_k);  θ̂_j ← θ̂_j + w (θ_j − θ̂_j);  scratch_k[j] = s_k
@@ -30,47 +31,84 @@ each tensor's size given as (its number of blocks) · ``CHUNK``, so that a table
 one quantization block; the real size and the block are extra table columns.
 
 float16 θ (``docs/algorithms.md``, "Low-precision parameters"; ``masters``, ``rounding``,
-``seed``, ``counter``, ``indices`` as ``lowp.mixed_step`` takes them, the semantics of the CPU
-backend and of ``fastopt/reference/state8.py``): the same blocks, with θ's float32 value and the
-gradient read as ``lowp.mixed_step`` reads them and θ stored rounded (``lowp``'s bit conversions,
-stochastic rounding and device-side tensor keys), so that, with masters or not, rounded to nearest
-or stochastically, θ, the masters, the codes and absmax equal the reference's bit for bit:
+``seed``, ``counter``, ``indices``, ``starts`` as ``lowp.mixed_step`` takes them, the semantics of
+the CPU backend and of ``fastopt/reference/state8.py``): the same blocks, with θ's float32 value
+and the gradient read as ``lowp.mixed_step`` reads them and θ stored rounded (``lowp``'s bit
+conversions, stochastic rounding and device-side tensor keys), so that, with masters or not,
+rounded to nearest or stochastically, θ, the masters, the codes and absmax equal the reference's
+bit for bit:
 
     p = m[i] (masters) or f32(θ[i]);   g = f32(g[i]) (float16 g) or g[i] (float32 g)
     s_k = map_k[q_k,j] · a_k;  g ← extras(g);  p, s_k ← update(p, g, s_k);  θ̂_j ← θ̂_j + w (p − θ̂_j)
-    m[i] ← p;  θ[i] ← rn(p) or sr(p, uniform(tensor_key(seed, counter, indices[t]), i))
+    m[i] ← p;  θ[i] ← rn(p) or sr(p, uniform(key_t, i)),  key_t = tensor_key(seed, counter, indices[t])
+                                                                    + starts[t] · γ  (mod 2⁶⁴)
     then the block requantizes as above
+
+``starts`` (None: all 0): tensor t is the piece of a parameter that begins at element starts[t],
+and uniform(key_t, i) = uniform(tensor_key(seed, counter, indices[t]), starts[t] + i), so the
+pieces of a parameter stepped as separate tensors with its index draw the parameter's own values
+and round as one step of the whole would (with 8-bit state, when the pieces begin on block
+boundaries, as the blocks are each tensor's own). The key is evaluated on the device from the
+table's index and start columns (``_piece_key``).
 
 Only float16: the CUDA array interface has no bfloat16 typestr, so a bfloat16 device array cannot
 reach this backend; another 16-bit θ raises ``TypeError`` naming the backend (``lowp``'s check).
 Gradients are float16 or float32 (one dtype per call), masters float32 or None (None for float32
 θ, which is its own master copy: masters given with float32 θ raise ``ValueError``); ``rounding``,
-``seed``, ``counter`` and ``indices`` do not apply to float32 θ. No bfloat16 state
-(``state_dtype``) on this backend. Memory traffic per element of float16 θ: 2 (θ) + 2 or 4 (g) + k
-(codes) read, 2 + k written (+ 8 with masters, + 8 with θ̂), plus the absmax per block.
+``seed``, ``counter``, ``indices`` and ``starts`` do not apply to float32 θ. Memory traffic per
+element of float16 θ: 2 (θ) + 2 or 4 (g) + k (codes) read, 2 + k written (+ 8 with masters, + 8
+with θ̂), plus the absmax per block.
 
-Kernels (float32 arithmetic only): ``state8.<variant>`` (float32 θ) and ``state8.<variant>_f16``
-(float16 θ; table rows carry the master copy's address and the tensor index as two more columns)
-for adam, sgd_momentum, sgd_nesterov, sgd_nesterov_torch, adagrad, rmsprop, rmsprop_momentum,
-rmsprop_nesterov.
+bfloat16 state (``state_dtype="bfloat16"``; ``docs/algorithms.md``, "Optimizers with 8-bit
+state", bfloat16 state, as the CPU backend and the reference have it): each used state ``states[t][slot]`` is one uint16 device array of
+θ's shape holding the bfloat16 bits (not a (codes, absmax) pair; the CUDA array interface has no
+bfloat16 typestr). The same slots and configurations (``state8_layout``), the same float32 element
+updates, θ read and stored as above (float32 θ; float16 θ with masters, rounding and ``starts``),
+element by element, without quantization blocks (``block`` is checked, not used): a grid-stride
+loop over chunks of ``CHUNK`` elements as ``lowp.mixed_step``'s, each element
+
+    s_k = f32(state_k[i]) = bits << 16 (exact);  p, g as above;  p, s_k ← update(p, g, s_k)
+    θ[i] ← p (float32 θ) or m[i] ← p, θ[i] ← rn(p) or sr(p, …);  θ̂[i] ← θ̂[i] + w (p − θ̂[i])
+    state_k[i] ← rn_bf16(s_k)    (round to nearest even, overflow to ±Inf, NaN a quiet NaN)
+
+so θ, the masters and the states equal the reference's (``lowp.round_nearest(s, bfloat16)``) bit
+for bit, as on the CPU backend. Memory traffic per element, k states: 2 bytes per state read and
+2 written (2k and 2k), against 1 and 1 with 8-bit codes (plus their absmax per block) and 4 and 4
+with float32 state: float32 θ, g: read 4 + 4 + 2k, written 4 + 2k = 12 + 4k bytes (Adam 20 B, SGD
+momentum, AdaGrad, RMSProp 16 B); float16 θ: 2 + (2 or 4) + 2k read, 2 + 2k written; + 8 with
+masters, + 8 with θ̂.
+
+Kernels (float32 arithmetic only), for each of adam, sgd_momentum, sgd_nesterov,
+sgd_nesterov_torch, adagrad, rmsprop, rmsprop_momentum, rmsprop_nesterov:
+
+    state8.<variant>                  8-bit state, float32 θ
+    state8.<variant>_f16              8-bit state, float16 θ (table rows carry the master copy's
+                                      address, the tensor index and the start as three more columns)
+    state8.<variant>_bf16state        bfloat16 state, float32 θ
+    state8.<variant>_f16_bf16state    bfloat16 state, float16 θ
+
+(``STATE8``, ``STATE8_F16``, ``STATE8_BF16``, ``STATE8_F16_BF16``, by variant.)
 """
 
 from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import cuda, types
 
 from . import _tensors
-from ._arrays import address, dtype_of, flat, shape_of, stream_of
+from ._arrays import address, dtype_of, flat, shape_of, stream_of, workspace
 from ._jit import SIMULATOR, THREADS, blocks_for, kernel
-from .lowp import _check_params, _int64, _load, _store, _tensor_key, _u64, bits_f32, f32_bits, view
+from .lowp import (_GAMMA, _add64, _check_params, _int64, _load, _mul64, _store, _tensor_key, _u64, bits_f32,
+                   f32_bits, view)
 from .reduce import multiplier
 from ..numba_cpu.quantize import MAP_AS, THRESHOLDS, ZERO
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 
-__all__ = ["MAX_BLOCK", "STATE8", "STATE8_F16", "SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
+__all__ = ["MAX_BLOCK", "STATE8", "STATE8_BF16", "STATE8_F16", "STATE8_F16_BF16", "STATE_DTYPES", "SUPPORTED",
+           "state8_layout", "state8_step", "state8_supported"]
 
 MAX_BLOCK = 2048
 _CHUNK = _tensors.CHUNK
@@ -89,6 +127,11 @@ _INF32 = np.uint64(0x7F800000)
 _NAN32 = np.uint64(0x7FC00000)
 _NO_BITS = np.uint64(0)
 _F32_ZERO = np.float32(0)
+_S16 = np.uint64(16)
+_ONE = np.uint64(1)
+_BF16_HALF = np.uint64(0x7FFF)
+_BF16_QUIET = np.uint64(0x40)
+STATE_DTYPES = ("int8", "bfloat16")
 
 if SIMULATOR:
     def _mul(a, b):
@@ -293,12 +336,18 @@ def _quantized(table, t, n, blocks, two, like8, like32):
 
 
 @cuda.jit(device=True)
-def _keep(p, s0, s1, i, j, avg, has_avg, avg_weight, scratch, bits0, bits1, two):
-    """After element i's update (p, new states s0, s1): θ̂[i] ← θ̂[i] + w (p − θ̂[i]) (unfused), the
-    states to the scratch rows at j, and the running largest |s| bit patterns, returned."""
+def _average(p, i, avg, has_avg, avg_weight):
+    """θ̂[i] ← θ̂[i] + w (p − θ̂[i]), unfused, as the reference (nothing without an average)."""
     if has_avg:
         a = avg[i]
         avg[i] = _add(a, _mul(avg_weight, _sub(p, a)))
+
+
+@cuda.jit(device=True)
+def _keep(p, s0, s1, i, j, avg, has_avg, avg_weight, scratch, bits0, bits1, two):
+    """After element i's update (p, new states s0, s1): θ̂[i] ← θ̂[i] + w (p − θ̂[i]) (unfused), the
+    states to the scratch rows at j, and the running largest |s| bit patterns, returned."""
+    _average(p, i, avg, has_avg, avg_weight)
     scratch[0, j] = s0
     bits0 = max(bits0, _u64(f32_bits(s0)) & _ABS32)
     if two:
@@ -393,7 +442,15 @@ del _name, _update, _states, _scalars
 # ---------------------------------------------------------------------------------------------
 # the float16 kernel: the same blocks, θ float16 (a uint16 view), g float16 or float32, masters
 
-_MASTER, _INDEX = 11, 12  # the float16 kernel's two more table columns
+_MASTER, _INDEX, _START = 11, 12, 13  # the float16 kernel's three more table columns
+
+
+@cuda.jit(device=True)
+def _piece_key(seed, counter, index, start):
+    """tensor_key(seed, counter, index) + start·γ (mod 2⁶⁴): with it, element i of a tensor that is
+    the piece of a parameter beginning at element ``start`` draws uniform(tensor_key(…), start + i),
+    the parameter's own stream (``lowp.mixed_step``'s ``starts``)."""
+    return _add64(_tensor_key(seed, counter, index), _mul64(_u64(start), _GAMMA))
 
 
 def _state8_f16_kernel(update, states):
@@ -419,7 +476,7 @@ def _state8_f16_kernel(update, states):
             blocks = table[t, _N] // _CHUNK
             i0 = b * block
             count = min(block, n - i0)
-            key = _tensor_key(seed, counter, table[t, _INDEX])
+            key = _piece_key(seed, counter, table[t, _INDEX], table[t, _START])
             param = view(table[t, _PARAM], n, like16)
             grad16 = view(table[t, _GRAD], 0 if grad_is32 else n, like16)
             grad32 = view(table[t, _GRAD], n if grad_is32 else 0, like32)
@@ -461,6 +518,97 @@ STATE8_F16 = {}
 for _name, (_update, _states, _scalars) in _VARIANTS.items():
     STATE8_F16[_name] = kernel(_f16_signature(_scalars), name=f"state8.{_name}_f16",
                                dtypes=(types.float32,))(_state8_f16_kernel(_update, _states))
+del _name, _update, _states, _scalars
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 state: element by element (no quantization blocks), θ float32 or float16
+
+# table columns of the bfloat16-state kernels: (n, first_chunk, θ, g, θ̂ or 0, state₀, state₁ or 0,
+# m or 0, tensor index, start), the last three 0 for float32 θ
+_STATE0, _STATE1, _BF_MASTER, _BF_INDEX, _BF_START = 5, 6, 7, 8, 9
+
+
+@cuda.jit(device=True)
+def _bf16_to_f32(h):
+    """bfloat16 bits ``h`` → float32, exact (the bits moved to the top half)."""
+    return bits_f32(_u64(h) << _S16)
+
+
+@cuda.jit(device=True)
+def _f32_to_bf16(x):
+    """float32 → bfloat16 bits (uint16), round to nearest, ties to even; overflow to ±Inf, ±Inf
+    kept, NaN → a quiet NaN with x's sign (``numba_cpu.lowbits.f32_to_bf16``)."""
+    b = _u64(f32_bits(x))
+    if (b & _ABS32) > _INF32:
+        return numba.uint16((b >> _S16) | _BF16_QUIET)
+    return numba.uint16((b + _BF16_HALF + ((b >> _S16) & _ONE)) >> _S16)
+
+
+def _state8_bf16_kernel(update, states, low):
+    """The element update of the int8 kernels on bfloat16 state: s_k = f32(state_k[i]) exactly,
+    p, s_k ← update(p, g, s_k), state_k[i] ← rn_bf16(s_k). θ float32 (``low`` False: p = θ[i],
+    θ[i] ← p), or float16 read and stored as the float16 int8 kernel does (``lowp``'s ``_load`` /
+    ``_store``, the key of a piece); a grid-stride loop over chunks of ``CHUNK`` elements, as
+    ``lowp.mixed_step``."""
+
+    def state8_bf16(table, like16, like32, mul_array, use_mul_array, mul, clip, avg_weight, chunks,
+                    has_master, stochastic, grad_is32, seed, counter, hyper):
+        m = mul_array[0] if use_mul_array else mul
+        two = states > 1
+        for q in range(cuda.blockIdx.x, chunks, cuda.gridDim.x):
+            t = _find(table, q)
+            n = table[t, _N]
+            start = (q - table[t, _FIRST]) * _CHUNK
+            stop = min(start + _CHUNK, n)
+            state0 = view(table[t, _STATE0], n, like16)
+            state1 = view(table[t, _STATE1] if two else table[t, _STATE0], n if two else 0, like16)
+            has_avg = table[t, _AVG] != 0
+            avg = view(table[t, _AVG] if has_avg else table[t, _PARAM], n if has_avg else 0, like32)
+            # θ and g as float32 (low False) or as mixed_step reads them; the views not used are empty
+            param16 = view(table[t, _PARAM], n if low else 0, like16)
+            param32 = view(table[t, _PARAM], 0 if low else n, like32)
+            grad16 = view(table[t, _GRAD], 0 if grad_is32 else n, like16)
+            grad32 = view(table[t, _GRAD], n if grad_is32 else 0, like32)
+            master = view(table[t, _BF_MASTER] if has_master else table[t, _PARAM], n if has_master else 0,
+                          like32)
+            key = _piece_key(seed, counter, table[t, _BF_INDEX], table[t, _BF_START])
+            for i in range(start + cuda.threadIdx.x, stop, cuda.blockDim.x):
+                s0 = _bf16_to_f32(state0[i])
+                s1 = _bf16_to_f32(state1[i]) if two else _F32_ZERO
+                if low:
+                    p, g = _load(param16, grad16, grad32, master, i, grad_is32, has_master, m, clip)
+                else:
+                    p = param32[i]
+                    g = _transformed(grad32[i], m, clip)
+                p, s0, s1 = update(p, g, s0, s1, hyper)
+                if low:  # m[i] and θ[i] as mixed_step stores them
+                    _store(p, param16, master, avg, i, has_master, stochastic, key, False, avg_weight)
+                else:
+                    param32[i] = p
+                _average(p, i, avg, has_avg, avg_weight)
+                state0[i] = _f32_to_bf16(s0)
+                if two:
+                    state1[i] = _f32_to_bf16(s1)
+
+    return state8_bf16
+
+
+def _bf16_signature(scalars):
+    def signature(dt):
+        f32, flag = types.float32, types.boolean
+        return types.void(types.int64[:, ::1], types.uint16[::1], f32[::1], f32[::1], flag, f32, f32, f32,
+                          types.int64, flag, flag, flag, types.int64, types.int64, types.UniTuple(f32, scalars))
+    return signature
+
+
+STATE8_BF16 = {}  # float32 θ
+STATE8_F16_BF16 = {}  # float16 θ
+for _name, (_update, _states, _scalars) in _VARIANTS.items():
+    STATE8_BF16[_name] = kernel(_bf16_signature(_scalars), name=f"state8.{_name}_bf16state",
+                                dtypes=(types.float32,))(_state8_bf16_kernel(_update, _states, False))
+    STATE8_F16_BF16[_name] = kernel(_bf16_signature(_scalars), name=f"state8.{_name}_f16_bf16state",
+                                    dtypes=(types.float32,))(_state8_bf16_kernel(_update, _states, True))
 del _name, _update, _states, _scalars
 
 
@@ -527,23 +675,75 @@ def _state_pairs(states, t, slots, shape, n, block):
     return pairs
 
 
+def _state_words(states, t, slots, shape):
+    """The addresses of tensor t's used bfloat16 states (``state_dtype="bfloat16"``: each one uint16
+    device array of θ's shape holding the bfloat16 bits), checked; two, 0 unused."""
+    addresses = []
+    for slot, _ in slots:
+        state = states[t]
+        if not isinstance(state, (tuple, list)) or len(state) <= slot:
+            raise ValueError(f"states[{t}] must be a tuple in the op's state order, got {state!r:.80}")
+        array = state[slot]
+        if array is None or isinstance(array, (tuple, list)):
+            raise ValueError(f"states[{t}][{slot}] must be one uint16 device array of θ's shape holding "
+                             f"bfloat16 bits (state_dtype='bfloat16'), got {array!r:.80}")
+        _check(array, f"states[{t}][{slot}] (bfloat16 bits)", np.uint16, shape)
+        addresses.append(address(array))
+    if len(addresses) == 1:
+        addresses.append(0)
+    return addresses
+
+
+def _entry(seq, name, t) -> int:
+    """``seq[t]`` (``indices``, ``starts``) as an int, else ``TypeError`` naming it."""
+    value = seq[t]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}[{t}] must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _piece(indices, starts, t):
+    """(index, start) of tensor t: its key's tensor index and the element of its parameter it begins at."""
+    index = _entry(indices, "indices", t)
+    if starts is None:
+        return index, 0
+    start = _entry(starts, "starts", t)
+    if not 0 <= start < 1 << 63:
+        raise ValueError(f"starts[{t}] must be in [0, 2⁶³), got {start}")
+    return index, start
+
+
+def _first_live(params) -> int:
+    """The first tensor with elements: its arrays type the kernel's ``like`` views (an empty array
+    need not be typed C-contiguous)."""
+    return next(t for t, param in enumerate(params) if math.prod(shape_of(param)) > 0)
+
+
 def _is_16bit(dtype) -> bool:
     return np.dtype(dtype).itemsize == 2
 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
                 avg_weight=0.0, block=256, masters=None, rounding="nearest", seed=0, counter=0,
-                indices=None, **hyper) -> None:
-    """``op`` with 8-bit block-wise quantized state on every tensor of the lists, in one launch
-    (module docstring); raises ValueError (TypeError for a dtype), before writing anything, for an
-    unsupported configuration or a bad argument.
+                indices=None, starts=None, state_dtype="int8", **hyper) -> None:
+    """``op`` with 8-bit block-wise quantized state (``state_dtype="int8"``) or bfloat16 state
+    (``"bfloat16"``) on every tensor of the lists, in one launch (module docstring); raises
+    ValueError (TypeError for a dtype), before writing anything, for an unsupported configuration
+    or a bad argument.
 
     ``params`` float32, or float16 (one dtype per call; bfloat16 cannot reach this backend and
     raises ``TypeError``), updated as ``lowp.mixed_step`` updates them: ``grads`` float16 or
     float32 (one dtype), ``masters`` float32 copies or None, θ stored rounded to nearest or
     stochastically (``rounding``) with the keys ``tensor_key(seed, counter, indices[t])``
-    (``indices`` defaults to 0, 1, …). float32 ``params`` are not rounded, so ``rounding``,
-    ``seed``, ``counter`` and ``indices`` do not apply to them, and ``masters`` must be None."""
+    (``indices`` defaults to 0, 1, …); with ``starts``, tensor t is the piece of a parameter that
+    begins at element ``starts[t]``, and its element i draws ``uniform(key_t, starts[t] + i)``.
+    float32 ``params`` are not rounded, so ``rounding``, ``seed``, ``counter``, ``indices`` and
+    ``starts`` do not apply to them, and ``masters`` must be None.
+
+    ``state_dtype="int8"``: each used state a pair (codes uint8 of θ's shape, absmax float32 of
+    ⌈n / block⌉ entries). ``"bfloat16"``: each used state one uint16 device array of θ's shape
+    holding bfloat16 bits (the CUDA array interface has no bfloat16), decoded exactly and stored
+    rounded to nearest even; ``block`` is then checked but not used."""
     reason = state8_supported(op, **hyper)
     if reason is not None:
         raise ValueError(reason)
@@ -551,17 +751,24 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         raise ValueError(f"block must be an int in [1, {MAX_BLOCK}] on numba-cuda, got {block!r}")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be 'int8' or 'bfloat16', got {state_dtype!r}")
     if len(params) == 0:
         return
-    _check_lengths(params, grads=grads, states=states, avgs=avgs, masters=masters, indices=indices)
+    _check_lengths(params, grads=grads, states=states, avgs=avgs, masters=masters, indices=indices, starts=starts)
     variant, slots, scalars = _plan(op, hyper)
-    if _is_16bit(dtype_of(params[0])):
-        _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, masters, grad_mul, grad_clip,
-                         avg_weight, block, rounding == "stochastic", seed, counter, indices)
-        return
-    if masters is not None:
+    low = _is_16bit(dtype_of(params[0]))
+    if not low and masters is not None:
         raise ValueError("masters: float32 params are their own master copy; expected None, got a list "
                          f"of {len(masters)}")
+    if state_dtype == "bfloat16":
+        _state8_bf16_step(variant, slots, scalars, params, grads, states, avgs, masters, grad_mul, grad_clip,
+                          avg_weight, low, low and rounding == "stochastic", seed, counter, indices, starts)
+        return
+    if low:
+        _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, masters, grad_mul, grad_clip,
+                         avg_weight, block, rounding == "stochastic", seed, counter, indices, starts)
+        return
     rows = []
     for t, param in enumerate(params):
         shape = tuple(shape_of(param))
@@ -583,8 +790,9 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
               grad_mul]
     stream = stream_of(*arrays)
     table, chunks = _tensors.table(rows, stream)
-    like32 = flat(params[0])
-    like8 = flat(states[0][slots[0][0]][0])
+    f = _first_live(params)
+    like32 = flat(params[f])
+    like8 = flat(states[f][slots[0][0]][0])
     mul_array, use_mul_array, mul = multiplier(grad_mul, _F32, stream, like32)
     f32 = np.float32
     signed = [s for _, s in slots] + [slots[0][1]]
@@ -594,7 +802,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
 
 
 def _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, masters, grad_mul, grad_clip,
-                     avg_weight, block, stochastic, seed, counter, indices):
+                     avg_weight, block, stochastic, seed, counter, indices, starts):
     """``state8_step`` on float16 ``params``: checks everything, then one launch of
     ``STATE8_F16[variant]``."""
     grad_is32 = _check_params(params, grads)
@@ -611,15 +819,13 @@ def _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, maste
         avg = None if avgs is None else avgs[t]
         if avg is not None:
             _check(avg, f"avgs[{t}]", np.float32, shape)
-        index = indices[t]
-        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"indices[{t}] must be an int, got {type(index).__name__} {index!r}")
+        index, start = _piece(indices, starts, t)
         pairs = _state_pairs(states, t, slots, shape, n, block)
         if n == 0:
             continue
         rows.append((-(-n // block) * _CHUNK, address(param), address(grads[t]),
                      0 if avg is None else address(avg), *pairs[0], *pairs[1], n, block,
-                     0 if masters is None else address(masters[t]), int(index)))
+                     0 if masters is None else address(masters[t]), index, start))
     if not rows:
         return
     arrays = [*params, *grads, *(masters or ()), *(a for a in (avgs or ()) if a is not None),
@@ -627,9 +833,10 @@ def _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, maste
               grad_mul]
     stream = stream_of(*arrays)
     table, chunks = _tensors.table(rows, stream)
-    like16 = flat(params[0]).view(np.uint16)
-    like32 = flat(states[0][slots[0][0]][1])  # absmax: float32 in every configuration
-    like8 = flat(states[0][slots[0][0]][0])
+    f = _first_live(params)
+    like16 = flat(params[f]).view(np.uint16)
+    like32 = flat(states[f][slots[0][0]][1])  # absmax: float32 in every configuration
+    like8 = flat(states[f][slots[0][0]][0])
     mul_array, use_mul_array, mul = multiplier(grad_mul, _F32, stream, like32)
     f32 = np.float32
     signed = [s for _, s in slots] + [slots[0][1]]
@@ -637,3 +844,50 @@ def _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, maste
         table, like16, like32, like8, mul_array, use_mul_array, f32(mul), f32(grad_clip), f32(avg_weight),
         np.int64(chunks), signed[0], signed[1], masters is not None, stochastic, grad_is32, _int64(seed),
         _int64(counter), tuple(f32(s) for s in scalars))
+
+
+def _state8_bf16_step(variant, slots, scalars, params, grads, states, avgs, masters, grad_mul, grad_clip,
+                      avg_weight, low, stochastic, seed, counter, indices, starts):
+    """``state8_step`` with ``state_dtype="bfloat16"``: checks everything, then one launch of
+    ``STATE8_BF16[variant]`` (float32 θ) or ``STATE8_F16_BF16[variant]`` (float16 θ)."""
+    grad_is32 = _check_params(params, grads) if low else True
+    gdt = np.float32 if grad_is32 else np.float16
+    if indices is None:
+        indices = range(len(params))
+    rows = []
+    for t, param in enumerate(params):
+        shape = tuple(shape_of(param))
+        n = math.prod(shape)
+        if not low:
+            _check(param, f"params[{t}]", np.float32, shape)
+        _check(grads[t], f"grads[{t}]", gdt, shape)
+        if masters is not None:
+            _check(masters[t], f"masters[{t}]", np.float32, shape)
+        avg = None if avgs is None else avgs[t]
+        if avg is not None:
+            _check(avg, f"avgs[{t}]", np.float32, shape)
+        index, start = _piece(indices, starts, t) if low else (0, 0)
+        words = _state_words(states, t, slots, shape)
+        if n == 0:
+            continue
+        rows.append((n, address(param), address(grads[t]), 0 if avg is None else address(avg), *words,
+                     0 if masters is None else address(masters[t]), index, start))
+    if not rows:
+        return
+    used = [states[t][slot] for t in range(len(params)) for slot, _ in slots]
+    stream = stream_of(*params, *grads, *(masters or ()), *(a for a in (avgs or ()) if a is not None), *used,
+                       grad_mul)
+    table, chunks = _tensors.table(rows, stream)
+    f = _first_live(params)
+    like16 = flat(states[f][slots[0][0]])
+    # any float32 array types the float32 views (its contents are not read); a scratch one if none
+    float32 = [a[f] for a in (masters, avgs, None if low else params, grads if grad_is32 else None)
+               if a is not None and a[f] is not None]
+    like32 = flat(float32[0]) if float32 else workspace("state8.like32", (1,), np.float32, stream)
+    mul_array, use_mul_array, mul = multiplier(grad_mul, _F32, stream, like32)
+    f32 = np.float32
+    kernels = STATE8_F16_BF16 if low else STATE8_BF16
+    kernels[variant][np.float32][blocks_for(chunks, threads=1), THREADS, stream](
+        table, like16, like32, mul_array, use_mul_array, f32(mul), f32(grad_clip), f32(avg_weight),
+        np.int64(chunks), masters is not None, stochastic, grad_is32, _int64(seed), _int64(counter),
+        tuple(f32(s) for s in scalars))

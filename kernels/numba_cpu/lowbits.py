@@ -55,7 +55,7 @@ _GAMMA = _U64(GAMMA)
 _MIX1 = _U64(0xBF58476D1CE4E5B9)
 _MIX2 = _U64(0x94D049BB133111EB)
 _S16, _S30, _S27, _S31, _S40 = _U64(16), _U64(30), _U64(27), _U64(31), _U64(40)
-_S10, _S13, _S23, _S25 = _U64(10), _U64(13), _U64(23), _U64(25)
+_S10, _S13 = _U64(10), _U64(13)
 _ZERO, _ONE = _U64(0), _U64(1)
 _LOW16 = _U64(0xFFFF)
 _ABS32 = _U64(0x7FFFFFFF)
@@ -71,13 +71,11 @@ _F16_MANT = _U64(0x3FF)
 _F16_EXP = _U64(0x1F)
 _F16_OVERFLOW = _U64(0x477FF000)  # 65520 = 65504 + half its spacing; a tie, which goes to even: Inf
 _F16_NORMAL = _U64(0x38800000)  # 2⁻¹⁴, the smallest normal half
-_F16_ZERO = _U64(0x33000000)  # 2⁻²⁵, half the smallest subnormal; a tie, which goes to even: 0
 _F16_REBIAS = _U64(112 << 23)  # exponent bias 127 − 15, in place
 _F16_HALF = _U64(0xFFF)  # 2¹² − 1: with the kept bit's parity added, RNE on the dropped 13 bits
-_F32_HIDDEN = _U64(0x800000)
-_F32_MANT = _U64(0x7FFFFF)
-_E126 = _U64(126)
 _TWO_M24 = np.float32(2.0 ** -24)
+_F32_HALF = np.float32(0.5)
+_F32_HALF_BITS = _U64(0x3F000000)
 _F32_ZERO = np.float32(0.0)
 
 
@@ -172,16 +170,11 @@ def f32_to_f16(x):
     # value is only used in its own range of |x|
     # normal half: the carry of the rounding may run into the exponent: still correct
     r = sign | ((a - _F16_REBIAS + _F16_HALF + ((a >> _S13) & _ONE)) >> _S13)
-    # subnormal half: the significand (hidden bit included) times 2^(e − 126) units of 2⁻²⁴;
-    # shift is 14 … 24 there, clamped to [1, 25] elsewhere so that every shift is defined
-    shift = max(min(_E126 - min(a >> _S23, _E126), _S25), _ONE)
-    m = (a & _F32_MANT) | _F32_HIDDEN
-    q = m >> shift
-    rest = m - (q << shift)
-    half = _ONE << (shift - _ONE)
-    q += numba.uint64(rest > half) | (numba.uint64(rest == half) & q & _ONE)  # ties to even
-    r = (sign | q) if a < _F16_NORMAL else r
-    r = sign if a <= _F16_ZERO else r
+    # subnormal half (|x| < 2⁻¹⁴, zero included): |x| + 1/2 lies in [1/2, 1), where float32's
+    # spacing is 2⁻²⁴, the unit of float16's subnormals, so the float32 addition rounds |x| to
+    # that unit, ties to even, and its bits above 1/2's are the half's (0x400: rounded up to 2⁻¹⁴)
+    small = numba.uint64(f32_bits(bits_f32(a) + _F32_HALF)) - _F32_HALF_BITS
+    r = (sign | small) if a < _F16_NORMAL else r
     r = (sign | _F16_INF) if a >= _F16_OVERFLOW else r
     r = (sign | _F16_INF | _F16_QUIET) if a > _INF32 else r
     return numba.uint16(r)

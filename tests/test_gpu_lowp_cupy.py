@@ -147,6 +147,23 @@ def test_state8_kernels_of_16bit_params_round_with_the_ptx_conversions():
         assert "cvt.rn.f16" not in bodies[S.state8_kernel(variant)], variant
 
 
+def test_bf16_state_kernels_round_the_state_with_the_ptx_conversion():
+    """Every (update, θ format) has its bfloat16-state kernel (bf16_state_update<Op> for float32 θ,
+    bf16_state_update_low<Op, H>): the states stored by cvt.rn.bf16.f32, decoded by a shift, one
+    thread per element (no shuffles, no shared memory); float16 θ decoded and rounded by cvt."""
+    bodies = _ptx()
+    names = set(S.name_expressions("lowp"))
+    for variant in S.STATE8_UPDATES:
+        f32, half, bf16 = (S.bf16_state_kernel(variant, low) for low in (None, "float16", "bfloat16"))
+        assert {f32, half, bf16} <= names
+        for name in (f32, half, bf16):
+            body = bodies[name]
+            assert "cvt.rn.bf16.f32" in body and "shl.b32" in body, name
+            assert "shfl.sync" not in body and ".shared" not in body, name
+        assert "cvt.rn.f16.f32" in bodies[half] and "cvt.f32.f16" in bodies[half], variant
+        assert "cvt.rn.f16" not in bodies[f32] and "cvt.rn.f16" not in bodies[bf16], variant
+
+
 def test_convert_kernels_are_the_ptx_conversions():
     bodies = _ptx("convert")
     assert set(bodies) == {S.convert_kernel(k, low) for k in ("decode16", "encode16") for low in S.LOW_FORMATS}
@@ -263,7 +280,7 @@ def _state8_lists(sizes, param_dtype, grad_dtype, *, master, averaged=False, blo
     return params, grads, masters, states, avgs
 
 
-def test_state8_step_takes_the_cpu_backends_keywords_but_state_dtype():
+def test_state8_step_takes_the_cpu_backends_keywords():
     from fastopt import precision
     from fastopt.kernels import numba_cpu
 
@@ -271,13 +288,12 @@ def test_state8_step_takes_the_cpu_backends_keywords_but_state_dtype():
 
     cpu = inspect.signature(numba_cpu.state8_step).parameters
     gpu = inspect.signature(lowp.state8_step).parameters
-    assert [k for k in cpu if k != "state_dtype"] == list(gpu)
-    for k in ("masters", "rounding", "seed", "counter", "indices"):
-        assert gpu[k].default == cpu[k].default, k
-    # fastopt.precision routes 16-bit params with 8-bit state here, and refuses bfloat16 state
+    assert list(cpu) == list(gpu)
+    for k in gpu:
+        assert (gpu[k].kind, gpu[k].default) == (cpu[k].kind, cpu[k].default), k
+    # fastopt.precision routes 16-bit params with 8-bit or bfloat16 state here (by the signature)
     assert precision.compact_module(cupy_backend, "cupy", low=True) is cupy_backend
-    with pytest.raises(TypeError, match="bfloat16"):
-        precision.compact_module(cupy_backend, "cupy", state_dtype="bfloat16")
+    assert precision.compact_module(cupy_backend, "cupy", state_dtype="bfloat16", low=True) is cupy_backend
 
 
 @pytest.mark.parametrize("low", ["float16", "bfloat16"])
@@ -378,6 +394,158 @@ def test_state8_step_rejects_bad_input_before_launching(launches, what):
     assert launches == []
     _state8_call({})  # the same call with good arguments launches
     assert len(launches) == 1
+
+
+def test_state8_step_keys_pieces_by_starts(launches):
+    """``starts=``: tensor t is the piece of a parameter beginning at element starts[t]; its key is
+    piece_key(seed, counter, indices[t], starts[t]) (= tensor_key at 0), as mixed_step's."""
+    sizes = (5, 0, 300)
+    params, grads, _, states, _ = _state8_lists(sizes, np.float16, np.float16, master=False)
+    lowp.state8_step("adam_step", params, grads, states, None, rounding="stochastic", seed=7, counter=3,
+                     indices=[4, 4, 4], starts=[0, 5, 5], step=3, **ADAM)
+    (_, name, _, _, args, _), = launches
+    assert name == S.state8_kernel("adam", "float16")
+    assert args[1]["key"][0, :2].tolist() == [lowp.tensor_key(7, 3, 4), lowp.piece_key(7, 3, 4, 5)]
+    assert lowp.piece_key(7, 3, 4, 0) == lowp.tensor_key(7, 3, 4)
+    launches.clear()
+    lowp.state8_step("adam_step", params, grads, states, None, rounding="nearest", seed=7, counter=3,
+                     indices=[4, 4, 4], starts=[0, 5, 5], step=3, **ADAM)
+    assert not launches[0][4][1]["key"].any() and int(launches[0][4][-1]) == 0  # no keys when rounding to nearest
+
+
+def _bf16_states(sizes, slots=(0, 1), length=3, dtype=np.uint16, shapes=None):
+    """Per tensor a state tuple of ``length`` with one bfloat16-bits array per slot of ``slots``."""
+    shapes = [(n,) for n in sizes] if shapes is None else shapes
+    return [tuple(Fake(shape, dtype) if k in slots else None for k in range(length)) for shape in shapes]
+
+
+def test_state8_step_with_bfloat16_state_of_float32_params_picks_the_bf16_kernel(launches):
+    """float32 θ, state_dtype="bfloat16": one launch of bf16_state_update<Op> over an AuxList<6>
+    (θ, g, θ̂, s₀, s₁, null master), one thread per element (no quantization blocks: ``block``
+    changes nothing), no rounding flags."""
+    sizes = (1, 0, 600)
+    params = [Fake(n, np.float32) for n in sizes]
+    grads = [Fake(n, np.float32) for n in sizes]
+    avgs = [Fake(n, np.float32) for n in sizes]
+    states = _bf16_states(sizes)
+    for block in (256, 7):
+        launches.clear()
+        lowp.state8_step("adam_step", params, grads, states, avgs, state_dtype="bfloat16", block=block,
+                         grad_mul=0.5, grad_clip=2.0, avg_weight=0.25, step=2, **ADAM)
+        (module, name, grid, threads, args, stream), = launches
+        assert (module, name, threads) == ("lowp", S.bf16_state_kernel("adam"), S.BLOCK)
+        assert grid == -(-601 // S.BLOCK)  # the loader's grid over the elements
+        scalars, packed, mul, mul_ptr, clip, avg_weight = args
+        assert scalars.dtype == S.state8_scalars_dtype("adam") and scalars["bc1"][0] == np.float32(1 - 0.9 ** 2)
+        assert packed.dtype == S.aux_list_dtype(S.BF16_STATE_SLOTS) and int(packed["count"][0]) == 2
+        for row, t in zip(packed["ptr"][0, :2].tolist(), (0, 2)):
+            assert row == [params[t].address, grads[t].address, avgs[t].address, states[t][0].address,
+                           states[t][1].address, 0]
+        assert packed["n"][0, :2].tolist() == [1, 600] and not packed["aux"].any()
+        assert (float(mul), int(mul_ptr), float(clip), float(avg_weight)) == (0.5, 0, 2.0, 0.25)
+        assert mul.dtype == clip.dtype == avg_weight.dtype == np.float32
+
+
+@pytest.mark.parametrize("low", ["float16", "bfloat16"])
+def test_state8_step_with_bfloat16_state_of_16bit_params_packs_masters_keys_and_flags(launches, low):
+    import ml_dtypes
+
+    dtype = np.float16 if low == "float16" else ml_dtypes.bfloat16
+    sizes = (1, 0, 600)
+    params, grads, masters, _, avgs = _state8_lists(sizes, dtype, dtype, master=True, averaged=True)
+    states = _bf16_states(sizes, slots=(0, 2))  # RMSProp with momentum: square_avg, velocity
+    hyper = dict(lr=0.01, rho=0.99, eps=1e-8, momentum=0.9, nesterov=False, centered=False, weight_decay=0.0,
+                 convention="textbook")
+    lowp.state8_step("rmsprop_step", params, grads, states, avgs, masters=masters, rounding="stochastic", seed=9,
+                     counter=4, indices=[7, 8, 9], starts=[0, 3, 12], state_dtype="bfloat16", **hyper)
+    (module, name, grid, threads, args, stream), = launches
+    assert (module, name, threads) == ("lowp", S.bf16_state_kernel("rmsprop_momentum", low), S.BLOCK)
+    scalars, packed, mul, mul_ptr, clip, avg_weight, grad32, stochastic = args
+    assert packed.dtype == S.aux_list_dtype(S.BF16_STATE_SLOTS) and int(packed["count"][0]) == 2
+    for row, t in zip(packed["ptr"][0, :2].tolist(), (0, 2)):
+        assert row == [params[t].address, grads[t].address, avgs[t].address, states[t][0].address,
+                       states[t][2].address, masters[t].address]
+    assert packed["aux"][0, :2].tolist() == [lowp.tensor_key(9, 4, 7), lowp.piece_key(9, 4, 9, 12)]
+    assert (int(grad32), int(stochastic)) == (0, 1) and grad32.dtype == stochastic.dtype == np.int32
+    assert math.isinf(float(clip)) and float(mul) == 1.0
+
+
+def test_state8_step_with_bfloat16_state_defaults_one_state_and_chunks(launches):
+    """float16 θ, float32 g, no masters, rounding to nearest, SGD's one state (slot 4 null): zero
+    keys, flags (1, 0); more tensors than an AuxList<6> holds: one launch per capacity."""
+    capacity = S.list_capacity(S.BF16_STATE_SLOTS)
+    sizes = [300] * (capacity + 3)
+    params, grads, _, _, _ = _state8_lists(sizes, np.float16, np.float32, master=False)
+    states = _bf16_states(sizes, slots=(0,), length=1)
+    lowp.state8_step("sgd_step", params, grads, states, None, state_dtype="bfloat16", lr=0.1, momentum=0.9,
+                     nesterov=False, weight_decay=0.0, convention="textbook")
+    assert [a[1] for a in launches] == [S.bf16_state_kernel("sgd_momentum", "float16")] * 2
+    first, second = (a[4] for a in launches)
+    assert int(first[1]["count"][0]) == capacity and int(second[1]["count"][0]) == 3
+    assert [a[2] for a in launches] == [-(-300 * capacity // S.BLOCK), -(-900 // S.BLOCK)]
+    assert second[1]["ptr"][0, 2].tolist() == [params[capacity + 2].address, grads[capacity + 2].address, 0,
+                                                states[capacity + 2][0].address, 0, 0]
+    assert not first[1]["aux"].any() and not first[1]["ptr"][0, :, 5].any() and not first[1]["ptr"][0, :, 4].any()
+    assert [int(v) for v in first[-2:]] == [1, 0]
+
+
+def test_state8_step_takes_recognizable_bfloat16_state_arrays(launches):
+    """A state array of a bfloat16 dtype (a torch bfloat16 tensor, ml_dtypes) is taken as its bits."""
+    import ml_dtypes
+
+    params, grads, _, _, _ = _state8_lists((40,), np.float32, np.float32, master=False)
+    states = _bf16_states((40,), slots=(0,), length=1, dtype=ml_dtypes.bfloat16)
+    lowp.state8_step("adagrad_step", params, grads, states, None, state_dtype="bfloat16", lr=0.1, eps=1e-10,
+                     weight_decay=0.0)
+    (_, name, _, _, args, _), = launches
+    assert name == S.bf16_state_kernel("adagrad") and args[1]["ptr"][0, 0, 3] == states[0][0].address
+
+
+def _bad_bf16_state_cases():
+    n = 300
+    pair = (Fake(n, np.uint8), Fake(2, np.float32))
+    return [
+        ("state float16", [(Fake(n, np.float16), Fake(n, np.uint16), None)], {}, TypeError,
+         r"states\[0\]\[0\] \(bfloat16 state\): expected dtype uint16 \(bfloat16 bits\) or bfloat16, got float16"),
+        ("state uint8", [(Fake(n, np.uint16), Fake(n, np.uint8), None)], {}, TypeError,
+         r"states\[0\]\[1\] \(bfloat16 state\): expected dtype uint16"),
+        ("state size", [(Fake(n + 1, np.uint16), Fake(n, np.uint16), None)], {}, ValueError,
+         r"states\[0\]\[0\] \(bfloat16 state\): expected shape \(300,\)"),
+        ("state shape", [(Fake((n // 3, 3), np.uint16), Fake(n, np.uint16), None)], {}, ValueError,
+         r"states\[0\]\[0\] \(bfloat16 state\): expected shape \(300,\) \(the parameter's\), got \(100, 3\)"),
+        ("a pair", [(Fake(n, np.uint16), pair, None)], {}, ValueError,
+         r"states\[0\]\[1\] \(bfloat16 state\) must be one array"),
+        ("a missing state", [(Fake(n, np.uint16), None, None)], {}, ValueError,
+         r"states\[0\]\[1\] \(bfloat16 state\) must be one array"),
+        ("state too short", [(Fake(n, np.uint16),)], {}, ValueError, r"states\[0\] must be a tuple"),
+        ("state_dtype", None, dict(state_dtype="float16"), ValueError,
+         "state_dtype must be 'int8' or 'bfloat16', got 'float16'"),
+        ("block", None, dict(block=512), ValueError, "block must be an int"),
+        ("starts count", None, dict(starts=[0, 1]), ValueError, "starts has 2 entries, params has 1"),
+        ("starts negative", None, dict(starts=[-1]), ValueError, r"starts\[0\] must be an int ≥ 0"),
+        ("starts float", None, dict(starts=[1.5]), ValueError, r"starts\[0\] must be an int ≥ 0"),
+        ("int8 pairs expected", [(Fake(n, np.uint16), Fake(n, np.uint16), None)], dict(state_dtype="int8"),
+         ValueError, r"states\[0\]\[0\] must be a pair \(codes, absmax\)"),
+    ]
+
+
+def _bf16_state_call(states=None, **changes):
+    n = 300
+    states = [(Fake(n, np.uint16), Fake(n, np.uint16), None)] if states is None else states
+    kwargs = dict(masters=[Fake(n, np.float32)], rounding="stochastic", starts=[0], state_dtype="bfloat16")
+    kwargs.update(changes)
+    lowp.state8_step("adam_step", [Fake(n, np.float16)], [Fake(n, np.float16)], states, None, **kwargs,
+                     step=1, **ADAM)
+
+
+@pytest.mark.parametrize("what", [c[0] for c in _bad_bf16_state_cases()])
+def test_state8_step_with_bfloat16_state_rejects_bad_input_before_launching(launches, what):
+    _, states, changes, exc, message = next(c for c in _bad_bf16_state_cases() if c[0] == what)
+    with pytest.raises(exc, match=message):
+        _bf16_state_call(states, **changes)
+    assert launches == []
+    _bf16_state_call()  # the same call with good arguments launches
+    assert [c[1] for c in launches] == [S.bf16_state_kernel("adam", "float16")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,6 +804,220 @@ def test_state8_step_of_16bit_params_matches_the_reference_bit_for_bit(grad_dtyp
                                               err_msg=f"master, {where}")
             np.testing.assert_array_equal(got[3][t].view(np.uint32), want[3][t].view(np.uint32), err_msg=f"θ̂, {where}")
         T.assert_same([], [], got[2], want[2])
+
+
+# bfloat16 state: the device holds each state as a uint16 array of bfloat16 bits; the reference
+# takes ml_dtypes bfloat16 arrays. A "where" is how a run puts host arrays on its side and back.
+
+
+class _Reference:
+    """Host arrays as they are; bfloat16 states as ml_dtypes arrays."""
+
+    array = state = staticmethod(lambda a: a)
+    host = staticmethod(lambda a: a)
+    state_host = staticmethod(lambda a: a.view(np.uint16))
+    step = staticmethod(reference8.state8_step)
+
+
+class _CuPy:
+    """CuPy arrays; bfloat16 states as uint16 CuPy arrays of their bits."""
+
+    array = staticmethod(lambda a: _device_copy(a))
+    state = staticmethod(lambda a: _device_copy(a.view(np.uint16)))
+    host = staticmethod(lambda a: _host(a))
+    state_host = staticmethod(lambda a: _host(a))
+    step = staticmethod(cupy_backend.state8_step)
+
+
+def _bf16_initial_state(rng, op, hyper, sizes):
+    """Per tensor the op's state tuple: random states over several decades (second moments
+    positive), rounded to bfloat16 (ml_dtypes arrays)."""
+    import ml_dtypes
+
+    import test_state8 as T
+
+    states = []
+    for n in sizes:
+        state = [None] * T.STATE_LENGTH[op]
+        for slot, signed in reference8.state8_layout(op, **T.with_step(op, hyper, 1)):
+            x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 0, n)).astype(np.float32)
+            state[slot] = reference_lowp.round_nearest(x if signed else np.abs(x) * 1e-3, ml_dtypes.bfloat16)
+        states.append(tuple(state))
+    return states
+
+
+def _bf16_state_run(op, hyper, sizes, param_dtype, grad_dtype, master, rounding, where, *, steps=3):
+    """``steps`` steps of ``where.step`` with state_dtype="bfloat16" on params of ``param_dtype``
+    (float32: no masters, no rounding keywords); host copies of (params, masters, states as uint16
+    bits, avgs)."""
+    import test_state8 as T
+
+    rng = np.random.default_rng(29)
+    low = np.dtype(param_dtype) != np.float32
+    params = [where.array(rng.standard_normal(n).astype(param_dtype)) for n in sizes]
+    masters = [where.array(where.host(p).astype(np.float32)) for p in params] if master else None
+    states = [tuple(None if s is None else where.state(s) for s in st)
+              for st in _bf16_initial_state(rng, op, hyper, sizes)]
+    avgs = [where.array(where.host(p).astype(np.float32)) for p in params]
+    for step in range(1, steps + 1):
+        grads = [where.array((rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 1, n)).astype(grad_dtype))
+                 for n in sizes]
+        keywords = dict(masters=masters, rounding=rounding, seed=5, counter=step,
+                        indices=[3 + t for t in range(len(sizes))]) if low else {}
+        where.step(op, params, grads, states, avgs, state_dtype="bfloat16", grad_mul=0.5, grad_clip=3.0,
+                   avg_weight=0.25, **keywords, **T.with_step(op, hyper, step))
+    return ([where.host(p) for p in params], None if masters is None else [where.host(m) for m in masters],
+            [tuple(None if s is None else where.state_host(s) for s in st) for st in states],
+            [where.host(a) for a in avgs])
+
+
+def _assert_bf16_runs_equal(got, want, where):
+    params, masters, states, avgs = got
+    for t in range(len(params)):
+        bits = np.uint16 if params[t].dtype.itemsize == 2 else np.uint32
+        np.testing.assert_array_equal(params[t].view(bits), want[0][t].view(bits), err_msg=f"θ, {where} tensor {t}")
+        if masters is not None:
+            np.testing.assert_array_equal(masters[t].view(np.uint32), want[1][t].view(np.uint32),
+                                          err_msg=f"master, {where} tensor {t}")
+        np.testing.assert_array_equal(avgs[t].view(np.uint32), want[3][t].view(np.uint32),
+                                      err_msg=f"θ̂, {where} tensor {t}")
+        for slot, (s, r) in enumerate(zip(states[t], want[2][t])):
+            assert (s is None) == (r is None), (where, t, slot)
+            if s is not None:
+                assert s.dtype == np.uint16
+                np.testing.assert_array_equal(s, r, err_msg=f"bfloat16 state {slot}, {where} tensor {t}")
+
+
+@gpu
+def test_state8_step_with_bfloat16_state_of_float32_params_matches_the_reference_bit_for_bit():
+    """float32 θ, bfloat16 state (uint16 bits on the device): θ, θ̂ and the state bits equal the
+    reference's (fastopt.reference.state8, state_dtype="bfloat16"), for every supported
+    configuration (Adam/AdamW, SGD momentum/Nesterov, AdaGrad, RMSProp plain/momentum/Nesterov)."""
+    import test_state8 as T
+
+    sizes = T.SIZES + [70_000]
+    for op, hyper in T.CONFIGS:
+        got = _bf16_state_run(op, hyper, sizes, np.float32, np.float32, False, "nearest", _CuPy)
+        want = _bf16_state_run(op, hyper, sizes, np.float32, np.float32, False, "nearest", _Reference)
+        _assert_bf16_runs_equal(got, want, f"{op} {hyper}")
+
+
+@gpu
+@pytest.mark.parametrize("grad_dtype, master, rounding", [(F16, True, "nearest"), (np.float32, False, "stochastic"),
+                                                          (F16, False, "nearest"), (F16, True, "stochastic")])
+def test_state8_step_with_bfloat16_state_of_16bit_params_matches_the_reference_bit_for_bit(grad_dtype, master,
+                                                                                          rounding):
+    """float16 θ with bfloat16 state: θ, masters, θ̂ and the state bits equal the reference's."""
+    import test_state8 as T
+
+    sizes = T.SIZES + [70_000]
+    for op, hyper in T.CONFIGS:
+        got = _bf16_state_run(op, hyper, sizes, F16, grad_dtype, master, rounding, _CuPy)
+        want = _bf16_state_run(op, hyper, sizes, F16, grad_dtype, master, rounding, _Reference)
+        _assert_bf16_runs_equal(got, want, f"{op} {hyper}")
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+@gpu
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_state8_step_with_bfloat16_state_of_bfloat16_params_matches_the_reference(rounding):
+    """bfloat16 θ (torch CUDA tensors; CuPy has none) with bfloat16 state given as torch bfloat16
+    tensors (a recognizable bfloat16 dtype): bit for bit the reference's."""
+    import ml_dtypes
+
+    import test_state8 as T
+
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("bfloat16 parameters on the device need torch with CUDA")
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+
+    def to_torch(a):
+        if a.dtype == BF16:
+            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).cuda()
+        return torch.from_numpy(a.copy()).cuda()
+
+    def from_torch(t):
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).cpu().numpy().view(BF16)
+        return t.cpu().numpy()
+
+    class Torch:
+        array = state = staticmethod(to_torch)
+        host = staticmethod(from_torch)
+        state_host = staticmethod(lambda t: from_torch(t).view(np.uint16))
+        step = staticmethod(cupy_backend.state8_step)
+
+    sizes = [1, 255, 257, 1000, 70_000]
+    for op, hyper in T.CONFIGS[::2]:
+        for master in (False, True):
+            got = _bf16_state_run(op, hyper, sizes, BF16, np.float32, master, rounding, Torch)
+            want = _bf16_state_run(op, hyper, sizes, BF16, np.float32, master, rounding, _Reference)
+            _assert_bf16_runs_equal(got, want, f"{op} {hyper} master={master}")
+    torch.cuda.synchronize()
+
+
+@gpu
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_state8_step_pieces_round_like_the_whole_parameter(state_dtype):
+    """A float16 parameter updated as three pieces (contiguous device views, ``starts`` their first
+    elements, one index for all) rounds stochastically exactly as the reference rounds the whole
+    parameter: the pieces draw the whole parameter's uniforms. (int8 state: pieces cut at
+    quantization-block boundaries, so the blocks are the whole parameter's.)"""
+    import test_state8 as T
+
+    n, cuts = 70_000, ((0, 1024), (1024, 50_176), (50_176, 70_000))
+    if state_dtype == "bfloat16":
+        cuts = ((0, 999), (999, 50_001), (50_001, 70_000))
+    op, hyper = T.CONFIGS[0]  # Adam
+    rng = np.random.default_rng(31)
+    param = rng.standard_normal(n).astype(F16)
+    master = param.astype(np.float32)
+    if state_dtype == "bfloat16":
+        ref_state = _bf16_initial_state(rng, op, hyper, [n])[0]
+        d_state = tuple(None if s is None else _device_copy(s.view(np.uint16)) for s in ref_state)
+    else:
+        ref_state = T.initial_state(rng, op, hyper, [n])[0]
+        d_state = tuple(None if s is None else (_device_copy(s[0]), _device_copy(s[1])) for s in ref_state)
+        ref_state = T.copied([ref_state])[0]
+    d_param, d_master = _device_copy(param), _device_copy(master)
+    ref_param, ref_master = param.copy(), master.copy()
+
+    def piece_state(a, b):
+        if state_dtype == "bfloat16":
+            return tuple(None if s is None else s[a:b] for s in d_state)
+        return tuple(None if s is None else (s[0][a:b], s[1][a // 256:-(-b // 256)]) for s in d_state)
+
+    for step in range(1, 4):
+        grad = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 1, n)).astype(F16)
+        d_grad = _device_copy(grad)
+        common = dict(rounding="stochastic", seed=123, counter=step, state_dtype=state_dtype,
+                      **T.with_step(op, hyper, step))
+        cupy_backend.state8_step(op, [d_param[a:b] for a, b in cuts], [d_grad[a:b] for a, b in cuts],
+                                 [piece_state(a, b) for a, b in cuts], None,
+                                 masters=[d_master[a:b] for a, b in cuts], indices=[6] * len(cuts),
+                                 starts=[a for a, _ in cuts], **common)
+        reference8.state8_step(op, [ref_param], [grad], [ref_state], None, masters=[ref_master], indices=[6],
+                               **common)
+    np.testing.assert_array_equal(_host(d_param).view(np.uint16), ref_param.view(np.uint16))
+    np.testing.assert_array_equal(_host(d_master).view(np.uint32), ref_master.view(np.uint32))
+    for slot, (s, r) in enumerate(zip(d_state, ref_state)):
+        if s is None:
+            continue
+        if state_dtype == "bfloat16":
+            np.testing.assert_array_equal(_host(s), r.view(np.uint16), err_msg=f"state {slot}")
+        else:
+            np.testing.assert_array_equal(_host(s[0]), r[0], err_msg=f"codes {slot}")
+            np.testing.assert_array_equal(_host(s[1]).view(np.uint32), r[1].view(np.uint32), err_msg=f"absmax {slot}")
+    # and without starts every piece would restart the stream at 0: a different rounding
+    assert lowp.piece_key(123, 3, 6, cuts[1][0]) != lowp.tensor_key(123, 3, 6)
 
 
 @gpu

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
+    "BF16_STATE_SLOTS",
     "BLOCK",
     "COMPILE_OPTIONS",
     "CUPY_ADDED_OPTIONS",
@@ -39,6 +40,7 @@ __all__ = [
     "VEC_BYTES",
     "Update",
     "aux_list_dtype",
+    "bf16_state_kernel",
     "bn_kernel",
     "convert_kernel",
     "is_aligned",
@@ -209,6 +211,8 @@ def name_expressions(module: str) -> tuple[str, ...]:
                 names += [mixed_kernel(v, h) for v in UPDATES for h in LOW_FORMATS]
                 names += [state8_kernel(v) for v in STATE8_UPDATES]
                 names += [state8_kernel(v, h) for v in STATE8_UPDATES for h in LOW_FORMATS]
+                names += [bf16_state_kernel(v) for v in STATE8_UPDATES]
+                names += [bf16_state_kernel(v, h) for v in STATE8_UPDATES for h in LOW_FORMATS]
                 names += [f"fo::mixed_sumsq_partial<fo::{h}>" for h in LOW_FORMATS.values()]
         elif module == "convert":
             if dtype == np.dtype(np.float32):
@@ -303,6 +307,7 @@ STATE8_UPDATES: dict[str, Update] = {
 }
 STATE8_SLOTS = 7  # θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁
 STATE8_LOW_SLOTS = 8  # the same and the master (16-bit θ: state8_update_low, a KeyedList)
+BF16_STATE_SLOTS = 6  # bfloat16 state (bf16_state_update[_low], an AuxList): θ, g, θ̂, s₀, s₁, master
 
 
 def mixed_kernel(variant: str, low: str) -> str:
@@ -321,6 +326,16 @@ def state8_kernel(variant: str, low: str | None = None) -> str:
     if low is None:
         return f"fo::state8_update<{op}>"
     return f"fo::state8_update_low<{op}, fo::{LOW_FORMATS[low]}>"
+
+
+def bf16_state_kernel(variant: str, low: str | None = None) -> str:
+    """``fo::bf16_state_update<Op<float>>`` (float32 θ, ``low`` None) or
+    ``fo::bf16_state_update_low<Op<float>, H>`` (θ of the 16-bit dtype named ``low``): the 8-bit
+    updates of ``STATE8_UPDATES`` with bfloat16 state arrays."""
+    op = f"fo::{STATE8_UPDATES[variant].struct}<float>"
+    if low is None:
+        return f"fo::bf16_state_update<{op}>"
+    return f"fo::bf16_state_update_low<{op}, fo::{LOW_FORMATS[low]}>"
 
 
 def convert_kernel(name: str, low: str) -> str:
@@ -353,7 +368,7 @@ def keyed_list_dtype(slots: int) -> np.dtype:
 
 
 def _lowp_slots() -> list[int]:
-    return sorted({1, STATE8_SLOTS} | {u.states + 4 for u in UPDATES.values()})
+    return sorted({1, STATE8_SLOTS, BF16_STATE_SLOTS} | {u.states + 4 for u in UPDATES.values()})
 
 
 def map8(signed: bool) -> np.ndarray:

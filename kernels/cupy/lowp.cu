@@ -43,6 +43,15 @@
 //                           width and the rounding are run-time choices (uniform branches), so one
 //                           kernel per (Op, H). Both kernels share the body state8_blocks, which
 //                           takes the parameter access (Float32Access, LowAccess<H>) as a template.
+//   bf16_state_update<Op>, bf16_state_update_low<Op, H>
+//                           the same updates with bfloat16 state instead of 8-bit state (float32 θ,
+//                           16-bit θ as above), one thread per element, as kernels/numba_cpu/state8.py
+//                           with state_dtype="bfloat16":
+//                               s_k = f32(b_k[i])                             exact (a shift)
+//                               g ← clamp(f32(g[i])·grad_mul, ±grad_clip);  p ← m[i] or θ[i] (decoded)
+//                               p, s ← Op(p, g, s);  θ, m, θ̂ as above;  b_k[i] ← rn_bf16(s_k)
+//                           (round to nearest even, NaN a quiet NaN: lowbits.cuh's f32_to_bf16).
+//                           No blocks, no shared memory; the key of stochastic rounding in AuxList::aux.
 //
 // Float arithmetic only: no double except in mixed_sumsq_partial (by design).
 
@@ -184,24 +193,33 @@ struct Float32Access {
     }
 };
 
-// 16-bit θ (format H), g of θ's format or float32 (grad32), the float32 master in slot 7 (or null),
-// θ rounded to nearest or stochastically with the tensor's key (KeyedList::key).
-template <class H> struct LowAccess {
+// The stochastic-rounding key of tensor t: KeyedList::key (state8_update_low), AuxList::aux
+// (bf16_state_update_low, whose lists have no quantization blocks).
+template <int D> __device__ __forceinline__ u64 rounding_key(const KeyedList<D>& list, const i64 t) {
+    return (u64)list.key[t];
+}
+template <int D> __device__ __forceinline__ u64 rounding_key(const AuxList<D>& list, const i64 t) {
+    return (u64)list.aux[t];
+}
+
+// 16-bit θ (format H), g of θ's format or float32 (grad32), the float32 master in slot M (or null),
+// θ rounded to nearest or stochastically with the tensor's key (rounding_key).
+template <class H, int M = 7> struct LowAccess {
     int grad32, stochastic_rounding;
     template <class L> __device__ __forceinline__ float grad(const L& list, const i64 t, const i64 i) const {
         const void* g = list.ptr[t][1];
         return grad32 ? static_cast<const float*>(g)[i] : H::decode(static_cast<const unsigned short*>(g)[i]);
     }
     template <class L> __device__ __forceinline__ float load(const L& list, const i64 t, const i64 i) const {
-        const float* master = static_cast<const float*>(list.ptr[t][7]);
+        const float* master = static_cast<const float*>(list.ptr[t][M]);
         return master != nullptr ? master[i] : H::decode(static_cast<const unsigned short*>(list.ptr[t][0])[i]);
     }
     template <class L> __device__ __forceinline__ void store(const L& list, const i64 t, const i64 i,
                                                              const float p) const {
-        float* master = static_cast<float*>(list.ptr[t][7]);
+        float* master = static_cast<float*>(list.ptr[t][M]);
         if (master != nullptr) master[i] = p;
         static_cast<unsigned short*>(list.ptr[t][0])[i] =
-            stochastic_rounding ? stochastic<H>(p, uniform((u64)list.key[t], i)) : H::encode(p);
+            stochastic_rounding ? stochastic<H>(p, uniform(rounding_key(list, t), i)) : H::encode(p);
     }
 };
 
@@ -313,6 +331,58 @@ state8_update_low(const Op op, const KeyedList<8> list, const i64 blocks, const 
                   const int signed0, const int signed1, const int grad32, const int stochastic_rounding) {
     state8_blocks(op, list, LowAccess<H>{grad32, stochastic_rounding}, blocks, block, grad_mul, grad_mul_ptr,
                   grad_clip, avg_weight, signed0, signed1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 state: each state one bfloat16 array (uint16 bits) of θ's shape, decoded exactly, the
+// same element update as the 8-bit kernels, stored rounded to nearest even (NaN: a quiet NaN with
+// its sign, f32_to_bf16). One thread per element (for_each_element); no quantization blocks.
+// Slots per tensor: θ, g, θ̂ (or null), s₀, s₁ (null when Op::states is 1), master (16-bit θ: float32
+// or null; float32 θ: null); aux = the tensor's rounding key (16-bit θ, stochastic rounding).
+
+template <class Op, class A>
+__device__ __forceinline__ void bf16_state_elements(const Op& op, const AuxList<6>& list, const A& access,
+                                                    const float grad_mul, const float* __restrict__ grad_mul_ptr,
+                                                    const float grad_clip, const float avg_weight) {
+    constexpr int S = Op::states;
+    static_assert(S == 1 || S == 2, "one or two bfloat16 states");
+    const float mul = grad_mul_ptr != nullptr ? *grad_mul_ptr : grad_mul;
+    for_each_element(list, [&](const i64 t, const i64 i) {
+        float s[S];
+        #pragma unroll
+        for (int k = 0; k < S; ++k) s[k] = bf16_to_f32(static_cast<const unsigned short*>(list.ptr[t][3 + k])[i]);
+        float g = access.grad(list, t, i) * mul;
+        g = g > grad_clip ? grad_clip : (g < -grad_clip ? -grad_clip : g);
+        float p = access.load(list, t, i);
+        op(p, g, s);
+        access.store(list, t, i, p);
+        float* avg = static_cast<float*>(list.ptr[t][2]);
+        if (avg != nullptr) {
+            const float a = avg[i];
+            avg[i] = a + avg_weight * (p - a);
+        }
+        #pragma unroll
+        for (int k = 0; k < S; ++k) static_cast<unsigned short*>(list.ptr[t][3 + k])[i] = f32_to_bf16(s[k]);
+    });
+}
+
+// float32 θ and g with bfloat16 state.
+template <class Op>
+__global__ void __launch_bounds__(FO_BLOCK)
+bf16_state_update(const Op op, const AuxList<6> list, const float grad_mul, const float* __restrict__ grad_mul_ptr,
+                  const float grad_clip, const float avg_weight) {
+    bf16_state_elements(op, list, Float32Access{}, grad_mul, grad_mul_ptr, grad_clip, avg_weight);
+}
+
+// 16-bit θ of format H with bfloat16 state: g 16-bit or float32 (grad32), the master in slot 5,
+// θ rounded to nearest or stochastically with the key in aux (stochastic_rounding).
+template <class Op, class H>
+__global__ void __launch_bounds__(FO_BLOCK)
+bf16_state_update_low(const Op op, const AuxList<6> list, const float grad_mul,
+                      const float* __restrict__ grad_mul_ptr, const float grad_clip, const float avg_weight,
+                      const int grad32, const int stochastic_rounding) {
+    bf16_state_elements(op, list, LowAccess<H, 5>{grad32, stochastic_rounding}, grad_mul, grad_mul_ptr, grad_clip,
+                        avg_weight);
 }
 
 }  // namespace fo

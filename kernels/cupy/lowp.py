@@ -20,16 +20,26 @@ signatures and semantics, on GPU arrays (``docs/algorithms.md``, "Low-precision 
         sum_partials, then one host read (a Python float, as the CPU backend returns; this reads
         the device, i.e. synchronizes with the launch stream).
     state8_step(op, params, grads, states, avgs, *, grad_mul, grad_clip, avg_weight, block, masters,
-                rounding, seed, counter, indices, **hyper)
-        8-bit block-quantized states (pairs (codes uint8, absmax float32)): one CUDA block of 256
-        threads per quantization block of ``block`` ≤ 256 elements (``block`` > 256 raises
-        ValueError here; the CPU backends take any block). float32 θ (``fo::state8_update<Op>``),
-        or 16-bit θ updated as mixed_step updates it (``fo::state8_update_low<Op, H>``):
+                rounding, seed, counter, indices, starts, state_dtype, **hyper)
+        state_dtype="int8": 8-bit block-quantized states (pairs (codes uint8, absmax float32)): one
+        CUDA block of 256 threads per quantization block of ``block`` ≤ 256 elements (``block`` >
+        256 raises ValueError here; the CPU backends take any block). float32 θ
+        (``fo::state8_update<Op>``), or 16-bit θ updated as mixed_step updates it
+        (``fo::state8_update_low<Op, H>``):
             p ← m or f32(θ);  g ← clamp(f32(g)·grad_mul, ±grad_clip);  s_k ← map_k[q_k]·a_k
             p, s ← update(p, g, s);  m ← p;  θ ← rn(p) or sr(p, uniform(key_t, i));  θ̂ update
             a_k, q_k ← requantize(s_k)
-        No ``state_dtype`` (bfloat16 state): CuPy has no bfloat16 dtype to hold such state arrays,
-        so ``fastopt.precision.compact_module`` refuses state_dtype="bfloat16" on this backend.
+        key_t = piece_key(seed, counter, indices[t], starts[t]) (``starts`` None: 0, i.e.
+        tensor_key), as mixed_step's.
+        state_dtype="bfloat16": each used state ``states[t][slot]`` is ONE array of θ's shape (not a
+        pair) holding bfloat16 values as their bits: a uint16 array (CuPy has no bfloat16 dtype; an
+        array whose dtype is recognizable as bfloat16, e.g. a torch bfloat16 tensor, is taken too).
+        The same float32 element update, θ, masters, θ̂ and keys as above, with
+            s_k ← f32(b_k) (exact);  ...;  b_k ← rn_bf16(s_k)  (round to nearest even, NaN stays NaN)
+        as ``kernels/numba_cpu/state8.py`` with state_dtype="bfloat16"; one thread per element
+        (``fo::bf16_state_update<Op>``, float32 θ, or ``fo::bf16_state_update_low<Op, H>``); ``block``
+        is validated but unused. Host arrays made for the reference (ml_dtypes bfloat16) go to the
+        device as their ``.view(numpy.uint16)``.
     state8_supported(op, **hyper), state8_layout(op, **hyper)
         the rules of the CPU backend and the reference (copied here: backends do not import
         ``fastopt.reference``).
@@ -41,13 +51,15 @@ except ``mixed_sumsq``'s final read.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 
 from . import _device, _loader, _sources
 from .optim import _CONFIGURE, _scalars, grad_mul_args
 
-__all__ = ["mixed_step", "mixed_sumsq", "piece_key", "state8_layout", "state8_step", "state8_supported", "tensor_key"]
+__all__ = ["SUPPORTED", "mixed_step", "mixed_sumsq", "piece_key", "state8_layout", "state8_step", "state8_supported",
+           "tensor_key"]
 
 _BLOCK = _sources.BLOCK
 _F32 = np.dtype(np.float32)
@@ -212,16 +224,25 @@ def _state8_plan(op, hyper):
     return variant, values
 
 
-def _check_state8(params, grads, states, avgs, masters, indices, layout, block, rounding):
+def _check_state8(params, grads, states, avgs, masters, indices, starts, layout, block, rounding, bf16_state):
     """The 16-bit format of ``params`` (None for float32) and the gradients' dtype name; raises
-    TypeError (a dtype) or ValueError (anything else) naming the first bad argument."""
+    TypeError (a dtype) or ValueError (anything else) naming the first bad argument. ``bf16_state``:
+    each used state is one bfloat16 array (uint16 bits) of the parameter's shape, else a pair
+    (codes, absmax)."""
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     count = len(params)
     for name, seq in (("grads", grads), ("states", states), ("avgs", avgs), ("masters", masters),
-                      ("indices", indices)):
+                      ("indices", indices), ("starts", starts)):
         if seq is not None and len(seq) != count:
             raise ValueError(f"{name} has {len(seq)} entries, params has {count}")
+    for t, start in enumerate(() if starts is None else starts):
+        try:
+            if operator.index(start) < 0:
+                raise TypeError
+        except TypeError:
+            raise ValueError(f"starts[{t}] must be an int ≥ 0 (where tensor {t} begins in its parameter), "
+                             f"got {start!r}") from None
     if count == 0:
         return None, "float32"
     first = _dtype_name(params[0])
@@ -258,11 +279,31 @@ def _check_state8(params, grads, states, avgs, masters, indices, layout, block, 
             raise ValueError(f"states[{t}] must be a tuple in the op's state order, got {state!r:.80}")
         for slot, _ in layout:
             pair = state[slot]
+            if bf16_state:
+                _check_bf16_state(pair, f"states[{t}][{slot}] (bfloat16 state)", param)
+                continue
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"states[{t}][{slot}] must be a pair (codes, absmax), got {pair!r:.80}")
             check(pair[0], f"states[{t}][{slot}][0] (codes)", "uint8", n)
             check(pair[1], f"states[{t}][{slot}][1] (absmax)", "float32", -(-n // block))
     return low, grad_name
+
+
+def _check_bf16_state(array, where, param):
+    """A bfloat16 state array: uint16 (the bits; CuPy has no bfloat16 dtype) or a recognizable
+    bfloat16 dtype, of ``param``'s shape."""
+    if isinstance(array, (tuple, list)) or array is None or not hasattr(array, "shape"):
+        raise ValueError(f"{where} must be one array of the parameter's shape holding bfloat16 bits (uint16), "
+                         f"got {array!r:.80}")
+    name = _dtype_name(array)
+    if name not in _BF16_STATE_DTYPES:
+        raise TypeError(f"{where}: expected dtype uint16 (bfloat16 bits) or bfloat16, got {name}")
+    if tuple(array.shape) != tuple(param.shape):
+        raise ValueError(f"{where}: expected shape {tuple(param.shape)} (the parameter's), got {tuple(array.shape)}")
+
+
+_BF16_STATE_DTYPES = ("uint16", "bfloat16")
+_STATE_DTYPES = ("int8", "bfloat16")
 
 
 def _pack_keyed(rows, sizes, firsts, keys):
@@ -278,24 +319,35 @@ def _pack_keyed(rows, sizes, firsts, keys):
 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf, avg_weight=0.0, block=256,
-                masters=None, rounding="nearest", seed=0, counter=0, indices=None, **hyper) -> None:
-    """``op`` with 8-bit block-wise quantized state on every tensor of the lists (θ, g, θ̂;
-    states[t][slot] = (codes, absmax) for the slots of ``state8_layout``), in place; raises
+                masters=None, rounding="nearest", seed=0, counter=0, indices=None, starts=None, state_dtype="int8",
+                **hyper) -> None:
+    """``op`` with 8-bit block-wise quantized state (or bfloat16 state) on every tensor of the
+    lists (θ, g, θ̂; states[t][slot] for the slots of ``state8_layout``), in place; raises
     ValueError (TypeError for a dtype) before launching anything for an unsupported configuration,
-    block or argument.
+    block, state_dtype or argument.
 
-    float32 θ: g float32, one launch of ``state8_update<Op>`` per ``list_capacity(7)`` tensors.
-    16-bit θ (float16 or bfloat16, one format for the list), as ``kernels/numba_cpu/state8.py``
-    updates it: g of θ's format or float32, ``masters`` float32 copies or None, θ rounded to
-    nearest or stochastically (``rounding``; key_t = tensor_key(seed, counter, indices[t]),
-    ``indices`` None: 0, 1, …), one launch of ``state8_update_low<Op, H>`` per
-    ``keyed_list_capacity(8)`` tensors. No ``state_dtype``: bfloat16 state arrays have no CuPy
-    dtype."""
+    ``state_dtype="int8"``: states[t][slot] = (codes, absmax). float32 θ: g float32, one launch of
+    ``state8_update<Op>`` per ``list_capacity(7)`` tensors. 16-bit θ (float16 or bfloat16, one
+    format for the list), as ``kernels/numba_cpu/state8.py`` updates it: g of θ's format or
+    float32, ``masters`` float32 copies or None, θ rounded to nearest or stochastically
+    (``rounding``; key_t = piece_key(seed, counter, indices[t], starts[t]), ``indices`` None:
+    0, 1, …, ``starts`` None: 0), one launch of ``state8_update_low<Op, H>`` per
+    ``keyed_list_capacity(8)`` tensors.
+
+    ``state_dtype="bfloat16"``: states[t][slot] is one array of θ's shape holding bfloat16 values
+    as their bits (uint16; an array of a recognizable bfloat16 dtype is taken too), decoded exactly
+    and stored rounded to nearest even; the same updates, θ and keys as above, ``block`` validated
+    but unused; one launch of ``bf16_state_update<Op>`` (float32 θ) or
+    ``bf16_state_update_low<Op, H>`` (16-bit θ) per ``list_capacity(6)`` tensors."""
     layout = state8_layout(op, **hyper)
+    if state_dtype not in _STATE_DTYPES:
+        raise ValueError(f"state_dtype must be 'int8' or 'bfloat16', got {state_dtype!r}")
     if not isinstance(block, int) or not 1 <= block <= _BLOCK:
         raise ValueError(f"block must be an int in [1, {_BLOCK}] on the cupy backend (one CUDA block of "
                          f"{_BLOCK} threads per quantization block), got {block!r}")
-    low, grad_name = _check_state8(params, grads, states, avgs, masters, indices, layout, block, rounding)
+    bf16_state = state_dtype == "bfloat16"
+    low, grad_name = _check_state8(params, grads, states, avgs, masters, indices, starts, layout, block, rounding,
+                                   bf16_state)
     variant, values = _state8_plan(op, hyper)
     stochastic = low is not None and rounding == "stochastic"
     if indices is None:
@@ -305,28 +357,42 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         n = _device.size_of(param)
         if n == 0:
             continue
-        pairs = [states[t][slot] for slot, _ in layout]
+        used = [states[t][slot] for slot, _ in layout]
         row = [_device.pointer(param), _device.pointer(grad), _pointer(None if avgs is None else avgs[t])]
-        for k in range(2):
-            codes, absmax = pairs[k] if k < len(pairs) else (None, None)
-            row += [_pointer(codes), _pointer(absmax)]
-        if low is not None:
+        if bf16_state:
+            row += [_pointer(used[k] if k < len(used) else None) for k in range(2)]
             row.append(_pointer(None if masters is None else masters[t]))
-            keys.append(tensor_key(seed, counter, indices[t]) if stochastic else 0)
+        else:
+            for k in range(2):
+                codes, absmax = used[k] if k < len(used) else (None, None)
+                row += [_pointer(codes), _pointer(absmax)]
+            if low is not None:
+                row.append(_pointer(None if masters is None else masters[t]))
+        keys.append(piece_key(seed, counter, indices[t], 0 if starts is None else starts[t]) if stochastic else 0)
         rows.append(row)
         sizes.append(n)
         blocks.append(-(-n // block))
     if not rows:
         return
-    signed = [int(s) for _, s in layout] + [int(layout[0][1])] * (2 - len(layout))
     scalars = np.empty(1, _sources.state8_scalars_dtype(variant))
     scalars[0] = tuple(float(v) for v in values)
     mul_value, mul_pointer = grad_mul_args(grad_mul, _F32)
-    name = _sources.state8_kernel(variant, low)
     first = next(p for p in params if _device.size_of(p) > 0)
-    arrays = [*params, *grads, *(a for st in states for pair in st if pair is not None for a in pair),
-              *(avgs or ()), *(masters or ()), grad_mul]
+    used = [states[t][slot] for t in range(len(params)) for slot, _ in layout]
+    arrays = [*params, *grads, *(used if bf16_state else (a for pair in used for a in pair)), *(avgs or ()),
+              *(masters or ()), grad_mul]
     tail = () if low is None else (np.int32(grad_name == "float32"), np.int32(stochastic))
+    if bf16_state:
+        name = _sources.bf16_state_kernel(variant, low)
+        with _device.place(first, *arrays) as where:
+            for packed, chunk in _pack(rows, sizes, keys, _sources.BF16_STATE_SLOTS):
+                grid = _loader.grid("lowp", name, sum(chunk), _BLOCK)
+                _loader.launch("lowp", name, grid, _BLOCK,
+                               (scalars, packed, mul_value, mul_pointer, np.float32(grad_clip),
+                                np.float32(avg_weight), *tail), where.stream)
+        return
+    signed = [int(s) for _, s in layout] + [int(layout[0][1])] * (2 - len(layout))
+    name = _sources.state8_kernel(variant, low)
     with _device.place(first, *arrays) as where:
         capacity = (_sources.list_capacity(_sources.STATE8_SLOTS) if low is None
                     else _sources.keyed_list_capacity(_sources.STATE8_LOW_SLOTS))

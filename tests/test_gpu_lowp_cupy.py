@@ -1081,3 +1081,40 @@ def test_batchnorm_lowp_is_the_float32_batchnorm_of_the_decoded_input(shape, axi
                                       err_msg=what)
     for k, what in enumerate(("saved_mean", "saved_invstd", "dweight", "dbias", "running_mean", "running_var"), 2):
         np.testing.assert_array_equal(low[k].view(np.uint32), f32[k].view(np.uint32), err_msg=what)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_an_optimizer_with_bfloat16_state_on_cupy_equals_the_host_one(dtype):
+    """``fastopt.Adam(..., state_dtype="bfloat16", backend="cupy")``: the state lives on the device
+    as uint16 bits (``precision.device_bfloat16``), parameters and state equal the reference
+    optimizer's bit for bit, and ``state_dict``/``load_state_dict`` carry it as bfloat16 on the host."""
+    import cupy
+    import ml_dtypes
+
+    import fastopt
+
+    rng = np.random.default_rng(8)
+    shapes = [(7, 9), (3000,)]
+    host_params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    params = [cupy.asarray(p) for p in host_params]
+    options = dict(lr=0.01, state_dtype="bfloat16", polyak=0.9)
+    opt = fastopt.Adam(params, backend="cupy", **options)
+    ref = fastopt.Adam(host_params, backend="numpy", **options)
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        opt.step([cupy.asarray(g) for g in grads])
+        ref.step(grads)
+    assert opt.state[1]["m"].dtype == np.uint16
+    for p, q in zip(params, host_params):
+        np.testing.assert_array_equal(p.get().view(np.uint8), q.view(np.uint8))
+    saved, expected = opt.state_dict(), ref.state_dict()
+    for k, entry in expected["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, np.ndarray):
+                assert saved["state"][k][name].dtype == value.dtype, (k, name)
+                np.testing.assert_array_equal(saved["state"][k][name].view(np.uint8), value.view(np.uint8))
+    assert saved["state"][0]["m"].dtype == np.dtype(ml_dtypes.bfloat16)
+    again = fastopt.Adam([cupy.asarray(p) for p in host_params], backend="cupy", **options)
+    again.load_state_dict(saved)
+    np.testing.assert_array_equal(again.state[0]["v"].get(), expected["state"][0]["v"].view(np.uint16))

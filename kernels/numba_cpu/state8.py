@@ -25,6 +25,9 @@ One pass per block of ``block`` elements, for each tensor (the block is the quan
         a_k,b = A_k  (NaN if the block holds NaN or ±inf; codes = the zero code then, and if A_k = 0)
         q_k,i = #{j : s_k,i / a_k,b > t_j}     (8-step branch-free search over the 255 midpoints)
 
+With AVX-512 (VBMI) the decode and the requantization run as vector code built from register
+permutes ("Vector block coders" below), bit for bit the scalar loops' results.
+
 The element updates evaluate the expressions of ``fastopt/reference/optim.py`` in its order and
 rounding (Adam as θ − (ε · (m / (1 − β1ᵗ))) / (δ + √(v / (1 − β2ᵗ))), unlike the float32 kernel of
 ``optim.py``), so θ, the codes and absmax equal the reference's (``fastopt/reference/state8.py``:
@@ -55,10 +58,13 @@ zeros, and no literal float enters the arithmetic.
 from __future__ import annotations
 
 import math
+import platform
 
 import ml_dtypes
 import numba
 import numpy as np
+from llvmlite import binding as _llvm_binding
+from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
@@ -101,6 +107,429 @@ _INF_BITS = np.uint32(0x7F800000)
 _NO_BITS = np.uint32(0)
 
 
+# ---------------------------------------------------------------------------------------------
+# Vector block coders (AVX-512)
+#
+# LLVM vectorizes neither look-up loop for this CPU (its cost model refuses the gathers, and Zen 4's
+# vgatherdps was measured slower than the scalar loads anyway), so on x86 with AVX-512 these two
+# intrinsics build the vector code themselves, 16 lanes at a time, from register permutes:
+#
+#   decode  s = m[q] · a: the 256-entry map sits in 16 zmm registers; eight vpermi2ps (each a
+#           32-entry look-up by the code's low 5 bits) and a 3-level select on bits 5, 6, 7 give m[q];
+#           then one multiply, the same IEEE product as the scalar loop.
+#           With AVX-512 VBMI, 64 codes at a time instead: the map as 4 byte planes (16 registers of
+#           64 bytes), vpermi2b looks up each plane's byte for 64 codes (two 128-entry halves,
+#           selected by bit 7), and two more vpermi2b per 16 floats interleave the planes into the
+#           map's float32 patterns (``_byte_planes``).
+#   encode  q = #{j : s / a > t_j}: the same division, then the 8-step branch-free binary search of
+#           ``quantize.py`` with each step's candidates in registers: step s (128, 64, ..., 1)
+#           compares with t[q + s − 1], q a multiple of 2s, one of 256 / 2s values: a broadcast, a
+#           select, vpermd (≤ 16 values), vpermi2ps (32) or two and four of them with selects (64,
+#           128). Four vectors' searches are interleaved (the chain of 8 dependent steps is
+#           latency-bound alone). The count is the reference's, ties included (``quantize.py``).
+#           With AVX-512 VBMI, 64 values at a time instead, in two passes: (1) x̂ = s / a (kept in
+#           the scratch row) and the same search on 16-bit keys, 32 lanes a register, eight chains
+#           (256 values) at once: the key of x̂ is the top half of its pattern made monotone
+#           (``_ukey``), and each bucket of equal keys holds at most one midpoint (``_lookup``
+#           checks it), so q' = #{j : key(t_j) < key(x̂)} is exact up to that one midpoint, t[q'];
+#           (2) q = q' + (x̂ > t[q']), t[q'] looked up from the midpoints' byte planes as the
+#           decode looks up the map.
+#
+# Both are exact by construction (same map, same midpoints, same division and product), so the
+# codes and states equal the scalar loops' bit for bit; the scalar loops remain for the block's
+# last count mod 16 elements and on CPUs without AVX-512 (``_VECTOR_TAIL``).
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _cpu_has(feature: str) -> bool:
+    """``feature`` ("+avx512f", ...) on the x86 CPU numba compiles for: its configured features
+    (``NUMBA_CPU_FEATURES``) when set, none for another configured CPU name, else the host's."""
+    if not _X86:
+        return False
+    try:
+        features = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES else \
+            (None if numba.config.CPU_NAME not in (None, "host") else _llvm_binding.get_host_cpu_features().flatten())
+    except Exception:  # noqa: BLE001 - no feature string: stay scalar
+        return False
+    return bool(features) and feature in features.split(",")
+
+
+_AVX512 = _cpu_has("+avx512f")
+_VBMI = _AVX512 and _cpu_has("+avx512vbmi") and _cpu_has("+avx512bw")
+_LANES = 16
+_I8, _I32, _I64, _FLOAT = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+
+def _vec(t):
+    return ir.VectorType(t, _LANES)
+
+
+_VF, _VI = _vec(_FLOAT), _vec(_I32)
+_STEPS = (128, 64, 32, 16, 8, 4, 2, 1)
+_UNROLL = 4  # vectors per iteration of the encode loop
+
+
+def _search_tables(thresholds: np.ndarray) -> np.ndarray:
+    """The 8-step search's candidates, step by step: for step s the 256 / 2s values t[2s·i + s − 1]
+    (``thresholds``: the 255 midpoints and +Inf), each step's row padded with +Inf to a multiple of
+    16 (a whole register); the offsets are ``_SEARCH_AT``."""
+    rows = []
+    for s in _STEPS:
+        row = [thresholds[2 * s * i + s - 1] for i in range(256 // (2 * s))]
+        rows += row + [np.float32(np.inf)] * (-len(row) % _LANES)
+    return np.array(rows, np.float32)
+
+
+_SEARCH_AT, _at = {}, 256  # the search tables follow the 256 thresholds in each row of ``thresholds``
+for _s in _STEPS:
+    _SEARCH_AT[_s] = _at
+    _at += max(_LANES, 256 // (2 * _s))
+_SEARCH_END = _at
+del _s, _at
+_WORD_AT, _at = {}, 0  # in 16-bit words from _WORDS_AT
+for _s in _STEPS:
+    _WORD_AT[_s] = _at
+    _at += max(32, 256 // (2 * _s))
+_WORDS_AT = _SEARCH_END  # (in float32 slots)
+_TPLANES_AT = _WORDS_AT + _at // 2
+_ROW_END = _TPLANES_AT + 256
+del _s, _at
+
+
+def _ukeys(x: np.ndarray) -> np.ndarray:
+    """The monotone unsigned keys of float32 values (``_ukey``)."""
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    return np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
+
+
+def _word_tables(thresholds: np.ndarray) -> np.ndarray:
+    """The 16-bit search's candidates (the top halves of the midpoints' keys), step by step as
+    ``_search_tables``, each step's row padded to a multiple of 32 words, viewed as float32. No
+    two midpoints share a top half (``_lookup`` checks the buckets; the keys group them alike)."""
+    tops = (_ukeys(thresholds) >> np.uint32(16)).astype(np.uint16)
+    assert (np.diff(tops[:255].astype(np.int64)) > 0).all()
+    rows = []
+    for s in _STEPS:
+        row = [tops[2 * s * i + s - 1] for i in range(256 // (2 * s))]
+        rows += row + [0xFFFF] * (max(32, len(row)) - len(row))
+    return np.array(rows, np.uint16).view(np.float32)
+
+
+def _x86_function(builder, name, ret, args):
+    module = builder.module
+    found = module.globals.get(name)
+    return found if found is not None else ir.Function(module, ir.FunctionType(ret, args), name)
+
+
+def _permute2(builder, low, index, high):
+    """The 32-entry look-up low ‖ high by index's low 5 bits (vpermi2ps)."""
+    fn = _x86_function(builder, "llvm.x86.avx512.vpermi2var.ps.512", _VF, [_VF, _VI, _VF])
+    return builder.call(fn, [low, index, high])
+
+
+def _permute1(builder, table, index):
+    """The 16-entry look-up by index's low 4 bits (vpermps)."""
+    fn = _x86_function(builder, "llvm.x86.avx512.permvar.sf.512", _VF, [_VF, _VI])
+    return builder.call(fn, [table, index])
+
+
+def _ints(value):
+    return ir.Constant(_VI, [value] * _LANES)
+
+
+def _lookup_regs(builder, regs, index):
+    """regs[index] for the table of 16·len(regs) floats held in ``regs`` (1, or an even number of
+    registers): index's low 5 bits pick within a pair of registers, its higher bits the pair."""
+    if len(regs) == 1:
+        return _permute1(builder, regs[0], index)
+    found = [_permute2(builder, regs[2 * k], index, regs[2 * k + 1]) for k in range(len(regs) // 2)]
+    bit = 32
+    while len(found) > 1:
+        up = builder.icmp_unsigned("!=", builder.and_(index, _ints(bit)), _ints(0))
+        found = [builder.select(up, found[2 * k + 1], found[2 * k]) for k in range(len(found) // 2)]
+        bit *= 2
+    return found[0]
+
+
+def _vector_at(builder, base, index, vector_type):
+    return builder.bitcast(builder.gep(base, [index]), vector_type.as_pointer())
+
+
+def _splat32(builder, value, vector_type):
+    undef = ir.Constant(vector_type, ir.Undefined)
+    first = builder.insert_element(undef, value, _I32(0))
+    return builder.shuffle_vector(first, undef, ir.Constant(_VI, [0] * _LANES))
+
+
+def _ir_loop(builder, start, stop, step, body):
+    """``for j in range(start, stop, step): body(j)`` as an IR loop (step > 0)."""
+    entry = builder.block
+    header = builder.append_basic_block("vec_head")
+    block = builder.append_basic_block("vec_body")
+    done = builder.append_basic_block("vec_done")
+    builder.branch(header)
+    builder.position_at_end(header)
+    j = builder.phi(start.type)
+    j.add_incoming(start, entry)
+    builder.cbranch(builder.icmp_signed("<", j, stop), block, done)
+    builder.position_at_end(block)
+    body(j)
+    following = builder.add(j, step)
+    tail = builder.block
+    builder.branch(header)
+    j.add_incoming(following, tail)
+    builder.position_at_end(done)
+
+
+_V8 = ir.VectorType(_I8, 64)
+_PLANES_AT = 256  # the byte planes follow the 256 map values in each row of ``values``
+
+
+def _byte_planes(values: np.ndarray) -> np.ndarray:
+    """The 256 float32 of the map as 4 planes of 256 bytes (plane p: byte p, little-endian, of
+    every value), viewed as 256 float32 to sit in a row of ``values`` after the map."""
+    planes = values.astype(np.float32).view(np.uint8).reshape(256, 4).T
+    return np.ascontiguousarray(planes).reshape(-1).view(np.float32)
+
+
+def _permute_bytes(builder, low, index, high):
+    """The 128-entry byte look-up low ‖ high by index's low 7 bits (vpermi2b), 64 bytes at once."""
+    fn = _x86_function(builder, "llvm.x86.avx512.vpermi2var.qi.512", _V8, [_V8, _V8, _V8])
+    return builder.call(fn, [low, index, high])
+
+
+# out vector k (floats 16k..16k+15), byte 4l + p = plane p's byte of code 16k + l: planes 0 and 1
+# from one two-source permute, planes 2 and 3 from another, merged by byte position
+_WEAVE_01 = [[16 * k + l + 64 * (p == 1) for l in range(16) for p in range(4)] for k in range(4)]
+_WEAVE_23 = [[16 * k + l + 64 * (p == 3) for l in range(16) for p in range(4)] for k in range(4)]
+_UPPER_PAIR = [p >= 2 for l in range(16) for p in range(4)]
+
+
+def _plane_regs(builder, table_data, at):
+    """The 16 registers of the byte planes at float32 offset ``at`` of a table row."""
+    planes = builder.bitcast(builder.gep(table_data, [_I64(at)]), _I8.as_pointer())
+    return [[builder.load(_vector_at(builder, planes, _I64(256 * p + 64 * k), _V8), align=1) for k in range(4)]
+            for p in range(4)]
+
+
+def _lookup_bytes(builder, regs, q):
+    """The 4 vectors of 16 float32 table[q] for the 64 bytes q, the table in byte planes ``regs``."""
+    high = builder.icmp_signed("<", q, ir.Constant(_V8, [0] * 64))  # entries 128..255
+    plane = [builder.select(high, _permute_bytes(builder, regs[p][2], q, regs[p][3]),
+                            _permute_bytes(builder, regs[p][0], q, regs[p][1])) for p in range(4)]
+    upper = ir.Constant(ir.VectorType(ir.IntType(1), 64), _UPPER_PAIR)
+    found = []
+    for k in range(4):
+        pair01 = _permute_bytes(builder, plane[0], ir.Constant(_V8, _WEAVE_01[k]), plane[1])
+        pair23 = _permute_bytes(builder, plane[2], ir.Constant(_V8, _WEAVE_23[k]), plane[3])
+        found.append(builder.bitcast(builder.select(upper, pair23, pair01), _VF))
+    return found
+
+
+def _decode_bytes(context, builder, table_data, base, scale_v, out_data, start, stop):
+    """The decode of codes start..stop (a multiple of 64 apart) by byte planes (AVX-512 VBMI)."""
+    regs = _plane_regs(builder, table_data, _PLANES_AT)
+
+    def body(j):
+        q = builder.load(_vector_at(builder, base, j, _V8), align=1)
+        for k, m in enumerate(_lookup_bytes(builder, regs, q)):
+            at = builder.add(j, _I64(_LANES * k))
+            builder.store(builder.fmul(m, scale_v), _vector_at(builder, out_data, at, _VF), align=4)
+
+    _ir_loop(builder, start, stop, _I64(64), body)
+
+
+@intrinsic
+def _decode_avx512(typingctx, codes, i0, count, values, a, out):
+    """out[j] = values[codes[i0 + j]] · a for j < count (a multiple of 16; ``values`` a row of
+    ``_VALUES``: the 256-entry map, then its byte planes; ``codes`` a uint8 pointer)."""
+    sig = types.void(codes, i0, count, values, a, out)
+
+    def codegen(context, builder, signature, args):
+        codes_at, start, n, table, scale, scratch = args
+        table_data = context.make_array(signature.args[3])(context, builder, table).data
+        out_data = context.make_array(signature.args[5])(context, builder, scratch).data
+        regs = [builder.load(_vector_at(builder, table_data, _I64(_LANES * k), _VF), align=4)
+                for k in range(256 // _LANES)]
+        scale_v = _splat32(builder, scale, _VF)
+        base = builder.gep(codes_at, [start])
+        first = _I64(0)
+        if _VBMI:
+            first = builder.sub(n, builder.and_(n, _I64(63)))
+            _decode_bytes(context, builder, table_data, base, scale_v, out_data, _I64(0), first)
+
+        def body(j):
+            q = builder.zext(builder.load(_vector_at(builder, base, j, _vec(_I8)), align=1), _VI)
+            s = builder.fmul(_lookup_regs(builder, regs, q), scale_v)
+            builder.store(s, _vector_at(builder, out_data, j, _VF), align=4)
+
+        _ir_loop(builder, first, n, _I64(_LANES), body)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _search(builder, tables, xs):
+    """The 8-step search's counts for the vectors ``xs``, their steps interleaved."""
+    qs = [_ints(0)] * len(xs)
+    for s in _STEPS:
+        regs = tables[s]
+        for u, x in enumerate(xs):
+            if s == 128:
+                candidate = builder.shuffle_vector(regs[0], regs[0], ir.Constant(_VI, [0] * _LANES))
+            else:
+                index = builder.lshr(qs[u], _ints((2 * s).bit_length() - 1))
+                candidate = _lookup_regs(builder, regs, index)
+            above = builder.fcmp_ordered(">", x, candidate)
+            qs[u] = builder.or_(qs[u], builder.select(above, _ints(s), _ints(0)))
+    return qs
+
+
+_I16 = ir.IntType(16)
+_VW = ir.VectorType(_I16, 32)
+_CHAINS = 8  # 16-bit searches interleaved in the first pass (256 values)
+
+
+def _words(value):
+    return ir.Constant(_VW, [value] * 32)
+
+
+def _ukey(builder, x):
+    """The float32 vector x's patterns made monotone as unsigned integers: sign bit set for x ≥ +0,
+    all bits flipped for x ≤ −0."""
+    bits = builder.bitcast(x, _VI)
+    flip = builder.or_(builder.ashr(bits, _ints(31)), _ints(-0x80000000))
+    return builder.xor(bits, flip)
+
+
+# the top halves of two vectors' 32-bit keys, in order (little-endian: word 2i + 1 of key i)
+_TOP_HALVES = ir.Constant(ir.VectorType(_I32, 32), [2 * i + 1 for i in range(16)] + [33 + 2 * i for i in range(16)])
+
+
+def _word_search(builder, tables, keys):
+    """q' = #{j : key(t_j) < key} for each vector of 32 16-bit ``keys``, by the 8-step search on the
+    midpoints' keys (``_word_tables``), the vectors' steps interleaved."""
+    qs = [_words(0)] * len(keys)
+    for s in _STEPS:
+        regs = tables[s]
+        for c, key in enumerate(keys):
+            if s == 128:
+                candidate = builder.shuffle_vector(regs[0], regs[0], ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
+            else:
+                index = builder.lshr(qs[c], _words((2 * s).bit_length() - 1))
+                if len(regs) == 1:  # ≤ 32 entries: vpermw
+                    fn = _x86_function(builder, "llvm.x86.avx512.permvar.hi.512", _VW, [_VW, _VW])
+                    candidate = builder.call(fn, [regs[0], index])
+                else:  # 64 entries: vpermi2w; 128: two and a select on bit 6
+                    fn = _x86_function(builder, "llvm.x86.avx512.vpermi2var.hi.512", _VW, [_VW, _VW, _VW])
+                    found = [builder.call(fn, [regs[2 * k], index, regs[2 * k + 1]]) for k in range(len(regs) // 2)]
+                    candidate = found[0]
+                    if len(found) == 2:
+                        up = builder.icmp_unsigned("!=", builder.and_(index, _words(64)), _words(0))
+                        candidate = builder.select(up, found[1], found[0])
+            above = builder.icmp_unsigned(">", key, candidate)
+            qs[c] = builder.or_(qs[c], builder.select(above, _words(s), _words(0)))
+    return qs
+
+
+def _encode_words(context, builder, data, table_data, scale_v, base, stop):
+    """Codes 0..stop (a multiple of 64) by 16-bit keys (AVX-512 VBMI), in two passes (see above)."""
+    tables = {s: [builder.load(_vector_at(builder, table_data, _I64(_WORDS_AT + (_WORD_AT[s] + 32 * k) // 2), _VW),
+                               align=2)
+                  for k in range(max(1, 256 // (2 * s) // 32))]
+              for s in _STEPS}
+
+    def first(j, chains):  # x̂ to the scratch row, q' to the codes
+        keys = []
+        for c in range(chains):
+            pair = []
+            for h in range(2):
+                at = builder.add(j, _I64(32 * c + _LANES * h))
+                x = builder.fdiv(builder.load(_vector_at(builder, data, at, _VF), align=4), scale_v)
+                builder.store(x, _vector_at(builder, data, at, _VF), align=4)
+                pair.append(builder.bitcast(_ukey(builder, x), _VW))
+            keys.append(builder.shuffle_vector(pair[0], pair[1], _TOP_HALVES))
+        for c, q in enumerate(_word_search(builder, tables, keys)):
+            at = builder.add(j, _I64(32 * c))
+            builder.store(builder.trunc(q, ir.VectorType(_I8, 32)),
+                          _vector_at(builder, base, at, ir.VectorType(_I8, 32)), align=1)
+
+    wide = builder.sub(stop, builder.and_(stop, _I64(32 * _CHAINS - 1)))
+    _ir_loop(builder, _I64(0), wide, _I64(32 * _CHAINS), lambda j: first(j, _CHAINS))
+    _ir_loop(builder, wide, stop, _I64(64), lambda j: first(j, 2))
+    regs = _plane_regs(builder, table_data, _TPLANES_AT)
+
+    def second(j):  # q = q' + (x̂ > t[q'])
+        q = builder.load(_vector_at(builder, base, j, _V8), align=1)
+        above = []
+        for k, t in enumerate(_lookup_bytes(builder, regs, q)):
+            at = builder.add(j, _I64(_LANES * k))
+            above.append(builder.fcmp_ordered(">", builder.load(_vector_at(builder, data, at, _VF), align=4), t))
+        pairs = ir.Constant(ir.VectorType(_I32, 32), list(range(32)))
+        halves = [builder.shuffle_vector(above[2 * h], above[2 * h + 1], pairs) for h in range(2)]
+        above = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
+        builder.store(builder.add(q, builder.zext(above, _V8)), _vector_at(builder, base, j, _V8), align=1)
+
+    _ir_loop(builder, _I64(0), stop, _I64(64), second)
+
+
+@intrinsic
+def _encode_avx512(typingctx, scratch, count, a, thresholds, codes, i0):
+    """codes[i0 + j] = #{k : scratch[j] / a > t_k} for j < count (a multiple of 16; ``thresholds``
+    a row of ``_THRESHOLDS``: the midpoints, +Inf, then the search tables)."""
+    sig = types.void(scratch, count, a, thresholds, codes, i0)
+
+    def codegen(context, builder, signature, args):
+        values, n, scale, table, codes_at, start = args
+        data = context.make_array(signature.args[0])(context, builder, values).data
+        table_data = context.make_array(signature.args[3])(context, builder, table).data
+        tables = {s: [builder.load(_vector_at(builder, table_data, _I64(_SEARCH_AT[s] + _LANES * k), _VF),
+                                   align=4)
+                      for k in range(max(1, 256 // (2 * s) // _LANES))]
+                  for s in _STEPS}
+        scale_v = _splat32(builder, scale, _VF)
+        base = builder.gep(codes_at, [start])
+        begin = _I64(0)
+        if _VBMI:
+            begin = builder.sub(n, builder.and_(n, _I64(63)))
+            _encode_words(context, builder, data, table_data, scale_v, base, begin)
+
+        def body(j, vectors):
+            at = [builder.add(j, _I64(_LANES * u)) for u in range(vectors)]
+            xs = [builder.fdiv(builder.load(_vector_at(builder, data, k, _VF), align=4), scale_v) for k in at]
+            for k, q in zip(at, _search(builder, tables, xs)):
+                builder.store(builder.trunc(q, _vec(_I8)), _vector_at(builder, base, k, _vec(_I8)), align=1)
+
+        if _VBMI:  # fewer than 64 left: one vector at a time
+            _ir_loop(builder, begin, n, _I64(_LANES), lambda j: body(j, 1))
+        else:
+            whole = builder.sub(n, builder.and_(n, _I64(_LANES * _UNROLL - 1)))
+            _ir_loop(builder, _I64(0), whole, _I64(_LANES * _UNROLL), lambda j: body(j, _UNROLL))
+            _ir_loop(builder, whole, n, _I64(_LANES), lambda j: body(j, 1))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_element
+def _decode_none(codes, i0, count, values, a, out):
+    """Without AVX-512 (count is 0 then): nothing, the scalar loop decodes every element."""
+
+
+@_element
+def _encode_none(scratch, count, a, thresholds, codes, i0):
+    """Without AVX-512 (count is 0 then): nothing, the scalar loop codes every element."""
+
+
+_decode_vectors = _decode_avx512 if _AVX512 else _decode_none
+_encode_vectors = _encode_avx512 if _AVX512 else _encode_none
+
+
+# count − (count & _VECTOR_TAIL) elements go through the vector coders: whole vectors, or none
+_VECTOR_TAIL = np.int64(_LANES - 1) if _AVX512 else np.int64(-1)
+
+
 @_element
 def _requantize(scratch, count, amax_bits, codes, i0, absmax, b, thresholds, zero, lookup):
     """absmax[b] and codes[i0 : i0 + count] of the ``count`` values ``scratch[:count]``, whose
@@ -109,9 +538,10 @@ def _requantize(scratch, count, amax_bits, codes, i0, absmax, b, thresholds, zer
     of midpoints below x / a).
 
     As integers, the patterns of |x| order as the values do, and every NaN pattern lies above
-    Inf's, so ``amax_bits`` ≥ Inf's pattern exactly when the block is not finite. The count of
-    midpoints below x̂ is ``lookup`` of its bucket (``_lookup``) plus one compare with the next
-    midpoint (``thresholds`` has a 256th entry, +Inf, so the compare needs no bounds test)."""
+    Inf's, so ``amax_bits`` ≥ Inf's pattern exactly when the block is not finite. Whole vectors go
+    through ``_encode_vectors``; the rest: the count of midpoints below x̂ is ``lookup`` of its
+    bucket (``_lookup``) plus one compare with the next midpoint (``thresholds`` has a 256th entry,
+    +Inf, so the compare needs no bounds test)."""
     if amax_bits >= _INF_BITS:
         absmax[b] = bits_f32(_INF_BITS) - bits_f32(_INF_BITS)  # NaN
         for j in range(count):
@@ -123,10 +553,10 @@ def _requantize(scratch, count, amax_bits, codes, i0, absmax, b, thresholds, zer
     else:
         a = bits_f32(amax_bits)
         absmax[b] = a
-        for j in range(count):  # normalize (vectorized)
-            scratch[j] = scratch[j] / a
-        for j in range(count):  # code: a table look-up and a compare (scalar)
-            x = scratch[j]
+        full = count - (count & _VECTOR_TAIL)
+        _encode_vectors(scratch, full, a, thresholds, codes, i0)
+        for j in range(full, count):  # code: a table look-up and a compare (scalar)
+            x = scratch[j] / a
             q = lookup[f32_bits(x) >> _BUCKET_SHIFT]
             codes[i0 + j] = q + (x > thresholds[q])
 
@@ -140,11 +570,13 @@ def _update8(scalars: int, states: int):
 
     ``offsets`` are in blocks; ``table[t]`` holds θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁
     addresses and θ's size; ``thresholds``, ``values``, ``zeros`` and ``lookup`` the midpoints
-    (+Inf appended), map, zero code and bucket counts of each state's map (row k for state k).
+    (+Inf appended, then the vector coders' tables), map (then its byte planes), zero code and
+    bucket counts of each state's map (row k for state k).
 
-    Each block is two loops without branches on the data, which the compiler vectorizes: the
-    update (decode by table, update, new state to a scratch row, the largest |state| as the max of
-    bit patterns), then the requantization from the scratch row, still in L1."""
+    Each block is: the decode into scratch rows (``_decode_vectors``, then scalar look-ups for the
+    last count mod 16); the update, a loop without branches on the data that the compiler
+    vectorizes (new state to the scratch row, the largest |state| as the max of bit patterns);
+    then the requantization from the scratch row, still in L1 (``_requantize``)."""
 
     def wrap(element):
         update = numba.njit(inline="always", error_model="numpy")(element)
@@ -188,7 +620,11 @@ def _update8(scalars: int, states: int):
                     if bf16state is None:
                         a0 = absmax0[b]
                         a1 = absmax1[b] if states > 1 else zero_f
-                        for j in range(count):  # decode: a table look-up per state (scalar)
+                        full = count - (count & _VECTOR_TAIL)  # whole vectors: ``_decode_vectors``
+                        _decode_vectors(codes0, i0, full, values0, a0, scratch0)
+                        if states > 1:
+                            _decode_vectors(codes1, i0, full, values1, a1, scratch1)
+                        for j in range(full, count):  # decode: a table look-up per state (scalar)
                             scratch0[j] = values0[codes0[i0 + j]] * a0
                             if states > 1:
                                 scratch1[j] = values1[codes1[i0 + j]] * a1
@@ -627,8 +1063,14 @@ _MAPS = {signed: (THRESHOLDS[(signed, _F32)], MAP_AS[(signed, _F32)], ZERO[signe
 
 _LOOKUPS = {(a, b): np.stack([_MAPS[a][3], _MAPS[b][3]]) for a in (True, False) for b in (True, False)}
 # the 255 midpoints of each row's map and +Inf: the compare after the look-up needs no bounds test
-_THRESHOLDS = {(a, b): np.stack([np.append(_MAPS[m][0], np.float32(np.inf)) for m in (a, b)])
+# then the 8-step search's tables of ``_encode_vectors``, its 16-bit ones and the midpoints' byte planes
+_THRESHOLDS = {(a, b): np.stack([np.concatenate([t, _search_tables(t), _word_tables(t), _byte_planes(t)])
+                                 for t in (np.append(_MAPS[m][0], np.float32(np.inf)) for m in (a, b))])
                for a in (True, False) for b in (True, False)}
+assert all(t.shape == (2, _ROW_END) for t in _THRESHOLDS.values())
+# the 256 map values, then their byte planes (``_decode_vectors``)
+_VALUES = {(a, b): np.stack([np.concatenate([_MAPS[m][1], _byte_planes(_MAPS[m][1])]) for m in (a, b)])
+           for a in (True, False) for b in (True, False)}
 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
@@ -659,7 +1101,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         return
     rows = [slots[min(k, len(slots) - 1)][1] for k in range(2)]  # row 1 repeats row 0 when unused
     thresholds = _THRESHOLDS[tuple(rows)]
-    values = np.stack([_MAPS[s][1] for s in rows])
+    values = _VALUES[tuple(rows)]
     zeros = np.array([_MAPS[s][2] for s in rows], np.uint8)
     lookup = _LOOKUPS[tuple(rows)]
     hyper_array = np.array((*scalars, grad_mul, grad_clip), np.float32)

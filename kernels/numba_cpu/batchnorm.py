@@ -115,6 +115,7 @@ from numba import prange, types
 from numba.core.extending import intrinsic
 
 from ._cache import njit
+from ._ir import counted_loop
 from ._jit import kernel
 
 __all__ = ["batchnorm_backward", "batchnorm_forward"]
@@ -274,36 +275,6 @@ def _check_operands(dst, operands):
             raise TypeError(f"streaming kernels compute in the output's dtype {dst.dtype}, got {t}")
 
 
-def _line_loop(context, builder, start, stop, step, carried, body):
-    """``for i in range(start, stop, step)`` as an IR loop (step > 0) carrying ``carried`` through
-    ``body(i, carried) -> carried``; returns the carried values at the end."""
-    intp = context.get_value_type(types.intp)
-    entry = builder.block
-    header = builder.append_basic_block("lines")
-    step_block = builder.append_basic_block("line")
-    done = builder.append_basic_block("lines_done")
-    builder.branch(header)
-    builder.position_at_end(header)
-    i = builder.phi(intp)
-    i.add_incoming(start, entry)
-    phis = []
-    for value in carried:
-        phi = builder.phi(value.type)
-        phi.add_incoming(value, entry)
-        phis.append(phi)
-    builder.cbranch(builder.icmp_signed("<", i, stop), step_block, done)
-    builder.position_at_end(step_block)
-    updated = body(i, phis)
-    i_next = builder.add(i, step)
-    tail = builder.block
-    builder.branch(header)
-    i.add_incoming(i_next, tail)
-    for phi, value in zip(phis, updated):
-        phi.add_incoming(value, tail)
-    builder.position_at_end(done)
-    return phis
-
-
 def _coefficient_vectors(context, builder, types_, values, vt, size):
     """``at(j)``: the coefficient vectors of a line. Scalars are splat once, before the loop
     (channel-first); per-channel tables are read at the line's first channel j (channels-last)."""
@@ -352,7 +323,7 @@ def _stream_normalize_lines(relu):
                 _streaming_store(context, builder, tys[0], args[0], i, v, vt)
                 return [_next_channel(builder, j, args[9], args[10]) if table else j]
 
-            _line_loop(context, builder, args[1], args[2], intp(vt.count), [args[8]], body)
+            counted_loop(builder, args[1], args[2], intp(vt.count), body, [args[8]])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -390,7 +361,7 @@ def _stream_input_grad_lines(relu):
                 _streaming_store(context, builder, tys[0], args[0], i, out, vt)
                 return [_next_channel(builder, j, args[12], args[13]) if table else j]
 
-            _line_loop(context, builder, args[1], args[2], intp(vt.count), [args[11]], body)
+            counted_loop(builder, args[1], args[2], intp(vt.count), body, [args[11]])
             return context.get_dummy_value()
 
         return sig, codegen

@@ -70,6 +70,7 @@ from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
+from ._ir import counted_loop
 from ._jit import kernel
 from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16
@@ -264,22 +265,7 @@ def _splat32(builder, value, vector_type):
 
 def _ir_loop(builder, start, stop, step, body):
     """``for j in range(start, stop, step): body(j)`` as an IR loop (step > 0)."""
-    entry = builder.block
-    header = builder.append_basic_block("vec_head")
-    block = builder.append_basic_block("vec_body")
-    done = builder.append_basic_block("vec_done")
-    builder.branch(header)
-    builder.position_at_end(header)
-    j = builder.phi(start.type)
-    j.add_incoming(start, entry)
-    builder.cbranch(builder.icmp_signed("<", j, stop), block, done)
-    builder.position_at_end(block)
-    body(j)
-    following = builder.add(j, step)
-    tail = builder.block
-    builder.branch(header)
-    j.add_incoming(following, tail)
-    builder.position_at_end(done)
+    counted_loop(builder, start, stop, step, lambda j, carried: body(j) or ())
 
 
 _V8 = ir.VectorType(_I8, 64)

@@ -420,35 +420,6 @@ def _channel_vector(context, builder, array_type, array, c, vector_type, size):
     return pointer, builder.load(pointer, align=size)
 
 
-def _row_loop(context, builder, n0, n1, accumulators, body):
-    """for n in [n0, n1): accumulators = body(n, accumulators), as an IR loop with phi nodes."""
-    intp = context.get_value_type(types.intp)
-    entry = builder.block
-    header = builder.append_basic_block("rows")
-    step = builder.append_basic_block("row")
-    done = builder.append_basic_block("rows_done")
-    builder.branch(header)
-    builder.position_at_end(header)
-    n = builder.phi(intp)
-    n.add_incoming(n0, entry)
-    phis = []
-    for value in accumulators:
-        phi = builder.phi(value.type)
-        phi.add_incoming(value, entry)
-        phis.append(phi)
-    builder.cbranch(builder.icmp_signed("<", n, n1), step, done)
-    builder.position_at_end(step)
-    updated = body(n, phis)
-    n_next = builder.add(n, intp(1))
-    tail = builder.block
-    builder.branch(header)
-    n.add_incoming(n_next, tail)
-    for phi, value in zip(phis, updated):
-        phi.add_incoming(value, tail)
-    builder.position_at_end(done)
-    return phis
-
-
 def _widen(builder, value, vector_type):
     return value if value.type == vector_type else builder.fpext(value, vector_type)
 
@@ -491,7 +462,7 @@ def _shifted_sums(groups):
                     out += [builder.fadd(acc[2 * g], d), builder.call(fma, [d, d, acc[2 * g + 1]])]
                 return out
 
-            acc = _row_loop(context, builder, n0v, n1v, [zero] * (2 * groups), body)
+            acc = counted_loop(builder, n0v, n1v, n0v.type(1), body, [zero] * (2 * groups))
             for g in range(groups):
                 _add_into(builder, _channel_vector(context, builder, sd_t, sdv, cs[g], vt, 8)[0], acc[2 * g])
                 _add_into(builder, _channel_vector(context, builder, sq_t, sqv, cs[g], vt, 8)[0], acc[2 * g + 1])
@@ -540,7 +511,7 @@ def _grad_sums(groups, relu):
                             builder.call(fma, [grad, _widen(builder, xc, vt), acc[2 * g + 1]])]
                 return out
 
-            acc = _row_loop(context, builder, n0v, n1v, [zero] * (2 * groups), body)
+            acc = counted_loop(builder, n0v, n1v, n0v.type(1), body, [zero] * (2 * groups))
             for g in range(groups):
                 _add_into(builder, _channel_vector(context, builder, g_t, gv, cs[g], vt, 8)[0], acc[2 * g])
                 _add_into(builder, _channel_vector(context, builder, gx_t, gxv, cs[g], vt, 8)[0], acc[2 * g + 1])

@@ -771,13 +771,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         return
     rows = []
     for t, param in enumerate(params):
-        shape = tuple(shape_of(param))
-        n = math.prod(shape)
-        _check(param, f"params[{t}]", np.float32, shape)
-        _check(grads[t], f"grads[{t}]", np.float32, shape)
-        avg = None if avgs is None else avgs[t]
-        if avg is not None:
-            _check(avg, f"avgs[{t}]", np.float32, shape)
+        shape, n, avg = _check_tensor(t, params, grads, None, avgs, np.float32, np.float32)
         pairs = _state_pairs(states, t, slots, shape, n, block)
         if n == 0:
             continue
@@ -801,6 +795,21 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         np.int64(chunks), signed[0], signed[1], tuple(f32(s) for s in scalars))
 
 
+def _check_tensor(t, params, grads, masters, avgs, grad_dtype, param_dtype=None):
+    """(shape, size, average or None) of tensor t, after checking its parameter (``param_dtype``;
+    None: checked by the caller), gradient, master copy and average."""
+    shape = tuple(shape_of(params[t]))
+    if param_dtype is not None:
+        _check(params[t], f"params[{t}]", param_dtype, shape)
+    _check(grads[t], f"grads[{t}]", grad_dtype, shape)
+    if masters is not None:
+        _check(masters[t], f"masters[{t}]", np.float32, shape)
+    avg = None if avgs is None else avgs[t]
+    if avg is not None:
+        _check(avg, f"avgs[{t}]", np.float32, shape)
+    return shape, math.prod(shape), avg
+
+
 def _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, masters, grad_mul, grad_clip,
                      avg_weight, block, stochastic, seed, counter, indices, starts):
     """``state8_step`` on float16 ``params``: checks everything, then one launch of
@@ -811,14 +820,7 @@ def _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, maste
         indices = range(len(params))
     rows = []
     for t, param in enumerate(params):
-        shape = tuple(shape_of(param))
-        n = math.prod(shape)
-        _check(grads[t], f"grads[{t}]", gdt, shape)
-        if masters is not None:
-            _check(masters[t], f"masters[{t}]", np.float32, shape)
-        avg = None if avgs is None else avgs[t]
-        if avg is not None:
-            _check(avg, f"avgs[{t}]", np.float32, shape)
+        shape, n, avg = _check_tensor(t, params, grads, masters, avgs, gdt)
         index, start = _piece(indices, starts, t)
         pairs = _state_pairs(states, t, slots, shape, n, block)
         if n == 0:
@@ -856,16 +858,7 @@ def _state8_bf16_step(variant, slots, scalars, params, grads, states, avgs, mast
         indices = range(len(params))
     rows = []
     for t, param in enumerate(params):
-        shape = tuple(shape_of(param))
-        n = math.prod(shape)
-        if not low:
-            _check(param, f"params[{t}]", np.float32, shape)
-        _check(grads[t], f"grads[{t}]", gdt, shape)
-        if masters is not None:
-            _check(masters[t], f"masters[{t}]", np.float32, shape)
-        avg = None if avgs is None else avgs[t]
-        if avg is not None:
-            _check(avg, f"avgs[{t}]", np.float32, shape)
+        shape, n, avg = _check_tensor(t, params, grads, masters, avgs, gdt, None if low else np.float32)
         index, start = _piece(indices, starts, t) if low else (0, 0)
         words = _state_words(states, t, slots, shape)
         if n == 0:

@@ -59,7 +59,7 @@ def precision_options(state_dtype: str = DEFAULTS["state_dtype"], master_weights
     return options
 
 
-def check_precision(dtype: str, state_dtype: str, master_weights, comm=None) -> None:
+def check_precision(dtype: str, state_dtype: str, master_weights) -> None:
     """``ValueError`` naming the argument for a ``dtype``/``state_dtype``/``master_weights`` the demo does
     not run; whether the optimizer takes them is the optimizer's own check."""
     if dtype not in DTYPES:
@@ -201,7 +201,7 @@ def _train(optimizer, hyper, epochs, batch_size, backend, init, hidden, curricul
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (batch normalization needs a variance), got {batch_size}")
-    check_precision(dtype, state_dtype, master_weights, comm)
+    check_precision(dtype, state_dtype, master_weights)
     precision = precision_options(state_dtype, master_weights)
     data = load_digits() if data is None else data
     n = len(data.y_train)

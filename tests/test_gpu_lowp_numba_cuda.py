@@ -26,7 +26,7 @@ from cudasim.test_lowp import (MIXED_CASES, MIXED_OPTIONS, STATE8_CASES, _device
                                _state8_id, run_mixed, run_state8)
 from cudasim.helpers import run_batchnorm_f16  # noqa: E402
 from cudasim.test_lowp_state8 import TABLE as STATE8_F16_TABLE  # noqa: E402
-from cudasim.test_lowp_state8 import BF16_IDS, BF16_TABLE, run_pieces, run_state8_bf16, run_state8_f16  # noqa: E402
+from cudasim.test_lowp_state8 import BF16_IDS_ALL, BF16_TABLE_ALL, run_pieces, run_state8_bf16, run_state8_f16  # noqa: E402
 from fastopt.reference import mixed as ref_mixed  # noqa: E402
 from optim_cases import case_id  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_state8_f16_options(options, rng):
     run_state8_f16(op, hyper, SHAPES, rng, steps=2, exact=False, **options)
 
 
-@pytest.mark.parametrize("case, options", BF16_TABLE, ids=BF16_IDS)
+@pytest.mark.parametrize("case, options", BF16_TABLE_ALL, ids=BF16_IDS_ALL)
 def test_state8_bf16_state_matches_reference(case, options, rng):
     """bfloat16 state (uint16 device arrays), float32 and float16 θ: the simulator's table."""
     op, hyper = case

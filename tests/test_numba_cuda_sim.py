@@ -40,7 +40,7 @@ def test_simulator_suite_passes(name):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
          str(ROOT / "tests" / "cudasim" / name)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     tail = output[-6000:]
     assert result.returncode != 5, f"{name} collected no tests under the simulator:\n{tail}"

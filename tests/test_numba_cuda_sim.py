@@ -38,7 +38,8 @@ def test_simulator_suite_passes(name):
     """One subprocess per file, so that a parallel test run (pytest -n) spreads them."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+        # hypothesis's plugin costs each file 1.5 s at start and end; no file here uses it
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-o", "addopts=",
          str(ROOT / "tests" / "cudasim" / name)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr

@@ -257,13 +257,14 @@ def cmd_compile(args, parser) -> int:
     if not jobs:
         parser.error(f"--state-dtype: {', '.join(args.op or ['no operation'])} has no kernels for "
                      f"{args.dtype or 'float32'} parameters with {args.state_dtype} state")
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    workers = args.jobs if args.jobs is not None else precompile.default_workers(jobs)
     ops = ", ".join(dict.fromkeys(args.op)) if args.op else "every operation"
     dtypes = " and ".join(dict.fromkeys(job.label() for job in jobs)) or args.dtype or "no dtype"
     kernels = len({id(job.kernel) for job in jobs})
-    workers = f", {args.jobs} processes" if args.jobs > 1 else ""
-    print(f"compiling {len(jobs)} signatures of {kernels} kernels ({ops}; {dtypes}{workers}) into numba's cache "
+    processes = f", {workers} processes" if workers > 1 else ""
+    print(f"compiling {len(jobs)} signatures of {kernels} kernels ({ops}; {dtypes}{processes}) into numba's cache "
           f"at {_numba_cache_dir()}")
     start = time.perf_counter()
     with _bar(len(jobs), "compiling", "signature") as bar:
@@ -275,7 +276,7 @@ def cmd_compile(args, parser) -> int:
             bar.write(f"{result.job.name:44s} {result.job.label():8s} {result.seconds:7.2f} s  {status}",
                       file=sys.stdout)
 
-        results = precompile.compile_kernels(jobs, report, workers=args.jobs)
+        results = precompile.compile_kernels(jobs, report, workers=workers)
     failed = [r for r in results if r.error]
     cached = sum(r.cached for r in results)
     print(f"{len(results) - len(failed)} of {len(results)} signatures ready in {time.perf_counter() - start:.1f} s "
@@ -616,8 +617,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_compile.add_argument("--state-dtype", choices=("float32", "int8", "bfloat16"), default="float32",
                            help="the optimizers' state (default: float32); int8 and bfloat16 compile the kernels with "
                                 "that state, for float32 parameters or those of --dtype")
-    p_compile.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
-                           help="compile in N processes (LLVM compiles on one core; default: 1)")
+    p_compile.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                           help="compile in N processes (LLVM compiles on one core; default: one per available "
+                                "core, at most 8, and one per 4 kernel functions selected: 1 for a few kernels)")
     p_compile.add_argument("--list", action="store_true", help="list the operations and their kernels, compile nothing")
     return parser, {"verify": p_verify, "train": p_train, "compile": p_compile}
 

@@ -303,3 +303,15 @@ def test_the_cache_survives_a_reinstall_that_only_changes_file_times(tmp_path):
             assert run.stdout.strip() == compiled, f"touched={touch}"
     finally:
         os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_compile_uses_a_process_per_core_for_many_kernels_and_one_for_a_few(monkeypatch):
+    """``fastopt compile`` without ``--jobs``: every kernel on a 2-core machine compiles in 2
+    processes, on 16 cores in at most 8; a few kernels (a worker's start would cost more than it
+    saves) and a 1-core machine compile in this process."""
+    everything = precompile.jobs()
+    few = precompile.jobs(["scale_grads_"])
+    for cores, expected in [(1, 1), (2, 2), (16, 8)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert precompile.default_workers(everything) == expected, cores
+        assert precompile.default_workers(few) == 1, cores

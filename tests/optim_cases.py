@@ -1,6 +1,7 @@
 """The table of optimizer configurations every backend test runs: (operation, hyperparameters)."""
 
 import numpy as np
+import pytest
 
 from fastopt import functional
 
@@ -29,6 +30,30 @@ CASES = [
     ("adamw", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
     ("delta_bar_delta", dict(kappa=1e-3, phi=0.1, gamma=0.7)),
 ]
+
+# The float64 build of the parallel kernels runs at the parallel size for these configurations
+# only, one or two per family with the most options on. Each parallel build costs 2-3 s of
+# compiling; the parallel code around the element update is the same for every kernel and dtype;
+# float32 runs every configuration at that size, and float64 every one at the serial sizes.
+FLOAT64_PARALLEL = [CASES[i] for i in (5, 7, 12, 14, 16, 19, 22)]
+
+
+def case_grid(dtypes, sizes, parallel, backends=(None,)):
+    """pytest parameters (case, [backend,] dtype, size) in the order of stacked parametrize marks
+    (case outermost), without float64 at a size where ``parallel(backend, size)`` holds for the
+    configurations outside ``FLOAT64_PARALLEL``; ids as the stacked marks gave them."""
+    grid = []
+    for case in CASES:
+        for backend in backends:
+            for dtype in dtypes:
+                for size in sizes:
+                    if np.dtype(dtype) == np.float64 and parallel(backend, size) and case not in FLOAT64_PARALLEL:
+                        continue
+                    size_id = "x".join(map(str, size)) if isinstance(size, tuple) else str(size)
+                    parts = [case_id(case)] + ([backend] if backend else []) + [np.dtype(dtype).name, size_id]
+                    values = (case,) + ((backend,) if backend else ()) + (dtype, size)
+                    grid.append(pytest.param(*values, id="-".join(parts)))
+    return grid
 
 
 # The optimizer classes as the extras tests build them: (class name, hyperparameters), one per

@@ -2,7 +2,8 @@
 backend level (no API layer), against the NumPy reference ``fastopt.reference``.
 
 * every configuration of ``optim_cases`` with grad_mul ≠ 1, a finite grad_clip with NaN/±inf in
-  g, and a Polyak average (avg_weight 1.0, then 0.3), step by step against the float64 reference;
+  g, and a Polyak average (avg_weight 1.0, then 0.3), step by step against the float64 reference
+  (at the parallel kernels' size, float64 for ``optim_cases.FLOAT64_PARALLEL`` only);
 * the defaults (grad_mul = 1, grad_clip = inf, avg = None) give bit for bit what the element update
   gives without the extras;
 * ``multi_step`` over lists of mixed sizes (0-size tensors, several shapes, parts crossing tensor
@@ -27,11 +28,13 @@ from fastopt._checks import check_array, check_disjoint, check_like
 from fastopt.kernels.numba_cpu import multi, optim as optim_kernels
 
 from conftest import assert_close
-from optim_cases import CASES, case_id, initial_state
+from optim_cases import CASES, case_grid, case_id, initial_state
 
-SIZES = [0, 1, 7, 1000, 2**17 + 3]  # the last above multi.SERIAL_BELOW: the parallel kernel, 16 parts
+PARALLEL = 2**17 + 3  # above multi.SERIAL_BELOW: the parallel kernel, 16 parts
+SIZES = [0, 1, 7, 1000, PARALLEL]
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["float32", "float64"]
+GRID = case_grid(DTYPES, SIZES, lambda backend, size: size == PARALLEL)  # float64: optim_cases.FLOAT64_PARALLEL
 # Mixed list for multi_step: 0-size tensors first, between and last; shapes of several ranks; a
 # total far above multi.PART_MIN, so parts start and end inside tensors.
 LIST_SHAPES = [(0,), (1,), (7,), (1000,), (0,), (3, 5, 7), (2**16 + 5,), (2,), (129, 130), (0, 4),
@@ -65,9 +68,7 @@ def planted_grad(rng, shape, dtype, param, hyper):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case, dtype, size", GRID)
 def test_extras_match_float64_reference(case, dtype, size, rng):
     name, raw = case
     shape = (size,)
@@ -135,9 +136,7 @@ def plain_update(param, grad, state_tuple, hyper):
     return p.reshape(param.shape), states, slots
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case, dtype, size", GRID)
 def test_defaults_are_bit_identical_to_the_plain_update(case, dtype, size, rng):
     name, raw = case
     shape = (size,)

@@ -38,10 +38,11 @@ CASES = [
 FLOAT64_PARALLEL = [CASES[i] for i in (5, 7, 12, 14, 16, 19, 22)]
 
 
-def case_grid(dtypes, sizes, parallel, backends=(None,)):
+def case_grid(dtypes, sizes, parallel, backends=(None,), size_ids=None):
     """pytest parameters (case, [backend,] dtype, size) in the order of stacked parametrize marks
     (case outermost), without float64 at a size where ``parallel(backend, size)`` holds for the
-    configurations outside ``FLOAT64_PARALLEL``; ids as the stacked marks gave them."""
+    configurations outside ``FLOAT64_PARALLEL``; ids as the stacked marks gave them (``size_ids``:
+    the last axis's, in the order of ``sizes``)."""
     grid = []
     for case in CASES:
         for backend in backends:
@@ -50,6 +51,8 @@ def case_grid(dtypes, sizes, parallel, backends=(None,)):
                     if np.dtype(dtype) == np.float64 and parallel(backend, size) and case not in FLOAT64_PARALLEL:
                         continue
                     size_id = "x".join(map(str, size)) if isinstance(size, tuple) else str(size)
+                    if size_ids is not None:
+                        size_id = size_ids[sizes.index(size)]
                     parts = [case_id(case)] + ([backend] if backend else []) + [np.dtype(dtype).name, size_id]
                     values = (case,) + ((backend,) if backend else ()) + (dtype, size)
                     grid.append(pytest.param(*values, id="-".join(parts)))

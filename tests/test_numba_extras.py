@@ -8,7 +8,8 @@ backend level (no API layer), against the NumPy reference ``fastopt.reference``.
   gives without the extras;
 * ``multi_step`` over lists of mixed sizes (0-size tensors, several shapes, parts crossing tensor
   boundaries) gives bit for bit what per-tensor calls give, through the compiled table builder and
-  through its Python fallback;
+  through its Python fallback (float64 for ``FLOAT64_PARALLEL`` only: the list runs the parallel
+  kernels);
 * ``grad_sumsq`` (float64 accumulation, non-finite detection, thread-count independence),
   ``grad_multiplier`` and ``scale_grads_``.
 """
@@ -28,7 +29,7 @@ from fastopt._checks import check_array, check_disjoint, check_like
 from fastopt.kernels.numba_cpu import multi, optim as optim_kernels
 
 from conftest import assert_close
-from optim_cases import CASES, case_grid, case_id, initial_state
+from optim_cases import case_grid, initial_state
 
 PARALLEL = 2**17 + 3  # above multi.SERIAL_BELOW: the parallel kernel, 16 parts
 SIZES = [0, 1, 7, 1000, PARALLEL]
@@ -191,9 +192,8 @@ def copies(tensors):
             [a.copy() for a in avgs])
 
 
-@pytest.mark.parametrize("extras", [False, True], ids=["defaults", "extras"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case, dtype, extras", case_grid(  # the list runs the parallel kernels
+    DTYPES, [False, True], lambda backend, extras: True, size_ids=["defaults", "extras"]))
 def test_multi_step_equals_per_tensor_calls(case, dtype, extras, rng):
     spec, hyper = hyper_for(case, 2)
     tensors = make_tensors(case, dtype, rng)

@@ -19,6 +19,7 @@ writing one index at once could lose an entry.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -150,8 +151,6 @@ def default_workers(selected: list[Job]) -> int:
     """Processes for ``selected`` when the user names none: one per available core, at most
     ``MAX_WORKERS``, and only as many as give each ``FUNCTIONS_PER_WORKER`` kernel functions (a
     function's jobs compile in one process)."""
-    import os
-
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -261,7 +261,7 @@ def cmd_compile(args, parser) -> int:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     workers = args.jobs if args.jobs is not None else precompile.default_workers(jobs)
     ops = ", ".join(dict.fromkeys(args.op)) if args.op else "every operation"
-    dtypes = " and ".join(dict.fromkeys(job.label() for job in jobs)) or args.dtype or "no dtype"
+    dtypes = " and ".join(dict.fromkeys(job.label() for job in jobs if not job.any_dtype)) or args.dtype or "float32"
     kernels = len({id(job.kernel) for job in jobs})
     processes = f", {workers} processes" if workers > 1 else ""
     print(f"compiling {len(jobs)} signatures of {kernels} kernels ({ops}; {dtypes}{processes}) into numba's cache "

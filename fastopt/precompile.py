@@ -4,7 +4,8 @@ A kernel compiles for one dtype at its first call (``fastopt.kernels.numba_cpu._
 keeps the result on disk (``cache=True``), so a program's first run pays for compiling and later
 runs load. ``fastopt compile`` pays it up front, for example in a container build: every kernel
 of the selected operations (``KERNELS`` of ``fastopt.kernels.numba_cpu``: an optimizer's every
-configuration and its averaged variant, batch norm in both layouts), for each selected dtype, and
+configuration and its averaged variant, batch norm in both layouts), for each selected dtype (the
+optimizers' tensor-table readers, whose one signature serves every dtype, once), and
 on request the low-precision kernels (16-bit parameters, 8-bit or bfloat16 state) in the
 defaults of ``fastopt.precision`` (``low_precision_kernels`` of the backend). The
 cache must be the one the program will use: the same ``NUMBA_CACHE_DIR``, or numba's default
@@ -66,8 +67,16 @@ class Job:
         """(operation, kernel name, dtype, precision): finds the job in another process."""
         return self.ops[0], self.name, self.dtype, self.precision
 
+    @property
+    def any_dtype(self) -> bool:
+        """A kernel with one signature for every dtype (no float argument: the tensor-table readers)."""
+        return self.dtype not in DTYPES
+
     def label(self) -> str:
-        """The dtype as a user asked for it: "float32", or "bfloat16", "float32/int8-state", ..."""
+        """The dtype as a user asked for it: "float32", or "bfloat16", "float32/int8-state", ...;
+        "any" for a kernel that serves every dtype."""
+        if self.any_dtype:
+            return "any"
         if self.precision is None:
             return self.dtype
         dtype, state = self.precision
@@ -118,8 +127,12 @@ def jobs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
                 for name, k in _table(op, precision).items():
                     if compiled in k.dtypes:
                         key = (id(k), compiled)
-                        named.setdefault(key, (name, k, precision))
-                        users.setdefault(key, []).append(op)
+                    elif not any(d.startswith("float") for d in k.dtypes):  # one signature for every dtype
+                        key = (id(k), k.dtypes[0])
+                    else:
+                        continue
+                    named.setdefault(key, (name, k, precision))
+                    users.setdefault(key, []).append(op)
     return [Job(named[key][0], key[1], named[key][1], tuple(users[key]), named[key][2]) for key in named]
 
 

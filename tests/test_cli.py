@@ -301,7 +301,7 @@ def test_bench_help():
 # compile (one small kernel: compiling every kernel takes minutes)
 
 COMPILE_HEADER = re.compile(r"^compiling (\d+) signatures of (\d+) kernels \((.*); (.*)\) into numba's cache at (.*)$")
-COMPILE_LINE = re.compile(r"^(\S+)\s+(float32|float64)\s+\d+\.\d\d s  (compiled|loaded from the cache)$")
+COMPILE_LINE = re.compile(r"^(\S+)\s+(float32|float64|any)\s+\d+\.\d\d s  (compiled|loaded from the cache)$")
 COMPILE_SUMMARY = re.compile(r"^(\d+) of (\d+) signatures ready in \d+\.\d s \((\d+) compiled, (\d+) loaded from the "
                              r"cache\)$")
 
@@ -309,12 +309,14 @@ COMPILE_SUMMARY = re.compile(r"^(\d+) of (\d+) signatures ready in \d+\.\d s \((
 _LOADS_FROM_CACHE = """
 import numpy as np
 from fastopt.kernels import numba_cpu
-from fastopt.kernels.numba_cpu import reduce
+from fastopt.kernels.numba_cpu import multi, reduce
 g = np.ones(3, np.float32)
 numba_cpu.scale_grads_([g], 2.0)
 assert (g == 2).all()
 stats = reduce._scale.serial.dispatchers["float32"].stats  # 3 elements: the serial twin
 print(sorted(reduce._scale.serial.dispatchers), sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+stats = multi._gather_objects.dispatchers["int64"].stats  # the tensor-table reader
+print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
 """
 
 
@@ -334,23 +336,25 @@ def test_compile_fills_numbas_cache_and_a_new_process_loads_from_it(tmp_path):
     env = {"NUMBA_CACHE_DIR": str(cache)}
     header, rows, summary = compile_output(fastopt_cmd("compile", "--op", "scale_grads_", "--dtype", "float32",
                                                        env_extra=env))
-    assert header.groups() == ("2", "2", "scale_grads_", "float32", f"{cache} (NUMBA_CACHE_DIR)")
-    assert [r.groups() for r in rows] == [("scale", "float32", "compiled"), ("scale.serial", "float32", "compiled")]
-    assert summary.groups() == ("2", "2", "2", "0")
-    for name in ("_scale", "_scale_serial"):
-        assert list(cache.glob(f"*/reduce.{name}-*.nbi")) and list(cache.glob(f"*/reduce.{name}-*.nbc"))
+    assert header.groups() == ("3", "3", "scale_grads_", "float32", f"{cache} (NUMBA_CACHE_DIR)")
+    assert [r.groups() for r in rows] == [("scale", "float32", "compiled"), ("scale.serial", "float32", "compiled"),
+                                          ("gather_objects", "any", "compiled")]
+    assert summary.groups() == ("3", "3", "3", "0")
+    for name in ("reduce._scale", "reduce._scale_serial", "multi._gather_objects"):
+        assert list(cache.glob(f"*/{name}-*.nbi")) and list(cache.glob(f"*/{name}-*.nbc"))
     assert not list(cache.glob("*/reduce._sumsq-*")), "another operation's kernel was compiled"
 
     run = subprocess.run([sys.executable, "-c", _LOADS_FROM_CACHE], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, **env))
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["['float32']", "1", "0"], run.stdout  # loaded, not compiled; float32 only
+    assert run.stdout.split() == ["['float32']", "1", "0", "1", "0"], run.stdout  # loaded, not compiled; float32 only
 
     _, rows, summary = compile_output(fastopt_cmd("compile", "--op", "scale_grads_", "--dtype", "float32",
                                                   env_extra=env))
     assert [r.groups() for r in rows] == [("scale", "float32", "loaded from the cache"),
-                                          ("scale.serial", "float32", "loaded from the cache")]
-    assert summary.groups() == ("2", "2", "0", "2")
+                                          ("scale.serial", "float32", "loaded from the cache"),
+                                          ("gather_objects", "any", "loaded from the cache")]
+    assert summary.groups() == ("3", "3", "0", "3")
 
 
 def test_compile_in_worker_processes(tmp_path):
@@ -359,9 +363,9 @@ def test_compile_in_worker_processes(tmp_path):
         "compile", "--op", "scale_grads_", "--op", "grad_sumsq", "--dtype", "float32", "--jobs", "2",
         env_extra={"NUMBA_CACHE_DIR": str(cache)}))
     assert header.group(4) == "float32, 2 processes"
-    assert sorted(r.groups() for r in rows) == [(name, "float32", "compiled") for name in
-                                                ("scale", "scale.serial", "sumsq", "sumsq.serial")]
-    assert summary.groups() == ("4", "4", "4", "0")
+    assert sorted(r.groups() for r in rows) == [("gather_objects", "any", "compiled")] + [
+        (name, "float32", "compiled") for name in ("scale", "scale.serial", "sumsq", "sumsq.serial")]
+    assert summary.groups() == ("5", "5", "5", "0")
     assert list(cache.glob("*/reduce._scale-*.nbc")) and list(cache.glob("*/reduce._sumsq-*.nbc"))
 
 
@@ -377,10 +381,9 @@ def test_compile_list_names_every_operation_and_compiles_nothing(tmp_path):
                           "scale_grads_", "quantize_blockwise"}
     assert table["adam"] == ("adam.plain, adam.plain.serial, adam.averaged, adam.averaged.serial, "
                              "adam_amsgrad.plain, adam_amsgrad.plain.serial, adam_amsgrad.averaged, "
-                             "adam_amsgrad.averaged.serial")
+                             "adam_amsgrad.averaged.serial, gather_objects, grads_match_objects")
     assert "stats_channels_last" in table["batchnorm_forward"]
-    # importing the backend compiles its two table helpers (multi.py), no kernel
-    assert all(p.name.startswith("multi.") for p in cache.glob("*/*.nbi")), list(cache.glob("*/*.nbi"))
+    assert not list(cache.rglob("*.nbi")), "importing the backend compiled something"
 
 
 @pytest.mark.parametrize("args, fragments", [

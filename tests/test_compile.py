@@ -18,7 +18,7 @@ import pytest
 import fastopt
 from fastopt import precompile
 from fastopt.kernels import numba_cpu
-from fastopt.kernels.numba_cpu import _cache, _jit, batchnorm, bnstats, optim, quantize, reduce
+from fastopt.kernels.numba_cpu import _cache, _jit, batchnorm, bnstats, multi, optim, quantize, reduce
 
 
 def _axpy(x, a, y):
@@ -107,6 +107,9 @@ def _house_kernels():
     for k in [k for table in numba_cpu.KERNELS.values() for k in table.values()]:
         if id(k) in found and k.serial is not k:
             found[id(k.serial)] = f"{found[id(k)]}.serial"
+    for name, obj in vars(multi).items():  # the tensor-table readers
+        if isinstance(obj, multi._Reader):
+            found[id(obj)] = f"{multi.__name__}.{name}"
     return found
 
 
@@ -114,12 +117,21 @@ def test_the_compile_table_holds_every_kernel_for_both_dtypes():
     found = _house_kernels()
     listed = {id(k): k for table in numba_cpu.KERNELS.values() for k in table.values()}
     # 30 optimizer kernels (15 × plain/averaged), 13 batch-norm kernels and the statistics' merge,
-    # 2 reduction kernels, 2 quantization kernels; the 42 parallel ones each with a serial twin
-    assert len(found) == 90
+    # 2 reduction kernels, 2 quantization kernels; the 42 parallel ones each with a serial twin;
+    # the 2 tensor-table readers, one signature for every dtype
+    assert len(found) == 92
     assert sum(1 for k in listed.values() if k.parallel) == 42
-    assert set(found) == set(listed), sorted(found[i] for i in set(found) - set(listed))
-    assert all(k.dtypes == ("float32", "float64") for k in listed.values())
+    assert set(found) == set(listed), sorted(found[i] for i in set(found) ^ set(listed) if i in found)
+    readers = {id(multi._gather_objects), id(multi._grads_match_objects)}
+    assert all(k.dtypes == ("float32", "float64") for i, k in listed.items() if i not in readers)
+    assert all(listed[i].dtypes == ("int64",) for i in readers)
     assert numba_cpu.KERNELS["adamw"] == numba_cpu.KERNELS["adam"]
+    # every operation whose launch goes through the tensor table lists the readers it runs
+    for op, table in numba_cpu.KERNELS.items():
+        gathers = op in precompile.kernels() and not op.startswith(("batchnorm", "quantize"))
+        assert (table.get("gather_objects") is multi._gather_objects) is gathers, op
+        assert (table.get("grads_match_objects") is multi._grads_match_objects) is (
+            gathers and op not in ("grad_sumsq", "scale_grads_")), op
 
 
 def test_jobs_list_each_kernel_once_per_dtype():
@@ -127,8 +139,12 @@ def test_jobs_list_each_kernel_once_per_dtype():
     assert [(j.name, j.dtype, j.ops) for j in jobs] == [
         (name, "float32", ("adam", "adamw"))
         for kernel in ("adam", "adam_amsgrad") for variant in ("plain", "averaged")
-        for name in (f"{kernel}.{variant}", f"{kernel}.{variant}.serial")]
-    assert len(precompile.jobs()) == 180
+        for name in (f"{kernel}.{variant}", f"{kernel}.{variant}.serial")] + [
+        (name, "int64", ("adam", "adamw")) for name in ("gather_objects", "grads_match_objects")]
+    assert [j.label() for j in jobs][-2:] == ["any", "any"] and not any(j.any_dtype for j in jobs[:-2])
+    # the readers once, whichever dtypes are selected
+    assert len(precompile.jobs(["adam"])) == len(precompile.jobs(["adam"], ["float32"])) + 8
+    assert len(precompile.jobs()) == 182
     with pytest.raises(ValueError, match="unknown operation 'nope'"):
         precompile.jobs(["nope"])
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
@@ -147,11 +163,14 @@ def test_low_precision_jobs_are_the_kernels_a_step_launches():
 
     f16 = precompile.jobs(["adagrad"], ["float16"])
     assert [(j.name, j.label()) for j in f16] == [
-        (f"adagrad.float16.{v}{s}", "float16") for v in ("plain", "averaged") for s in ("", ".serial")]
+        (f"adagrad.float16.{v}{s}", "float16") for v in ("plain", "averaged") for s in ("", ".serial")] + [
+        ("grads_match_objects", "any")]
     int8 = precompile.jobs(["adagrad"], ["float32", "float16"], "int8")
-    assert [(j.name, j.label()) for j in int8] == [
-        (f"adagrad8.{d}.int8-state.{v}{s}", f"{d}/int8-state") for d in ("float32", "float16")
-        for v in ("plain", "averaged") for s in ("", ".serial")]
+    expected = {d: [(f"adagrad8.{d}.int8-state.{v}{s}", f"{d}/int8-state") for v in ("plain", "averaged")
+                    for s in ("", ".serial")] for d in ("float32", "float16")}
+    # the reader once, after the first dtype's kernels
+    assert [(j.name, j.label()) for j in int8] == expected["float32"] + [("grads_match_objects", "any")] + \
+        expected["float16"]
     bn = precompile.jobs(["batchnorm_forward"], ["bfloat16"])
     assert {j.name for j in bn} >= {"decode_bf16", "encode_bf16.serial", "stats_channels_last.serial"}
     assert precompile.jobs(["adadelta"], None, "int8") == []
@@ -182,6 +201,7 @@ _FIRST_STEP = """
 import numpy as np
 import fastopt
 from fastopt.kernels.numba_cpu import KERNELS
+assert not any(k.dispatchers for table in KERNELS.values() for k in table.values()), "compiled at import"
 p = np.zeros(100, np.float32)
 fastopt.Adam([p], lr=1e-3).step([np.ones(100, np.float32)])
 assert (p < 0).all()
@@ -191,11 +211,13 @@ print(compiled)
 
 
 def test_a_first_float32_adam_step_compiles_one_kernel_in_one_dtype(tmp_path):
-    """100 elements: the serial twin only; the parallel kernel is never compiled."""
+    """100 elements: the serial twin only; the parallel kernel is never compiled. The tensor-table
+    readers compile at the first step too, not when the backend is imported."""
     run = subprocess.run([sys.executable, "-c", _FIRST_STEP], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)))
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "{'adam.plain.serial': ['float32']}"
+    assert run.stdout.strip() == ("{'gather_objects': ['int64'], 'grads_match_objects': ['int64'], "
+                                  "'adam.plain.serial': ['float32']}")
 
 
 def _sum_into(x, out):

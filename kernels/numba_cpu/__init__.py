@@ -39,6 +39,7 @@ from . import batchnorm as _bn
 from . import bnstats as _bnstats
 from . import bn_lowp as _bn_lowp
 from . import mixed as _mixed
+from . import multi as _multi
 from . import optim as _optim
 from . import state8 as _state8
 from . import quantize as _quantize
@@ -73,12 +74,15 @@ _UPDATES = {
     "delta_bar_delta": (_optim._delta_bar_delta,),
 }
 
+# the tensor-table readers every optimizer step runs (``multi``; one signature for every dtype)
+_READERS = {"gather_objects": _multi._gather_objects, "grads_match_objects": _multi._grads_match_objects}
+
 # operation -> {kernel name: kernel}: every kernel the operation may launch, whatever its options
 # (an optimizer's configurations and the Polyak average; batch norm's layouts; training mode and
 # evaluation; the serial twin of each parallel kernel, launched for small inputs), for float32 and
-# float64 arrays. The low-precision kernels are listed by ``low_precision_kernels``.
+# float64 arrays (an optimizer's ``_READERS``: one signature for both). The low-precision kernels are listed by ``low_precision_kernels``.
 KERNELS: dict[str, dict] = {
-    **{op: _update_kernels(*kernels) for op, kernels in _UPDATES.items()},
+    **{op: {**_update_kernels(*kernels), **_READERS} for op, kernels in _UPDATES.items()},
     "batchnorm_forward": _named(_bn._stats_channel_first, _bn._stats_channels_last, _bn._merge_statistics,
                                 _bn._running_statistics, _bn._forward_coefficients, _bn._normalize_channel_first,
                                 _bn._normalize_channels_last),
@@ -86,8 +90,8 @@ KERNELS: dict[str, dict] = {
                                  _bn._backward_coefficients, _bn._input_grad_channel_first,
                                  _bn._input_grad_channels_last),
     "batchnorm_statistics": _named(_bn._stats_channel_first, _bn._stats_channels_last, _bnstats._merge_mean_m2),
-    "grad_sumsq": _named(_reduce._sumsq),
-    "scale_grads_": _named(_reduce._scale),
+    "grad_sumsq": {**_named(_reduce._sumsq), "gather_objects": _multi._gather_objects},
+    "scale_grads_": {**_named(_reduce._scale), "gather_objects": _multi._gather_objects},
     "quantize_blockwise": _named(_quantize._quantize, _quantize._dequantize),
 }
 
@@ -109,7 +113,7 @@ def low_precision_kernels(op: str, dtype: str, state_dtype: str = "float32") -> 
     an optimizer's low-precision variants in the defaults of ``fastopt.precision`` (master weights,
     rounding to nearest, gradients of the parameter's dtype), plain and averaged, each with its
     serial twin; batch norm's conversion kernels for 16-bit x (it runs the float32 kernels between
-    them). Empty when ``op`` has no such kernels (8-bit state for AdaDelta); every other variant
+    them), and the gradient reader of ``multi`` (every step's check). Empty when ``op`` has no such kernels (8-bit state for AdaDelta); every other variant
     compiles at its first use."""
     if dtype not in ("float32", *LOW_DTYPES) or state_dtype not in STATE_DTYPES:
         raise ValueError(f"no low-precision kernels for dtype {dtype!r} with state_dtype {state_dtype!r}")
@@ -133,6 +137,8 @@ def low_precision_kernels(op: str, dtype: str, state_dtype: str = "float32") -> 
                 variant = _mixed.mixed_kernel(k).variant(averaged, True, False, False, half)
                 out.update(_with_twin(f"{k.__name__.lstrip('_')}.{dtype}.{'averaged' if averaged else 'plain'}",
                                       variant))
+    if out:  # every optimizer step tests its gradients with the reader
+        out["grads_match_objects"] = _multi._grads_match_objects
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numba
 from numba.core import caching, typeinfer
 
-__all__ = ["njit", "sources_digest", "package_digest"]
+__all__ = ["njit", "has_cached_code", "sources_digest", "package_digest"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the fastopt.kernels package
 
@@ -74,6 +74,13 @@ class FunctionCache(caching.FunctionCache):
     """numba's per-function cache with the package-wide source stamp."""
 
     _impl_class = _CacheImpl
+
+
+def has_cached_code(py_func) -> bool:
+    """Whether the disk cache holds compiled code of ``py_func`` under the current stamp (for any
+    signature and CPU): reads the function's index file, compiles nothing. A cheap sign that the
+    cache was filled before by this version of the kernels."""
+    return bool(FunctionCache(py_func)._cache_file._load_index())
 
 
 def njit(sigs=None, **options):

@@ -39,16 +39,17 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 
 import numba
 import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from ._cache import njit as cached_njit
+from ._cache import has_cached_code, njit as cached_njit
 
 __all__ = ["COLUMNS", "aligned_split", "gather", "grads_match", "itemsize", "next_span", "part_range",
-           "last_at_most", "parts_for", "pointer", "written_intervals", "SERIAL_BELOW"]
+           "last_at_most", "parts_for", "pointer", "readers_cached", "written_intervals", "SERIAL_BELOW"]
 
 PARAM, GRAD, AVG, STATE = 0, 1, 2, 3  # table columns; states are STATE, STATE + 1, STATE + 2
 COLUMNS = 6
@@ -247,8 +248,54 @@ def _array_data(array, size, written, ndarray_type, type_num):
 _I64 = types.int64
 
 
-@cached_njit([types.Tuple((_I64[:, ::1], _I64[::1], types.boolean))(
-    _I64, _I64, _I64, _I64, _I64, _I64, _I64, types.boolean, _I64, _I64, _I64, _I64)])
+class _Reader:
+    """One of the compiled object readers below, under the house kernels' protocol (``_jit``: a
+    declared signature, compiled or loaded from the disk cache at the first call or by
+    ``compile()``, listed in ``KERNELS`` so ``fastopt compile`` fills the cache with it), with two
+    differences: its one signature serves every dtype (no float argument), and it holds the GIL
+    (it reads Python objects that another thread could change). Importing the backend compiles
+    nothing, so a program that never steps an optimizer never pays the ~2 s these take.
+
+    ``call`` is the function to call: the compiled dispatcher itself once compiled, so the hot
+    path goes straight to it."""
+
+    parallel = False
+    dtypes = ("int64",)  # what ``_jit`` reports for a signature without a float argument
+
+    def __init__(self, signature, py_func):
+        self.py_func = py_func
+        self.signatures = [signature]
+        self.serial = self
+        self.__name__ = py_func.__name__
+        self.__doc__ = py_func.__doc__
+        self._dispatcher = None
+        self._lock = threading.Lock()
+        self.call = self._first_call
+
+    def compile(self, dtype=None) -> list:
+        """Compile (or load from the cache) the one signature; returns [its dispatcher]."""
+        if dtype is not None and np.dtype(dtype) != np.int64:
+            return []
+        with self._lock:
+            if self._dispatcher is None:
+                self._dispatcher = cached_njit(self.signatures)(self.py_func)
+                self.call = self._dispatcher
+        return [self._dispatcher]
+
+    @property
+    def dispatchers(self) -> dict:
+        return {} if self._dispatcher is None else {"int64": self._dispatcher}
+
+    def _first_call(self, *args):
+        return self.compile()[0](*args)
+
+
+def _reader(signature):
+    return lambda py_func: _Reader(signature, py_func)
+
+
+@_reader(types.Tuple((_I64[:, ::1], _I64[::1], types.boolean))(
+    _I64, _I64, _I64, _I64, _I64, _I64, _I64, types.boolean, _I64, _I64, _I64, _I64))
 def _gather_objects(params, grads, states, avgs, slot0, slot1, slot2, param_written, type_num,
                     ndarray_type, list_type, tuple_type):
     """The table and offsets from the addresses of the Python lists (0: list not given).
@@ -358,7 +405,7 @@ _NO_SLOTS = (-1, -1, -1)
 _FLOAT32, _FLOAT64 = np.dtype(np.float32).num, np.dtype(np.float64).num
 
 
-@cached_njit([types.boolean(_I64, _I64, _I64, _I64, _I64[::1], _I64[::1], _I64, _I64, _I64)])
+@_reader(types.boolean(_I64, _I64, _I64, _I64, _I64[::1], _I64[::1], _I64, _I64, _I64))
 def _grads_match_objects(params, grads, lo, hi, starts, ends, ndarray_type, list_type, tuple_type):
     """``grads_match`` on the objects' addresses."""
     for k in range(lo, hi):
@@ -393,6 +440,12 @@ def written_intervals(arrays) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
+def readers_cached() -> bool:
+    """Whether numba's disk cache holds the compiled table reader (``has_cached_code``): False
+    before the first optimizer step with this cache and these sources."""
+    return has_cached_code(_gather_objects.py_func)
+
+
 def grads_match(params, grads, lo, hi, intervals) -> bool:
     """Whether, for every k in [lo, hi), ``grads[k]`` is exactly a C-contiguous ``numpy.ndarray``
     with ``params[k]``'s shape and float dtype (native byte order), and its bytes meet none of
@@ -402,7 +455,7 @@ def grads_match(params, grads, lo, hi, intervals) -> bool:
     tuples: the caller then runs its full checks, which name the problem."""
     if not FAST_GATHER:
         return False
-    return _grads_match_objects(id(params), id(grads), lo, hi, intervals[0], intervals[1],
+    return _grads_match_objects.call(id(params), id(grads), lo, hi, intervals[0], intervals[1],
                                 id(np.ndarray), id(list), id(tuple))
 
 
@@ -411,7 +464,7 @@ def gather(params, grads=None, states=None, avgs=None, slots=_NO_SLOTS, *, param
     (or lists) whose entries ``slots`` feed the state columns. ``params`` must not be empty."""
     dtype = params[0].dtype
     if FAST_GATHER:
-        table, offsets, ok = _gather_objects(
+        table, offsets, ok = _gather_objects.call(
             id(params), 0 if grads is None else id(grads), 0 if states is None else id(states),
             0 if avgs is None else id(avgs), slots[0], slots[1], slots[2], param_written, dtype.num,
             id(np.ndarray), id(list), id(tuple))

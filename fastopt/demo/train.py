@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .. import optim
+from . import background
 from .curriculum import CurriculumSampler, confidence
 from .data import Digits, load_digits, require
 from .mlp import MLP, softmax_cross_entropy
@@ -159,7 +160,9 @@ def train(*, optimizer: str = DEFAULTS["optimizer"], hyper: dict | None = None, 
     optimizer, its own weights) takes two steps and scores the test split, so every kernel the
     epochs call has been compiled (or loaded from numba's cache) before the clock starts:
     ``compile_seconds`` is that warm-up; ``seconds`` and the per-epoch times are training alone.
-    The warm-up draws nothing from ``seed``'s generator, so the run is the same without it.
+    The warm-up draws nothing from ``seed``'s generator, so the run is the same without it. On a
+    first run (empty numba cache) it compiles the optimizer's kernels in a second process while
+    this one compiles batch norm's (``fastopt.demo.background``).
 
     ``threads`` is the number of numba threads the kernels use while training (restored after;
     None, the default, leaves numba's setting). The kernels need no help here: this model's arrays
@@ -300,23 +303,39 @@ def _warm_up(optimizer, hyper, batch_size, backend, init, hidden, data, steps=2,
     (training-mode batch norm forward and backward, the optimizer's update) and predicts the test
     split (eval-mode batch norm), on the run's data. The few milliseconds of arithmetic are
     counted too. Its weights come from a fixed seed of its own: the run's generator is untouched.
-    ``dtype`` and ``precision`` (the optimizer's keywords) are the run's."""
+    ``dtype`` and ``precision`` (the optimizer's keywords) are the run's.
+
+    When ``background.worthwhile`` (a first run on the numba backend with a core to spare), a
+    worker process compiles the optimizer's kernels meanwhile, and the first optimizer step waits
+    for it after batch norm's forward and backward have compiled here: the step then loads them
+    from the cache."""
     start = time.perf_counter()
     n = len(data.y_train)
-    model = MLP((data.x_train.shape[1], *hidden, data.classes), rng=np.random.default_rng(0), init=init,
-                backend=backend)
-    params = _Params(model, param_dtype(dtype))
-    params.load()
-    opt = make_optimizer(optimizer, params.arrays, hyper, backend, comm, **(precision or {}))
-    for norm in model.norms if comm is not None else ():
-        norm.comm = comm
-    model.train()
-    for i in range(steps):
-        idx = np.arange(i * batch_size, (i + 1) * batch_size) % n  # fancy indexing, as in the loop: a copy
-        _, dlogits = softmax_cross_entropy(model.forward(data.x_train[idx]), data.y_train[idx])
-        model.backward(dlogits)
-        opt.step(model.grads)
+    sizes = (data.x_train.shape[1], *hidden, data.classes)
+    worker = None
+    if background.worthwhile(backend, comm):
+        worker = background.start(optimizer=optimizer, hyper=hyper, backend=backend, sizes=sizes, dtype=dtype,
+                                  precision=precision or {})
+    try:
+        model = MLP(sizes, rng=np.random.default_rng(0), init=init, backend=backend)
+        params = _Params(model, param_dtype(dtype))
         params.load()
+        opt = make_optimizer(optimizer, params.arrays, hyper, backend, comm, **(precision or {}))
+        for norm in model.norms if comm is not None else ():
+            norm.comm = comm
+        model.train()
+        for i in range(steps):
+            idx = np.arange(i * batch_size, (i + 1) * batch_size) % n  # fancy indexing, as in the loop: a copy
+            _, dlogits = softmax_cross_entropy(model.forward(data.x_train[idx]), data.y_train[idx])
+            model.backward(dlogits)
+            if worker is not None:  # batch norm's kernels are compiled; the optimizer's are, or are coming, on disk
+                worker, waited = None, worker
+                waited.wait()
+            opt.step(model.grads)
+            params.load()
+    finally:
+        if worker is not None:
+            worker.stop()
     model.predict(data.x_test)
     return time.perf_counter() - start
 

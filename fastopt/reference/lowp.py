@@ -19,25 +19,32 @@ there), not from bit patterns.
 
 from __future__ import annotations
 
-import ml_dtypes
+import functools
+
 import numpy as np
 
 __all__ = ["round_nearest", "round_stochastic", "tensor_key", "uniform"]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
-# (fraction bits t, smallest normal exponent, largest finite value) of each format
-_FORMATS = {
-    np.dtype(ml_dtypes.bfloat16): (7, -126, float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)),
-    np.dtype(np.float16): (10, -14, float(np.finfo(np.float16).max)),
-}
+@functools.lru_cache(maxsize=1)
+def _formats() -> dict:
+    """(fraction bits t, smallest normal exponent, largest finite value) of each format. ml_dtypes
+    is imported here, at the first rounding, not with the module: it takes about 0.6 s."""
+    import ml_dtypes
+
+    return {
+        np.dtype(ml_dtypes.bfloat16): (7, -126, float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)),
+        np.dtype(np.float16): (10, -14, float(np.finfo(np.float16).max)),
+    }
 
 
 def _format(dtype):
     dtype = np.dtype(dtype)
-    if dtype not in _FORMATS:
+    formats = _formats()
+    if dtype not in formats:
         raise ValueError(f"dtype: expected bfloat16 or float16, got {dtype}")
-    return dtype, _FORMATS[dtype]
+    return dtype, formats[dtype]
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes
 import numpy as np
 
 from . import lowp, optim
@@ -103,7 +102,11 @@ def _check(array, where, dtype, shape):
         raise ValueError(f"{where} must be C-contiguous and writeable")
 
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
+def _bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16, imported at the first bfloat16-state step (the import takes ~0.6 s)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def _low(dtype) -> bool:
@@ -136,7 +139,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
             _check(avgs[t], f"avgs[{t}]", np.float32, shape)
         for slot, _ in layout:
             if state_dtype == "bfloat16":
-                _check(states[t][slot], f"states[{t}][{slot}] (bfloat16 state)", _BF16, shape)
+                _check(states[t][slot], f"states[{t}][{slot}] (bfloat16 state)", _bfloat16(), shape)
                 continue
             codes, absmax = states[t][slot]
             _check(codes, f"states[{t}][{slot}][0] (codes)", np.uint8, shape)
@@ -165,7 +168,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
             param[...] = lowp.round_nearest(value, param.dtype)
         for slot, signed in layout:
             if state_dtype == "bfloat16":  # rounded to nearest even
-                states[t][slot][...] = lowp.round_nearest(full[slot], _BF16)
+                states[t][slot][...] = lowp.round_nearest(full[slot], _bfloat16())
                 continue
             codes, absmax = states[t][slot]
             quantize_blockwise(full[slot], codes, absmax, signed=signed, block=block)

@@ -33,9 +33,9 @@ every inner loop is straight-line code for its combination.
 from __future__ import annotations
 
 import math
+import sys
 import types as pytypes
 
-import ml_dtypes
 import numba
 import numpy as np
 from numba import prange, types
@@ -48,18 +48,24 @@ from .lowbits import (GAMMA, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, s
                       tensor_key, uniform)
 from .multi import AVG, GRAD, PARAM, SERIAL_BELOW, STATE, last_at_most, next_span, part_range, parts_for, pointer
 
-__all__ = ["LOW_DTYPES", "mixed_step", "mixed_sumsq", "is_low_precision"]
+__all__ = ["bfloat16_if_imported", "mixed_step", "mixed_sumsq", "is_low_precision"]
 
 MASTER = 6  # the table's extra column: the float32 master copy (0 when none)
 COLUMNS = 7
 
 
-LOW_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+def bfloat16_if_imported() -> np.dtype | None:
+    """ml_dtypes' bfloat16, or None while ml_dtypes is not imported: no array can have the dtype
+    then. Importing ml_dtypes costs about 0.6 s, which a float32 program never pays."""
+    module = sys.modules.get("ml_dtypes")
+    return None if module is None else np.dtype(module.bfloat16)
 
 
 def is_low_precision(dtype) -> bool:
     """Whether ``dtype`` is one of the 16-bit float formats this module stores (bfloat16, float16)."""
-    return np.dtype(dtype) in LOW_DTYPES
+    dtype = np.dtype(dtype)
+    bfloat16 = bfloat16_if_imported()
+    return dtype == np.float16 or (bfloat16 is not None and dtype == bfloat16)
 
 
 @intrinsic

@@ -60,7 +60,6 @@ from __future__ import annotations
 import math
 import platform
 
-import ml_dtypes
 import numba
 import numpy as np
 from llvmlite import binding as _llvm_binding
@@ -85,7 +84,6 @@ __all__ = ["SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
 _PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE, _MASTER = range(9)
 _COLUMNS = 9
 _F32 = np.dtype(np.float32)
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 _element = numba.njit(inline="always", error_model="numpy")
 
@@ -974,6 +972,10 @@ def _table(params, grads, states, avgs, slots, block, masters=None, bf16_state=F
             raise ValueError(f"{name} has {len(seq)} entries, params has {count}")
     table = np.zeros((count, _COLUMNS), np.int64)
     offsets = np.zeros(count + 1, np.int64)
+    if bf16_state:  # asked for by name: ml_dtypes (not imported by this module, ~0.6 s) is needed now
+        import ml_dtypes
+
+        bfloat16 = np.dtype(ml_dtypes.bfloat16)
 
     def check(array, where, dtype, shape, written):
         if not isinstance(array, np.ndarray) or array.dtype != dtype:
@@ -1006,7 +1008,7 @@ def _table(params, grads, states, avgs, slots, block, masters=None, bf16_state=F
         for k, (slot, _) in enumerate(slots):
             if bf16_state:
                 table[t, (_CODES0, _CODES1)[k]] = check(state[slot], f"states[{t}][{slot}] (bfloat16 state)",
-                                                        _BF16, shape, True)
+                                                        bfloat16, shape, True)
                 continue
             pair = state[slot]
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:

@@ -22,6 +22,7 @@ from fastopt.demo import (
 )
 
 sklearn = pytest.importorskip("sklearn", reason="the digits data set needs scikit-learn (the demo extra)")
+import sklearn.datasets  # noqa: E402  (after the skip: the demo extra)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,27 @@ def test_digits_split_is_stratified_and_fixed(digits):
     again = load_digits()
     np.testing.assert_array_equal(again.y_test, digits.y_test)
     np.testing.assert_array_equal(again.x_train, digits.x_train)
+
+
+def test_digits_read_without_scikit_learn_are_its_loaders(digits, monkeypatch):
+    """The file is read directly (no scikit-learn import, about 1 s); the split is the one of
+    ``sklearn.datasets.load_digits``'s arrays, also where the file is not found."""
+    data_module = importlib.import_module("fastopt.demo.data")
+    code = ("import sys; from fastopt.demo import load_digits; load_digits(); "
+            "assert 'sklearn' not in sys.modules, 'scikit-learn imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert data_module.digits_file() is not None
+    bunch = sklearn.datasets.load_digits()
+    pixels, labels = data_module._read_digits()
+    np.testing.assert_array_equal(pixels, bunch.data)
+    np.testing.assert_array_equal(labels, bunch.target)
+    assert pixels.dtype == bunch.data.dtype and labels.dtype == np.int64
+    monkeypatch.setattr(data_module, "DIGITS_FILE", ("no", "such", "file.csv.gz"))
+    assert data_module.digits_file() is None
+    loaded = load_digits()  # through scikit-learn's loader
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(digits, name))
 
 
 def test_softmax_cross_entropy():

@@ -26,8 +26,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-__all__ = ["DTYPES", "LOW_DTYPES", "STATE_DTYPES", "Job", "Result", "compile_kernels", "default_workers", "kernels",
-           "jobs"]
+__all__ = ["DTYPES", "LOW_DTYPES", "STATE_DTYPES", "Job", "Result", "available_cores", "compile_kernels",
+           "default_workers", "kernels", "jobs"]
 
 DTYPES = ("float32", "float64")  # the default: what ``KERNELS`` holds
 LOW_DTYPES = ("bfloat16", "float16")  # 16-bit parameters: asked for by name
@@ -164,12 +164,16 @@ def default_workers(selected: list[Job]) -> int:
     """Processes for ``selected`` when the user names none: one per available core, at most
     ``MAX_WORKERS``, and only as many as give each ``FUNCTIONS_PER_WORKER`` kernel functions (a
     function's jobs compile in one process)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
     functions = len({id(job.kernel.py_func) for job in selected})
-    return max(1, min(cores, MAX_WORKERS, functions // FUNCTIONS_PER_WORKER))
+    return max(1, min(available_cores(), MAX_WORKERS, functions // FUNCTIONS_PER_WORKER))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def compile_kernels(selected: list[Job], on_result: Callable[[Result], None] | None = None, *,

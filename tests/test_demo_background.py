@@ -19,7 +19,7 @@ train_module = importlib.import_module("fastopt.demo.train")  # ``fastopt.demo.t
 def test_a_worker_only_for_a_first_numba_run_with_a_second_core(monkeypatch):
     from fastopt.kernels.numba_cpu import multi
 
-    monkeypatch.setattr(background, "_cores", lambda: 2)
+    monkeypatch.setattr(background.precompile, "available_cores", lambda: 2)
     monkeypatch.setattr(multi, "readers_cached", lambda: False)
     assert background.worthwhile(None, None) and background.worthwhile("numba", None)
     assert not background.worthwhile("numpy", None)  # nothing to compile
@@ -27,7 +27,7 @@ def test_a_worker_only_for_a_first_numba_run_with_a_second_core(monkeypatch):
     monkeypatch.setattr(multi, "readers_cached", lambda: True)
     assert not background.worthwhile(None, None)  # not a first run: loading beats starting a worker
     monkeypatch.setattr(multi, "readers_cached", lambda: False)
-    monkeypatch.setattr(background, "_cores", lambda: 1)
+    monkeypatch.setattr(background.precompile, "available_cores", lambda: 1)
     assert not background.worthwhile(None, None)
 
 
@@ -42,7 +42,7 @@ from fastopt.demo.mlp import MLP
 from fastopt.demo.train import _Params, make_optimizer, param_dtype
 from fastopt.kernels.numba_cpu import multi
 
-background._cores = lambda: 2
+background.precompile.available_cores = lambda: 2
 assert not multi.readers_cached() and background.worthwhile(None, None)
 worker = background.start(optimizer="adam", hyper={"lr": 0.01}, backend=None, sizes=(8, 16, 4), dtype="float32",
                           precision={})

@@ -20,28 +20,23 @@ compiles the optimizer's kernels itself, as it would without one, and says so in
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
 import tempfile
 import warnings
 
+from .. import precompile
+
 __all__ = ["Worker", "start", "worthwhile"]
 
 TIMEOUT = 300.0  # seconds: far above the ~5 s the worker takes; past it the run compiles itself
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def worthwhile(backend, comm) -> bool:
     """Whether a background compile can shorten this run's warm-up (see the module docstring)."""
-    if comm is not None or _cores() < 2 or backend not in (None, "numba"):  # None: numba, for NumPy arrays
+    # backend None is numba for the demo's NumPy arrays
+    if comm is not None or precompile.available_cores() < 2 or backend not in (None, "numba"):
         return False
     from ..kernels.numba_cpu import multi
 

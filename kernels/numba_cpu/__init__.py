@@ -80,7 +80,8 @@ _READERS = {"gather_objects": _multi._gather_objects, "grads_match_objects": _mu
 # operation -> {kernel name: kernel}: every kernel the operation may launch, whatever its options
 # (an optimizer's configurations and the Polyak average; batch norm's layouts; training mode and
 # evaluation; the serial twin of each parallel kernel, launched for small inputs), for float32 and
-# float64 arrays (an optimizer's ``_READERS``: one signature for both). The low-precision kernels are listed by ``low_precision_kernels``.
+# float64 arrays (an optimizer's ``_READERS``: one signature for both). The low-precision kernels
+# are listed by ``low_precision_kernels``.
 KERNELS: dict[str, dict] = {
     **{op: {**_update_kernels(*kernels), **_READERS} for op, kernels in _UPDATES.items()},
     "batchnorm_forward": _named(_bn._stats_channel_first, _bn._stats_channels_last, _bn._merge_statistics,
@@ -113,8 +114,8 @@ def low_precision_kernels(op: str, dtype: str, state_dtype: str = "float32") -> 
     an optimizer's low-precision variants in the defaults of ``fastopt.precision`` (master weights,
     rounding to nearest, gradients of the parameter's dtype), plain and averaged, each with its
     serial twin; batch norm's conversion kernels for 16-bit x (it runs the float32 kernels between
-    them), and the gradient reader of ``multi`` (every step's check). Empty when ``op`` has no such kernels (8-bit state for AdaDelta); every other variant
-    compiles at its first use."""
+    them), and the gradient reader of ``multi`` (every step's check). Empty when ``op`` has no such
+    kernels (8-bit state for AdaDelta); every other variant compiles at its first use."""
     if dtype not in ("float32", *LOW_DTYPES) or state_dtype not in STATE_DTYPES:
         raise ValueError(f"no low-precision kernels for dtype {dtype!r} with state_dtype {state_dtype!r}")
     half = dtype == "float16"

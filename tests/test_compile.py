@@ -18,7 +18,7 @@ import pytest
 import fastopt
 from fastopt import precompile
 from fastopt.kernels import numba_cpu
-from fastopt.kernels.numba_cpu import _cache, _jit, batchnorm, bnstats, multi, optim, quantize, reduce
+from fastopt.kernels.numba_cpu import _cache, _jit, batchnorm, bnstats, multi, optim, quantize, reduce, runners
 
 
 def _axpy(x, a, y):
@@ -97,7 +97,7 @@ def test_signatures_must_differ_in_a_dtype():
 def _house_kernels():
     """Every house kernel in the backend's modules, also inside the optimizer kernels' wrappers."""
     found = {}
-    for module in (optim, batchnorm, bnstats, reduce, quantize):
+    for module in (optim, runners, batchnorm, bnstats, reduce, quantize):
         for name, obj in vars(module).items():
             if isinstance(obj, _jit._Kernel):
                 found[id(obj)] = f"{module.__name__}.{name}"
@@ -116,11 +116,12 @@ def _house_kernels():
 def test_the_compile_table_holds_every_kernel_for_both_dtypes():
     found = _house_kernels()
     listed = {id(k): k for table in numba_cpu.KERNELS.values() for k in table.values()}
-    # 30 optimizer kernels (15 × plain/averaged), 13 batch-norm kernels and the statistics' merge,
-    # 2 reduction kernels, 2 quantization kernels; the 42 parallel ones each with a serial twin;
-    # the 2 tensor-table readers, one signature for every dtype
-    assert len(found) == 92
-    assert sum(1 for k in listed.values() if k.parallel) == 42
+    # 30 optimizer part runners (15 × plain/averaged) and their launcher, 13 batch-norm kernels and
+    # the statistics' merge, 2 reduction kernels, 2 quantization kernels; the 13 parallel ones each
+    # with a serial twin; the 2 tensor-table readers, one signature for every dtype
+    assert len(found) == 64
+    assert sum(1 for k in listed.values() if k.parallel) == 13
+    assert sum(1 for k in listed.values() if isinstance(k, runners.Runner)) == 30
     assert set(found) == set(listed), sorted(found[i] for i in set(found) ^ set(listed) if i in found)
     readers = {id(multi._gather_objects), id(multi._grads_match_objects)}
     assert all(k.dtypes == ("float32", "float64") for i, k in listed.items() if i not in readers)
@@ -137,14 +138,14 @@ def test_the_compile_table_holds_every_kernel_for_both_dtypes():
 def test_jobs_list_each_kernel_once_per_dtype():
     jobs = precompile.jobs(["adam", "adamw"], ["float32"])
     assert [(j.name, j.dtype, j.ops) for j in jobs] == [
-        (name, "float32", ("adam", "adamw"))
-        for kernel in ("adam", "adam_amsgrad") for variant in ("plain", "averaged")
-        for name in (f"{kernel}.{variant}", f"{kernel}.{variant}.serial")] + [
+        (f"{kernel}.{variant}", "float32", ("adam", "adamw"))
+        for kernel in ("adam", "adam_amsgrad") for variant in ("plain", "averaged")] + [
+        (name, "float32", ("adam", "adamw")) for name in ("launch_parts", "launch_parts.serial")] + [
         (name, "int64", ("adam", "adamw")) for name in ("gather_objects", "grads_match_objects")]
     assert [j.label() for j in jobs][-2:] == ["any", "any"] and not any(j.any_dtype for j in jobs[:-2])
     # the readers once, whichever dtypes are selected
-    assert len(precompile.jobs(["adam"])) == len(precompile.jobs(["adam"], ["float32"])) + 8
-    assert len(precompile.jobs()) == 182
+    assert len(precompile.jobs(["adam"])) == len(precompile.jobs(["adam"], ["float32"])) + 6
+    assert len(precompile.jobs()) == 126
     with pytest.raises(ValueError, match="unknown operation 'nope'"):
         precompile.jobs(["nope"])
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
@@ -213,14 +214,14 @@ print(compiled)
 
 
 def test_a_first_float32_adam_step_compiles_one_kernel_in_one_dtype(tmp_path):
-    """100 elements: the serial twin only; the parallel kernel is never compiled. The tensor-table
-    readers compile at the first step too, not when the backend is imported, and nothing imports
+    """100 elements: Adam's plain part runner for float32 and the launcher's serial twin; the
+    parallel launcher is never compiled. The tensor-table readers compile at the first step too, not when the backend is imported, and nothing imports
     ml_dtypes, which only 16-bit arrays need."""
     run = subprocess.run([sys.executable, "-c", _FIRST_STEP], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)))
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == ("{'gather_objects': ['int64'], 'grads_match_objects': ['int64'], "
-                                  "'adam.plain.serial': ['float32']}")
+    assert run.stdout.strip() == ("{'launch_parts.serial': ['float32'], 'gather_objects': ['int64'], "
+                                  "'grads_match_objects': ['int64'], 'adam.plain': ['float32']}")
 
 
 def _sum_into(x, out):

@@ -2,11 +2,12 @@
 
 A Python float literal or a float64 scalar inside a kernel silently promotes the arithmetic to
 float64; this inspects the LLVM IR numba generates for each kernel's float32 signature: every
-optimizer update kernel in both variants (plain, and with the Polyak average and the gradient
-extras), and the gradient-scaling kernel. The kernel is compiled here without ``parallel`` so the
-whole loop sits in the module's own functions (the parallel build runs the same code); the
-CPython and cfunc wrappers, which unbox Python floats as doubles, are excluded. (``grad_sumsq``
-accumulates in float64 on purpose and is not checked.)
+optimizer update's part runner in both variants (plain, and with the Polyak average and the
+gradient extras; ``runners.py``), and the gradient-scaling kernel. Each is compiled here again,
+without the disk cache (numba cannot inspect cached code) and without ``parallel``, so the whole
+loop sits in the module's own functions (the parallel build runs the same code); the CPython and
+cfunc wrappers, which unbox Python floats as doubles, are excluded. (``grad_sumsq`` accumulates
+in float64 on purpose and is not checked.)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import fastopt.kernels.numba_cpu.optim as optim_kernels
 import fastopt.kernels.numba_cpu.reduce as reduce_kernels
 from fastopt.kernels.numba_cpu._jit import _Kernel
+from fastopt.kernels.numba_cpu.runners import Runner
 
 UPDATE_KERNELS = [(name, k) for name, k in vars(optim_kernels).items()
                   if isinstance(k, optim_kernels._UpdateKernel)]
@@ -31,10 +33,13 @@ def is_float32(signature) -> bool:
     return any(getattr(arg, "dtype", arg) == numba.float32 for arg in signature.args)
 
 
-def native_ir(kernel: _Kernel, signature) -> list[str]:
+def native_ir(kernel: _Kernel | Runner, signature) -> list[str]:
     """The LLVM IR of every function of the compiled kernel except the Python-facing wrappers."""
-    compiled = numba.njit(signature, parallel=False)(kernel.py_func)
-    ir = compiled.inspect_llvm(compiled.signatures[0])
+    if isinstance(kernel, Runner):
+        ir = numba.cfunc(signature, error_model="numpy")(kernel.py_func).inspect_llvm()
+    else:
+        compiled = numba.njit(signature, parallel=False)(kernel.py_func)
+        ir = compiled.inspect_llvm(compiled.signatures[0])
     bodies = [f for f in re.split(r"\n(?=define )", ir) if f.startswith("define")]
     native = [f for f in bodies if "@_ZN7cpython" not in f.splitlines()[0]
               and "@cfunc." not in f.splitlines()[0]]

@@ -128,7 +128,7 @@ def _plain_loop(element, param, grad, s0, s1, s2, hyper):
 def plain_update(param, grad, state_tuple, hyper):
     """What the element update of the planned kernel alone gives, on copies."""
     kernel, slots, scalars = optim_kernels._PLANS[hyper.pop("op")](**hyper)
-    element = kernel.update.element
+    element = kernel.element
     t = param.dtype.type
     p = param.reshape(-1).copy()
     states = [state_tuple[j].reshape(-1).copy() for j in slots]
@@ -530,9 +530,10 @@ for op in sys.argv[1:] if sys.argv[1:] != ["gather"] else []:
 
 
 def test_kernels_cached_by_different_processes_load_together(tmp_path):
-    """Each update's part runner is a closure made by one factory; compiled in separate processes
-    and loaded from the disk cache into one, they must not be mistaken for one another (their
-    symbol names must differ by more than numba's per-process counter)."""
+    """Every update's part runner is one template with its own constants and name
+    (``runners.Runner``); compiled in separate processes and loaded from the disk cache into one,
+    they must not be mistaken for one another (their symbol names must differ by more than
+    numba's per-process counter)."""
     import os
     import subprocess
     import sys
@@ -550,6 +551,6 @@ def test_kernels_cached_by_different_processes_load_together(tmp_path):
 
 def test_part_runners_have_distinct_names():
     """The cheap half of the check above: every part runner has its own qualified name."""
-    runners = [k.update for _, k in vars(optim_kernels).items()
-               if isinstance(k, optim_kernels._UpdateKernel)]
-    assert len({r.py_func.__qualname__ for r in runners}) == len(runners) == 15
+    runners = [r for _, k in vars(optim_kernels).items() if isinstance(k, optim_kernels._UpdateKernel)
+               for r in k.variants]
+    assert len({r.py_func.__qualname__ for r in runners}) == len(runners) == 30

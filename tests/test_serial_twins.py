@@ -37,7 +37,7 @@ def _spy_on(monkeypatch, holder, name, calls):
 @pytest.mark.parametrize("total, expected", [(multi.SERIAL_BELOW - 1, "serial"), (multi.SERIAL_BELOW, "parallel")])
 def test_an_update_runs_serially_below_the_threshold(monkeypatch, total, expected):
     calls = []
-    _spy_on(monkeypatch, optim._adam, "plain", calls)
+    _spy_on(monkeypatch, optim, "launch_parts", calls)
     sizes = (total // 3, total // 3, total - 2 * (total // 3))
     params = [np.ones(n, np.float32) for n in sizes]
     states = [(np.zeros(n, np.float32), np.zeros(n, np.float32), None) for n in sizes]

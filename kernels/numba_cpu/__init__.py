@@ -44,6 +44,7 @@ from . import optim as _optim
 from . import state8 as _state8
 from . import quantize as _quantize
 from . import reduce as _reduce
+from . import runners as _runners
 
 
 def _with_twin(name: str, k) -> dict:
@@ -52,10 +53,11 @@ def _with_twin(name: str, k) -> dict:
 
 
 def _update_kernels(*kernels) -> dict:
-    """Optimizer kernels in both variants (the plain update and the one with the Polyak average),
-    each with its serial twin."""
-    return {name: twin for k in kernels for variant in ("plain", "averaged")
-            for name, twin in _with_twin(f"{k.__name__.lstrip('_')}.{variant}", getattr(k, variant)).items()}
+    """Optimizer updates' part runners in both variants (the plain update and the one with the
+    Polyak average), and the launcher that runs them, with its serial twin (``runners``)."""
+    return {**{f"{k.__name__.lstrip('_')}.{variant}": getattr(k, variant) for k in kernels
+               for variant in ("plain", "averaged")},
+            **_with_twin("launch_parts", _runners.launch_parts)}
 
 
 def _named(*kernels) -> dict:

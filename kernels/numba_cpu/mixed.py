@@ -105,7 +105,7 @@ def _encode(x, half, keys, t, i):
 
 def _mixed_runner(update, scalars: int, name: str):
     """``run(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half)``: the
-    low-precision counterpart of ``optim._update``'s runner, around the same element update."""
+    low-precision counterpart of ``optim._run_part``, around the same element update."""
 
     def run(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half):
         h = to_fixed_tuple(hyper, scalars)
@@ -141,7 +141,7 @@ def _mixed_runner(update, scalars: int, name: str):
                     avg[i] = a + avg_weight * (p - a)
             t += 1
 
-    run.__name__ = run.__qualname__ = name  # see optim._update: one name per runner
+    run.__name__ = run.__qualname__ = name  # see runners.Runner: one name per runner
     return numba.njit(error_model="numpy")(run)
 
 
@@ -174,9 +174,8 @@ class _MixedKernel:
     ``_jit`` kernel per variant, each with its serial twin."""
 
     def __init__(self, update_kernel):
-        run = update_kernel.update
         name = f"_mixed{update_kernel.__name__}"
-        runner = _mixed_runner(run.element, run.scalars, f"{name}_run")
+        runner = _mixed_runner(update_kernel.element, update_kernel.scalars, f"{name}_run")
         shell = _copy(_shell, name, _RUN=runner)
         shell.__doc__ = update_kernel.__doc__
         self.__name__ = name

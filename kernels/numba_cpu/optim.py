@@ -16,27 +16,25 @@ update, in the arrays' dtype:
 
 so the defaults reproduce the plain update bit for bit.
 
-Structure (the loop is written once, in ``_update``, for all kernels and both variants):
+Structure (the loop is written once, in ``_run_part``, for all updates and both variants):
 
-* ``@_update(k)`` on ``_X_update(p, g, s, i, h)``, one optimizer's element update with its
-  equations in its docstring: p and g are θᵢ and the transformed gᵢ, ``s`` the tuple of three state
-  pointers (unused ones null), ``h`` the tuple of its k host scalars; it reads and writes
-  ``s[j][i]`` and returns the new θᵢ. The decorator returns ``run(part, parts, table, offsets,
-  hyper, avg_weight)`` (named ``_X_update_run``), which walks one contiguous part of the tensor
-  list and runs the extras and the inlined element update in a simple inner loop per tensor
-  piece, started at θ's first 64-byte aligned element (``multi.aligned_split``). ``hyper`` holds
-  the k scalars, grad_mul and grad_clip. ``run`` is compiled per type of ``avg_weight``: ``None``
-  gives the plain variant, a float the averaged one; numba prunes ``if avg_weight is None`` by
-  type, so the plain variant neither branches nor touches θ̂.
-* ``_X``, the kernel: ``prange`` over the parts, each calling ``_X_update(part, ...)``.
-  ``@_update_kernel`` makes two lazily compiled variants of it (``.plain``, ``.averaged``), each
-  with float32 and float64 signatures, cached on disk, and each with its serial twin
-  (``.plain.serial``, ``_jit``). For a list of fewer than ``multi.SERIAL_BELOW`` (32,768)
-  elements ``multi_step`` launches the serial twin: its parts run in order on the calling thread
-  with no parallel region to open and join, and a program on small arrays never compiles the
-  parallel code. (The kernel calls ``_X_update`` from one place only, with a
-  variable part: a second call with the literal arguments (0, 1) would make numba type and
-  compile the runner a second time.)
+* ``@_update(k)`` on ``_X(p, g, s, i, h)``, one optimizer's element update with its equations in
+  its docstring: p and g are θᵢ and the transformed gᵢ, ``s`` the tuple of three state pointers
+  (unused ones null), ``h`` the tuple of its k host scalars; it reads and writes ``s[j][i]`` and
+  returns the new θᵢ. The decorator makes ``_X`` an ``_UpdateKernel``: the element update, and
+  its part runner in two variants (``.plain``, ``.averaged``).
+* A part runner (``runners.py``) is ``_run_part`` with the element update, its scalar count and
+  the variant bound as compile-time constants, compiled at its first use as a C function per
+  dtype (float32, float64) and cached on disk. It walks one contiguous part of the tensor list
+  and runs the extras and the inlined element update in a simple inner loop per tensor piece,
+  started at θ's first 64-byte aligned element (``multi.aligned_split``). The plain variant
+  neither branches on the average nor touches θ̂.
+* One kernel launches every runner: ``runners.launch_parts``, a ``prange`` over the parts calling
+  the runner through its address. For a list of fewer than ``multi.SERIAL_BELOW`` (32,768)
+  elements ``multi_step`` launches its serial twin (``_jit``): the parts run in order on the
+  calling thread with no parallel region to open and join, and a program on small arrays never
+  compiles the parallel launcher. So an update's loop compiles once per variant and dtype, in
+  about 0.5 s, and nothing else compiles per update.
 
 Kernels, one per state set (the one a configuration uses is picked on the host by ``_PLANS``):
 
@@ -74,12 +72,12 @@ import math
 
 import numba
 import numpy as np
-from numba import prange, types
+from numba import carray
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
-from ._jit import kernel
-from .multi import (AVG, GRAD, PARAM, SERIAL_BELOW, STATE, aligned_split, gather, last_at_most,
-                    next_span, part_range, parts_for, pointer)
+from .multi import (AVG, COLUMNS, GRAD, PARAM, SERIAL_BELOW, STATE, aligned_split, gather, last_at_most,
+                    next_span, part_range, pointer)
+from .runners import Runner, launch_parts
 
 __all__ = [
     "adadelta_step",
@@ -95,42 +93,29 @@ _element = numba.njit(inline="always", error_model="numpy")
 
 
 class _UpdateKernel:
-    """A tensor-list update kernel in its two variants, each compiled on first use:
-    ``plain`` (avg_weight typed None: no average) and ``averaged`` (avg_weight a float)."""
+    """One optimizer update: its element update (``element``, inlined wherever it runs; ``scalars``
+    host scalars) and its part runner (``runners.Runner``) in two variants, each compiled per
+    dtype on first use: ``plain`` and ``averaged`` (with the Polyak average)."""
 
-    def __init__(self, shell, update):
-        self.__name__ = shell.__name__
-        self.__doc__ = shell.__doc__
-        self.update = update  # the part runner; ``update.element`` the element update
-        self.scalars = update.scalars
-        self.plain = kernel(self._signatures(averaged=False))(shell)
-        self.averaged = kernel(self._signatures(averaged=True))(shell)
-
-    @staticmethod
-    def _signatures(averaged: bool) -> list:
-        """(table, offsets, hyper, avg_weight), float32 and float64; ``hyper`` holds the update's
-        scalars, then grad_mul and grad_clip, in the arrays' dtype."""
-        signatures = []
-        for dtype in (types.float32, types.float64):
-            signatures.append(types.void(types.int64[:, ::1], types.int64[::1], dtype[::1],
-                                         dtype if averaged else types.none))
-        return signatures
+    def __init__(self, element, scalars: int):
+        name = element.__name__
+        self.__name__ = name
+        self.__doc__ = element.__doc__
+        self.element = numba.njit(inline="always", error_model="numpy")(element)
+        self.scalars = scalars
+        constants = {"_ELEMENT": self.element, "_SCALARS": scalars}
+        self.plain = Runner(_run_part, f"{name}_run", {**constants, "_AVERAGED": False})
+        self.averaged = Runner(_run_part, f"{name}_run_averaged", {**constants, "_AVERAGED": True})
 
     @property
     def variants(self):
         return (self.plain, self.averaged)
 
 
-def _update_kernel(update):
-    """Declare the kernel of the part runner ``update``; it takes the update's docstring. The
-    decorated kernel runs ``update(part, parts, ...)`` over the parts, on the calling thread when
-    there is one part (no parallel region to open and join)."""
-
-    def wrap(shell):
-        shell.__doc__ = update.__doc__
-        return _UpdateKernel(shell, update)
-
-    return wrap
+def _update(scalars: int):
+    """Declare an element update ``element(p, g, s, i, h) -> new θᵢ`` taking ``scalars`` host
+    scalars: an ``_UpdateKernel`` under the element's name."""
+    return lambda element: _UpdateKernel(element, scalars)
 
 
 @_element
@@ -153,65 +138,47 @@ def _transformed(g, grad_mul, grad_clip):
     return g
 
 
-def _update(scalars: int):
-    """Turn an element update ``element(p, g, s, i, h) -> new θᵢ`` taking ``scalars`` host scalars
-    into the function that runs it over one part of a tensor list, ``run(part, parts, table,
-    offsets, hyper, avg_weight)``, with the extras around it. The loop is written here once for
-    every update; ``element`` is a closure constant, so numba inlines it into the loop.
-    ``run.element`` is the jitted element update, ``run.__doc__`` its docstring.
+# Bound per update and variant by ``runners.Runner`` (compile-time constants):
+_ELEMENT = _SCALARS = _AVERAGED = None
 
-    ``hyper`` is an array of the arrays' dtype: the element's scalars, then grad_mul and
-    grad_clip (an array crosses from Python to numba about 2 µs faster than a tuple of NumPy
-    scalars); it becomes the tuple ``h`` before the loop. ``avg_weight`` typed None (the plain
-    variant) prunes the average branch at compile time. (The element cannot be passed to a shared
-    ``run`` as a first-class function argument instead: numba then embeds the function object's
-    address, and the kernels could no longer be cached.)
-    """
 
-    def wrap(element):
-        update = numba.njit(inline="always", error_model="numpy")(element)
-
-        def run(part, parts, table, offsets, hyper, avg_weight):
-            h = to_fixed_tuple(hyper, scalars)
-            grad_mul = hyper[scalars]
-            grad_clip = hyper[scalars + 1]
-            lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
-            t = last_at_most(offsets, lo)
-            while lo < hi:
-                i0, i1, lo = next_span(offsets, t, lo, hi)
-                param = pointer(table[t, PARAM], grad_mul)
-                grad = pointer(table[t, GRAD], grad_mul)
-                state = (pointer(table[t, STATE], grad_mul), pointer(table[t, STATE + 1], grad_mul),
-                         pointer(table[t, STATE + 2], grad_mul))
-                split = aligned_split(table[t, PARAM], i0, i1, grad_mul)
-                for piece in range(2):  # up to one cache line, then from θ's first aligned element
-                    j0, j1 = (i0, split) if piece == 0 else (split, i1)
-                    if avg_weight is None:
-                        for i in range(j0, j1):
-                            g = _transformed(grad[i], grad_mul, grad_clip)
-                            param[i] = update(param[i], g, state, i, h)
-                    else:
-                        avg = pointer(table[t, AVG], grad_mul)
-                        for i in range(j0, j1):
-                            g = _transformed(grad[i], grad_mul, grad_clip)
-                            p = update(param[i], g, state, i, h)
-                            param[i] = p
-                            a = avg[i]
-                            avg[i] = a + avg_weight * (p - a)
-                t += 1
-
-        # Its own name before numba sees it: numba names compiled code after the function's
-        # qualified name plus a per-process counter, so closures of one factory sharing a name,
-        # compiled in different processes and loaded from the disk cache into one, could bind to
-        # each other's code (tests/test_numba_extras.py reproduces it).
-        run.__name__ = run.__qualname__ = f"{element.__name__}_run"
-        run = numba.njit(error_model="numpy")(run)
-        run.element = update
-        run.scalars = scalars
-        run.__doc__ = element.__doc__
-        return run
-
-    return wrap
+def _run_part(part, parts, table_at, rows, offsets_at, count, hyper_at):
+    """Part ``part`` of ``parts`` of the tensor list: the extras and the inlined element update
+    ``_ELEMENT`` over each tensor piece in the part, in a simple inner loop started at θ's first
+    64-byte aligned element (``multi.aligned_split``). ``hyper`` holds the ``_SCALARS`` scalars,
+    grad_mul, grad_clip and, when ``_AVERAGED``, the average's weight w. The template of every
+    optimizer's part runner (C signature: ``runners.runner_signature``)."""
+    table = carray(table_at, (rows, COLUMNS))
+    offsets = carray(offsets_at, (count,))
+    hyper = carray(hyper_at, (_SCALARS + 3,) if _AVERAGED else (_SCALARS + 2,))
+    h = to_fixed_tuple(hyper, _SCALARS)
+    grad_mul = hyper[_SCALARS]
+    grad_clip = hyper[_SCALARS + 1]
+    lo, hi = part_range(part, parts, offsets[count - 1])
+    t = last_at_most(offsets, lo)
+    while lo < hi:
+        i0, i1, lo = next_span(offsets, t, lo, hi)
+        param = pointer(table[t, PARAM], grad_mul)
+        grad = pointer(table[t, GRAD], grad_mul)
+        state = (pointer(table[t, STATE], grad_mul), pointer(table[t, STATE + 1], grad_mul),
+                 pointer(table[t, STATE + 2], grad_mul))
+        split = aligned_split(table[t, PARAM], i0, i1, grad_mul)
+        for piece in range(2):  # up to one cache line, then from θ's first aligned element
+            j0, j1 = (i0, split) if piece == 0 else (split, i1)
+            if not _AVERAGED:
+                for i in range(j0, j1):
+                    g = _transformed(grad[i], grad_mul, grad_clip)
+                    param[i] = _ELEMENT(param[i], g, state, i, h)
+            else:
+                avg_weight = hyper[_SCALARS + 2]
+                avg = pointer(table[t, AVG], grad_mul)
+                for i in range(j0, j1):
+                    g = _transformed(grad[i], grad_mul, grad_clip)
+                    p = _ELEMENT(param[i], g, state, i, h)
+                    param[i] = p
+                    a = avg[i]
+                    avg[i] = a + avg_weight * (p - a)
+        t += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +187,7 @@ def _update(scalars: int):
 
 
 @_update(2)
-def _sgd_update(p, g, s, i, h):
+def _sgd(p, g, s, i, h):
     """SGD without momentum (both conventions):
 
     g ← g + λθ   (when λ ≠ 0)
@@ -230,15 +197,9 @@ def _sgd_update(p, g, s, i, h):
     return p - lr * _l2(g, p, weight_decay)
 
 
-@_update_kernel(_sgd_update)
-def _sgd(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _sgd_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 @_update(4)
-def _sgd_momentum_update(p, g, s, i, h):
+def _sgd_momentum(p, g, s, i, h):
     """SGD with momentum, both conventions through the scalars c and k:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -258,15 +219,9 @@ def _sgd_momentum_update(p, g, s, i, h):
     return p + k * v
 
 
-@_update_kernel(_sgd_momentum_update)
-def _sgd_momentum(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _sgd_momentum_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 @_update(3)
-def _sgd_nesterov_update(p, g, s, i, h):
+def _sgd_nesterov(p, g, s, i, h):
     """SGD with Nesterov momentum, textbook (look-ahead reparametrization):
 
     g ← g + λθ   (when λ ≠ 0)
@@ -281,15 +236,9 @@ def _sgd_nesterov_update(p, g, s, i, h):
     return p + momentum * v - step
 
 
-@_update_kernel(_sgd_nesterov_update)
-def _sgd_nesterov(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _sgd_nesterov_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 @_update(3)
-def _sgd_nesterov_torch_update(p, g, s, i, h):
+def _sgd_nesterov_torch(p, g, s, i, h):
     """SGD with Nesterov momentum, torch (``velocity`` holds b):
 
     g ← g + λθ   (when λ ≠ 0)
@@ -303,12 +252,6 @@ def _sgd_nesterov_torch_update(p, g, s, i, h):
     velocity[i] = b
     return p - lr * (g + momentum * b)
 
-
-@_update_kernel(_sgd_nesterov_torch_update)
-def _sgd_nesterov_torch(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _sgd_nesterov_torch_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _sgd_plan(*, lr, momentum, nesterov, weight_decay, convention):
@@ -327,7 +270,7 @@ def _sgd_plan(*, lr, momentum, nesterov, weight_decay, convention):
 
 
 @_update(3)
-def _adagrad_update(p, g, s, i, h):
+def _adagrad(p, g, s, i, h):
     """AdaGrad (both conventions):
 
     g ← g + λθ   (when λ ≠ 0)
@@ -341,12 +284,6 @@ def _adagrad_update(p, g, s, i, h):
     accumulator[i] = r
     return p - lr * g / (eps + math.sqrt(r))
 
-
-@_update_kernel(_adagrad_update)
-def _adagrad(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _adagrad_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _adagrad_plan(*, lr, eps, weight_decay):
@@ -363,7 +300,7 @@ def _adagrad_plan(*, lr, eps, weight_decay):
 
 
 @_update(6)
-def _rmsprop_update(p, g, s, i, h):
+def _rmsprop(p, g, s, i, h):
     """RMSProp without momentum, both conventions:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -379,15 +316,9 @@ def _rmsprop_update(p, g, s, i, h):
     return p - lr * g / (math.sqrt(eps_in + r) + eps_out)
 
 
-@_update_kernel(_rmsprop_update)
-def _rmsprop(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _rmsprop_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 @_update(6)
-def _rmsprop_centered_update(p, g, s, i, h):
+def _rmsprop_centered(p, g, s, i, h):
     """Centered RMSProp without momentum, both conventions:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -406,15 +337,9 @@ def _rmsprop_centered_update(p, g, s, i, h):
     return p - lr * g / (math.sqrt(eps_in + r - a * a) + eps_out)
 
 
-@_update_kernel(_rmsprop_centered_update)
-def _rmsprop_centered(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _rmsprop_centered_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 @_update(8)
-def _rmsprop_momentum_update(p, g, s, i, h):
+def _rmsprop_momentum(p, g, s, i, h):
     """RMSProp with momentum, both conventions through δ_in, δ_out, c and k:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -437,15 +362,9 @@ def _rmsprop_momentum_update(p, g, s, i, h):
     return p + k * v
 
 
-@_update_kernel(_rmsprop_momentum_update)
-def _rmsprop_momentum(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _rmsprop_momentum_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 @_update(8)
-def _rmsprop_momentum_centered_update(p, g, s, i, h):
+def _rmsprop_momentum_centered(p, g, s, i, h):
     """Centered RMSProp with momentum, both conventions through δ_in, δ_out, c and k:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -471,15 +390,9 @@ def _rmsprop_momentum_centered_update(p, g, s, i, h):
     return p + k * v
 
 
-@_update_kernel(_rmsprop_momentum_centered_update)
-def _rmsprop_momentum_centered(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _rmsprop_momentum_centered_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 @_update(6)
-def _rmsprop_nesterov_update(p, g, s, i, h):
+def _rmsprop_nesterov(p, g, s, i, h):
     """RMSProp with Nesterov momentum, textbook only (look-ahead reparametrization):
 
     g ← g + λθ   (when λ ≠ 0)
@@ -499,15 +412,9 @@ def _rmsprop_nesterov_update(p, g, s, i, h):
     return p + momentum * v - u
 
 
-@_update_kernel(_rmsprop_nesterov_update)
-def _rmsprop_nesterov(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _rmsprop_nesterov_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 @_update(6)
-def _rmsprop_nesterov_centered_update(p, g, s, i, h):
+def _rmsprop_nesterov_centered(p, g, s, i, h):
     """Centered RMSProp with Nesterov momentum, textbook only (look-ahead reparametrization):
 
     g ← g + λθ   (when λ ≠ 0)
@@ -529,12 +436,6 @@ def _rmsprop_nesterov_centered_update(p, g, s, i, h):
     velocity[i] = v
     return p + momentum * v - u
 
-
-@_update_kernel(_rmsprop_nesterov_centered_update)
-def _rmsprop_nesterov_centered(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _rmsprop_nesterov_centered_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _rmsprop_plan(*, lr, rho, eps, momentum, nesterov, centered, weight_decay, convention):
@@ -561,7 +462,7 @@ def _rmsprop_plan(*, lr, rho, eps, momentum, nesterov, centered, weight_decay, c
 
 
 @_update(6)
-def _adadelta_update(p, g, s, i, h):
+def _adadelta(p, g, s, i, h):
     """AdaDelta, both conventions through the scalar c:
 
     g ← g + λθ   (when λ ≠ 0)
@@ -584,12 +485,6 @@ def _adadelta_update(p, g, s, i, h):
     return p - lr * delta
 
 
-@_update_kernel(_adadelta_update)
-def _adadelta(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _adadelta_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 def _adadelta_plan(*, lr, rho, eps, weight_decay, convention):
     c = lr if convention == "textbook" else 1.0
@@ -605,7 +500,7 @@ def _adadelta_plan(*, lr, rho, eps, weight_decay, convention):
 
 
 @_update(9)
-def _adam_update(p, g, s, i, h):
+def _adam(p, g, s, i, h):
     """Adam (λ = weight_decay, L2) and AdamW (decay = ελ, decoupled); the host zeroes the other:
 
     θ ← θ − ελθ                 (AdamW, when ελ ≠ 0)
@@ -626,15 +521,9 @@ def _adam_update(p, g, s, i, h):
     return p - step_size * mi / (eps + math.sqrt(vi) * inv_sqrt_bc2)
 
 
-@_update_kernel(_adam_update)
-def _adam(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _adam_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 @_update(9)
-def _adam_amsgrad_update(p, g, s, i, h):
+def _adam_amsgrad(p, g, s, i, h):
     """Adam / AdamW with amsgrad (λ = weight_decay, L2; decay = ελ, decoupled):
 
     θ ← θ − ελθ                 (AdamW, when ελ ≠ 0)
@@ -658,12 +547,6 @@ def _adam_amsgrad_update(p, g, s, i, h):
     return p - step_size * mi / (eps + math.sqrt(vmax) * inv_sqrt_bc2)
 
 
-@_update_kernel(_adam_amsgrad_update)
-def _adam_amsgrad(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _adam_amsgrad_update(part, parts, table, offsets, hyper, avg_weight)
-
 
 def _adam_plan(*, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad):
     step_size = lr / (1.0 - beta1 ** step)
@@ -684,7 +567,7 @@ def _adam_plan(*, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_de
 
 
 @_update(4)
-def _delta_bar_delta_update(p, g, s, i, h):
+def _delta_bar_delta(p, g, s, i, h):
     """Delta-bar-delta (textbook), in this order:
 
     θ ← θ − e ⊙ g                       (the rates before this step's change)
@@ -707,12 +590,6 @@ def _delta_bar_delta_update(p, g, s, i, h):
     delta_bar[i] = one_minus_gamma * g + gamma * db
     return p - e * g
 
-
-@_update_kernel(_delta_bar_delta_update)
-def _delta_bar_delta(table, offsets, hyper, avg_weight):
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _delta_bar_delta_update(part, parts, table, offsets, hyper, avg_weight)
 
 
 def _delta_bar_delta_plan(*, kappa, phi, gamma):
@@ -756,11 +633,14 @@ def _launch(plan, params, grads, states, avgs, grad_mul, grad_clip, avg_weight, 
     if grads is None or (states is None and slots):  # the table would hold null addresses
         raise TypeError("multi_step needs grads, and states for this configuration")
     table, offsets = gather(params, grads, states, avgs, (slots + _PAD)[:3])
-    hyper_array = np.array((*scalars, grad_mul, grad_clip), dtype)
-    variant = update.plain if avgs is None else update.averaged
-    if offsets[-1] < SERIAL_BELOW:  # small: on the calling thread (multi.SERIAL_BELOW)
-        variant = variant.serial
-    variant(table, offsets, hyper_array, None if avgs is None else dtype.type(avg_weight))
+    if avgs is None:
+        runner = update.plain.address(dtype)
+        hyper_array = np.array((*scalars, grad_mul, grad_clip), dtype)
+    else:
+        runner = update.averaged.address(dtype)
+        hyper_array = np.array((*scalars, grad_mul, grad_clip, avg_weight), dtype)
+    launch = launch_parts if offsets[-1] >= SERIAL_BELOW else launch_parts.serial  # multi.SERIAL_BELOW
+    launch(runner, table, offsets, hyper_array)
 
 
 def _one(op, param, grad, state, grad_mul, grad_clip, avg, avg_weight, hyper):

@@ -658,7 +658,7 @@ def _update8(scalars: int, states: int):
                                 state16_1[i0 + j] = f32_to_bf16(scratch1[j])
                 t += 1
 
-        run.__name__ = run.__qualname__ = f"{element.__name__}_run"  # see optim._update
+        run.__name__ = run.__qualname__ = f"{element.__name__}_run"  # see runners.Runner
         run = numba.njit(error_model="numpy")(run)
         run.element = update
         run.scalars = scalars

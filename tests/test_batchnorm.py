@@ -529,9 +529,11 @@ def test_numba_results_do_not_depend_on_the_thread_count(rng):
 @pytest.mark.parametrize("name", ["_normalize_channel_first", "_normalize_channels_last",
                                   "_input_grad_channel_first", "_input_grad_channels_last"])
 def test_float32_elementwise_kernels_do_no_float64_arithmetic(name):
-    """Only the statistics accumulate in float64; the per-element passes stay in float32."""
-    py_func = getattr(numba_batchnorm, name).py_func
-    signature = [s for s in getattr(numba_batchnorm, name).signatures if "float32" in s]
+    """Only the statistics accumulate in float64; the per-element passes stay in float32. (The
+    arithmetic is the body's: ``kernels/numba_cpu/tasks.py``.)"""
+    body = getattr(numba_batchnorm, name).body
+    py_func = body.py_func
+    signature = [s for s in body.signatures if "float32" in s]
     dispatcher = numba.njit(signature, cache=False)(py_func)
     typemap = dispatcher.overloads[dispatcher.signatures[0]].type_annotation.typemap
     wide = {var: str(t) for var, t in typemap.items() if "float64" in str(t)}

@@ -45,10 +45,14 @@ from . import state8 as _state8
 from . import quantize as _quantize
 from . import reduce as _reduce
 from . import runners as _runners
+from . import tasks as _tasks
 
 
 def _with_twin(name: str, k) -> dict:
-    """``k`` under ``name``, and its serial twin (``_jit``) under ``name.serial`` if it has one."""
+    """``k`` under ``name``, and its serial twin (``_jit``) under ``name.serial`` if it has one; a
+    task kernel (``tasks``) as its shell and the shell's twin, and its body under ``name.tasks``."""
+    if isinstance(k, _tasks.TaskKernel):
+        return {**_with_twin(name, k.shell), f"{name}.tasks": k.body}
     return {name: k, f"{name}.serial": k.serial} if k.serial is not k else {name: k}
 
 

@@ -103,10 +103,11 @@ class _Kernel:
     """A numba kernel under the house policy: one dispatcher per declared signature, each compiled
     (or loaded from the disk cache) at the first call that needs it, or by ``compile()``."""
 
-    def __init__(self, py_func, signatures, parallel: bool):
+    def __init__(self, py_func, signatures, parallel: bool, options: dict | None = None):
         self.py_func = py_func
         self.signatures = signatures
         self.parallel = parallel
+        self.options = dict(options or {})
         self.__name__ = py_func.__name__
         self.__doc__ = py_func.__doc__
         self.__wrapped__ = py_func
@@ -119,8 +120,9 @@ class _Kernel:
         self._keys = keys  # the dtype of argument ``_at`` in each declared signature
         self._dispatchers = [None] * len(signatures)
         self._by_dtype: dict = {}  # dtype of argument ``_at`` -> its signature's dispatcher
+        self._addresses: dict = {}  # dtype of argument ``_at`` -> its native entry point
         # the serial twin (see the module docstring); a serial kernel is its own
-        self.serial = _Kernel(_renamed(py_func, "_serial"), signatures, False) if parallel else self
+        self.serial = _Kernel(_renamed(py_func, "_serial"), signatures, False, options) if parallel else self
 
     @property
     def dtypes(self) -> tuple[str, ...]:
@@ -136,7 +138,7 @@ class _Kernel:
                 dispatcher = self._dispatchers[index]
                 if dispatcher is None:
                     dispatcher = cached_njit([self.signatures[index]], parallel=self.parallel,
-                                             nogil=True)(self.py_func)
+                                             nogil=True, **self.options)(self.py_func)
                     self._dispatchers[index] = dispatcher
                     key = self._keys[index]
                     if key is not None:
@@ -150,6 +152,20 @@ class _Kernel:
         wanted = None if dtype is None else np.dtype(dtype)
         return [self._dispatcher(i) for i, key in enumerate(self._keys)
                 if wanted is None or (key is not None and key == wanted)]
+
+    def address(self, dtype) -> int:
+        """The native entry point (numba's calling convention, not the Python wrapper) of the
+        declared signature for arrays of ``dtype``, compiled at the first call: what
+        ``tasks.call_tasks`` calls. Raises TypeError for an undeclared dtype."""
+        address = self._addresses.get(dtype)
+        if address is None:
+            dispatchers = self.compile(dtype)
+            if not dispatchers:
+                raise TypeError(f"{self.__name__}: no declared signature for dtype {dtype}")
+            compiled = dispatchers[0].overloads[dispatchers[0].signatures[0]]
+            address = compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
+            self._addresses[np.dtype(dtype)] = address
+        return address
 
     @property
     def dispatchers(self) -> dict:
@@ -197,11 +213,12 @@ def _typename(value) -> str:
         return type(value).__name__
 
 
-def kernel(signatures, *, parallel: bool = True):
+def kernel(signatures, *, parallel: bool = True, **options):
     """Decorate a kernel: declared ``signatures`` (list of numba signature strings or objects,
-    differing in one argument's dtype), cache=True, each compiled at its first call."""
+    differing in one argument's dtype), cache=True, each compiled at its first call; ``options``
+    go to ``numba.njit`` (``error_model``, ...)."""
 
     def wrap(py_func):
-        return _Kernel(py_func, signatures, parallel)
+        return _Kernel(py_func, signatures, parallel, options)
 
     return wrap

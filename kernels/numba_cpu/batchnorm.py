@@ -117,6 +117,8 @@ from numba.core.extending import intrinsic
 from ._cache import njit
 from ._ir import counted_loop
 from ._jit import kernel
+from .multi import part_range
+from .tasks import PARTS, call_tasks, task_kernel
 
 __all__ = ["batchnorm_backward", "batchnorm_forward"]
 
@@ -551,8 +553,9 @@ def _chunk_values(k, groups, pieces, outer, inner):
 # statistics (training forward)
 
 
-@kernel(_sigs("void({t}[:, :, ::1], int64, int64, boolean, float64[:, ::1], float64[:, ::1])"))
-def _stats_channel_first(x, groups, pieces, shifted, part_mean, part_m2):
+@kernel(_sigs("void(int64, int64, {t}[:, :, ::1], int64, int64, boolean, float64[:, ::1], float64[:, ::1])"),
+        parallel=False, error_model="numpy")
+def _stats_channel_first_tasks(task0, task1, x, groups, pieces, shifted, part_mean, part_m2):
     """Per (chunk, channel) task: mean and M2 = Σ(x − mean)² of the chunk's values of channel c (float64).
 
     Tasks run in memory order (row group, channel, piece). Blocks are runs of _BLOCK values (which may
@@ -560,7 +563,7 @@ def _stats_channel_first(x, groups, pieces, shifted, part_mean, part_m2):
     one pass of sums shifted by the block's first value; blocks merged with Chan's update.
     """
     outer, channels, inner = x.shape
-    for task in prange(groups * channels * pieces):
+    for task in range(task0, task1):
         j = task // (channels * pieces)
         rest = task - j * (channels * pieces)
         c = rest // pieces
@@ -610,8 +613,19 @@ def _stats_channel_first(x, groups, pieces, shifted, part_mean, part_m2):
         part_m2[k, c] = m2
 
 
-@kernel(_sigs("void({t}[:, ::1], int64, boolean, float64[:, ::1], float64[:, ::1], float64[:, :, ::1])"))
-def _stats_channels_last(x, chunks, shifted, part_mean, part_m2, scratch):
+@task_kernel(_stats_channel_first_tasks)
+@kernel(_sigs("void(int64, {t}[:, :, ::1], int64, int64, boolean, float64[:, ::1], float64[:, ::1])"))
+def _stats_channel_first(body, x, groups, pieces, shifted, part_mean, part_m2):
+    tasks = groups * x.shape[1] * pieces
+    parts = min(tasks, PARTS)
+    for part in prange(parts):
+        lo, hi = part_range(part, parts, tasks)
+        call_tasks(body, lo, hi, (x, groups, pieces, shifted, part_mean, part_m2))
+
+
+@kernel(_sigs("void(int64, int64, {t}[:, ::1], int64, boolean, float64[:, ::1], float64[:, ::1], float64[:, :, ::1])"),
+        parallel=False, error_model="numpy")
+def _stats_channels_last_tasks(task0, task1, x, chunks, shifted, part_mean, part_m2, scratch):
     """Per chunk of rows: per-channel mean and M2 of x[n0:n1, :] (float64), vectorized over C.
 
     Blocks are R rows × all channels, R = max(_BLOCK // C, min(_ROWS, _TASK // C), 1) (at most
@@ -623,7 +637,7 @@ def _stats_channels_last(x, chunks, shifted, part_mean, part_m2, scratch):
     """
     rows, channels = x.shape
     rows_per_block = max(_BLOCK // max(channels, 1), min(_ROWS, _TASK // max(channels, 1)), 1)
-    for k in prange(chunks):
+    for k in range(task0, task1):
         n0 = k * rows // chunks
         n1 = (k + 1) * rows // chunks
         mean = part_mean[k]
@@ -710,6 +724,15 @@ def _stats_channels_last(x, chunks, shifted, part_mean, part_m2, scratch):
                 mean[c] += delta * (nb / total)
                 m2[c] += block_m2 + delta * delta * (count * nb / total)
             count = total
+
+
+@task_kernel(_stats_channels_last_tasks)
+@kernel(_sigs("void(int64, {t}[:, ::1], int64, boolean, float64[:, ::1], float64[:, ::1], float64[:, :, ::1])"))
+def _stats_channels_last(body, x, chunks, shifted, part_mean, part_m2, scratch):
+    parts = min(chunks, PARTS)
+    for part in prange(parts):
+        lo, hi = part_range(part, parts, chunks)
+        call_tasks(body, lo, hi, (x, chunks, shifted, part_mean, part_m2, scratch))
 
 
 @njit()
@@ -800,8 +823,9 @@ def _extend(coef, channels):
             coef[r, k] = coef[r, k % channels]
 
 
-@kernel(_sigs("void({t}[:, :, ::1], {t}[:, ::1], boolean, boolean, int64, {t}[:, :, ::1])"))
-def _normalize_channel_first(x, coef, relu, stream, offset, y):
+@kernel(_sigs("void(int64, int64, {t}[:, :, ::1], {t}[:, ::1], boolean, boolean, int64, {t}[:, :, ::1])"),
+        parallel=False, error_model="numpy")
+def _normalize_channel_first_tasks(task0, task1, x, coef, relu, stream, offset, y):
     """y = ((x − hi) − lo)·(γ·invstd) + β, then max(y, 0) with relu (NaN stays NaN); one task per
     tile of at most _TILE elements of an (n, c) row. With ``stream``, the whole lines of the tile
     are written with streaming stores (``_stream_normalize``) and the ends as usual; y's element e
@@ -810,7 +834,7 @@ def _normalize_channel_first(x, coef, relu, stream, offset, y):
     zero = x.dtype.type(0)
     lanes = _VECTOR // x.itemsize
     tiles = (inner + _TILE - 1) // _TILE
-    for task in prange(outer * channels * tiles):
+    for task in range(task0, task1):
         row = task // tiles
         i0 = (task - row * tiles) * _TILE
         i1 = min(i0 + _TILE, inner)
@@ -846,8 +870,20 @@ def _normalize_channel_first(x, coef, relu, stream, offset, y):
                 dst[i] = ((src[i] - hi) - lo) * scale + shift
 
 
-@kernel(_sigs("void({t}[:, ::1], {t}[:, ::1], boolean, boolean, int64, {t}[:, ::1])"))
-def _normalize_channels_last(x, coef, relu, stream, offset, y):
+@task_kernel(_normalize_channel_first_tasks)
+@kernel(_sigs("void(int64, {t}[:, :, ::1], {t}[:, ::1], boolean, boolean, int64, {t}[:, :, ::1])"))
+def _normalize_channel_first(body, x, coef, relu, stream, offset, y):
+    outer, channels, inner = x.shape
+    tasks = outer * channels * ((inner + _TILE - 1) // _TILE)
+    parts = min(tasks, PARTS)
+    for part in prange(parts):
+        lo, hi = part_range(part, parts, tasks)
+        call_tasks(body, lo, hi, (x, coef, relu, stream, offset, y))
+
+
+@kernel(_sigs("void(int64, int64, {t}[:, ::1], {t}[:, ::1], boolean, boolean, int64, {t}[:, ::1])"),
+        parallel=False, error_model="numpy")
+def _normalize_channels_last_tasks(task0, task1, x, coef, relu, stream, offset, y):
     """y = ((x − hi) − lo)·(γ·invstd) + β, then max(y, 0) with relu; tasks of about _TILE elements
     (whole rows), vectorized over channels. With ``stream``, a task's rows are one flat range whose
     aligned lines are written with streaming stores, the coefficients read from the extended tables
@@ -860,7 +896,7 @@ def _normalize_channels_last(x, coef, relu, stream, offset, y):
     scale = coef[2]
     shift = coef[3]
     per_task = max(1, _TILE // max(channels, 1))
-    for task in prange((rows + per_task - 1) // per_task):
+    for task in range(task0, task1):
         n0 = task * per_task
         n1 = min(n0 + per_task, rows)
         if stream:
@@ -901,6 +937,18 @@ def _normalize_channels_last(x, coef, relu, stream, offset, y):
                     dst[c] = ((src[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
 
 
+@task_kernel(_normalize_channels_last_tasks)
+@kernel(_sigs("void(int64, {t}[:, ::1], {t}[:, ::1], boolean, boolean, int64, {t}[:, ::1])"))
+def _normalize_channels_last(body, x, coef, relu, stream, offset, y):
+    rows, channels = x.shape
+    per_task = max(1, _TILE // max(channels, 1))
+    tasks = (rows + per_task - 1) // per_task
+    parts = min(tasks, PARTS)
+    for part in prange(parts):
+        lo, hi = part_range(part, parts, tasks)
+        call_tasks(body, lo, hi, (x, coef, relu, stream, offset, y))
+
+
 # ---------------------------------------------------------------------------------------------
 # backward
 
@@ -918,15 +966,16 @@ def _mask_coefficients(saved_mean, saved_invstd, weight, bias, has_weight, has_b
     _extend(coef, saved_mean.shape[0])
 
 
-@kernel(_sigs("void({t}[:, :, ::1], {t}[:, :, ::1], {t}[:, ::1], boolean, int64, int64, "
-              "float64[:, ::1], float64[:, ::1])"))
-def _reduce_channel_first(dy, x, coef, relu, groups, pieces, part_g, part_gx):
+@kernel(_sigs("void(int64, int64, {t}[:, :, ::1], {t}[:, :, ::1], {t}[:, ::1], boolean, int64, int64, "
+              "float64[:, ::1], float64[:, ::1])"),
+        parallel=False, error_model="numpy")
+def _reduce_channel_first_tasks(task0, task1, dy, x, coef, relu, groups, pieces, part_g, part_gx):
     """Per (chunk, channel) task: Σg and Σg·(x − μ) over the chunk's values of channel c (float64).
 
     Tasks run in memory order (row group, channel, piece), as in _stats_channel_first.
     """
     outer, channels, inner = x.shape
-    for task in prange(groups * channels * pieces):
+    for task in range(task0, task1):
         j = task // (channels * pieces)
         rest = task - j * (channels * pieces)
         c = rest // pieces
@@ -953,9 +1002,21 @@ def _reduce_channel_first(dy, x, coef, relu, groups, pieces, part_g, part_gx):
         part_gx[k, c] = sgx
 
 
-@kernel(_sigs("void({t}[:, ::1], {t}[:, ::1], {t}[:, ::1], boolean, int64, "
+@task_kernel(_reduce_channel_first_tasks)
+@kernel(_sigs("void(int64, {t}[:, :, ::1], {t}[:, :, ::1], {t}[:, ::1], boolean, int64, int64, "
               "float64[:, ::1], float64[:, ::1])"))
-def _reduce_channels_last(dy, x, coef, relu, chunks, part_g, part_gx):
+def _reduce_channel_first(body, dy, x, coef, relu, groups, pieces, part_g, part_gx):
+    tasks = groups * x.shape[1] * pieces
+    parts = min(tasks, PARTS)
+    for part in prange(parts):
+        lo, hi = part_range(part, parts, tasks)
+        call_tasks(body, lo, hi, (dy, x, coef, relu, groups, pieces, part_g, part_gx))
+
+
+@kernel(_sigs("void(int64, int64, {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], boolean, int64, "
+              "float64[:, ::1], float64[:, ::1])"),
+        parallel=False, error_model="numpy")
+def _reduce_channels_last_tasks(task0, task1, dy, x, coef, relu, chunks, part_g, part_gx):
     """Per chunk of rows: per-channel Σg and Σg·(x − μ) in float64; blocks of rows as in
     _stats_channels_last, each walked by ``_grad_sums_*`` for 32 or 8 channels at a time."""
     rows, channels = x.shape
@@ -964,7 +1025,7 @@ def _reduce_channels_last(dy, x, coef, relu, chunks, part_g, part_gx):
     mean = coef[0]
     scale = coef[2]
     shift = coef[3]
-    for k in prange(chunks):
+    for k in range(task0, task1):
         n0 = k * rows // chunks
         n1 = (k + 1) * rows // chunks
         acc_g = part_g[k]
@@ -1002,6 +1063,17 @@ def _reduce_channels_last(dy, x, coef, relu, chunks, part_g, part_gx):
                         acc_gx[j] += g * xc
 
 
+@task_kernel(_reduce_channels_last_tasks)
+@kernel(_sigs("void(int64, {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], boolean, int64, "
+              "float64[:, ::1], float64[:, ::1])"))
+def _reduce_channels_last(body, dy, x, coef, relu, chunks, part_g, part_gx):
+    tasks = chunks
+    parts = min(tasks, PARTS)
+    for part in prange(parts):
+        lo, hi = part_range(part, parts, tasks)
+        call_tasks(body, lo, hi, (dy, x, coef, relu, chunks, part_g, part_gx))
+
+
 @kernel(_sigs("void(float64[:, ::1], float64[:, ::1], int64, boolean, {t}[:, ::1], {t}[::1], {t}[::1], "
               "{t}[:, ::1])"), parallel=False)
 def _backward_coefficients(part_g, part_gx, m, training, mask_coef, dweight, dbias, coef):
@@ -1030,9 +1102,10 @@ def _backward_coefficients(part_g, part_gx, m, training, mask_coef, dweight, dbi
     _extend(coef, channels)
 
 
-@kernel(_sigs("void({t}[:, :, ::1], {t}[:, :, ::1], {t}[:, ::1], {t}[:, ::1], boolean, boolean, int64, "
-              "{t}[:, :, ::1])"))
-def _input_grad_channel_first(dy, x, mask_coef, coef, relu, stream, offset, dx):
+@kernel(_sigs("void(int64, int64, {t}[:, :, ::1], {t}[:, :, ::1], {t}[:, ::1], {t}[:, ::1], boolean, boolean, int64, "
+              "{t}[:, :, ::1])"),
+        parallel=False, error_model="numpy")
+def _input_grad_channel_first_tasks(task0, task1, dy, x, mask_coef, coef, relu, stream, offset, dx):
     """dx = k1·g + k2·(x − μ) + k3, g = dy masked by (x − μ)·γ·invstd + β > 0 with relu; one task per
     tile of at most _TILE elements of an (n, c) row; with ``stream`` the aligned lines are written
     with streaming stores (``_stream_input_grad``)."""
@@ -1040,7 +1113,7 @@ def _input_grad_channel_first(dy, x, mask_coef, coef, relu, stream, offset, dx):
     zero = x.dtype.type(0)
     lanes = _VECTOR // x.itemsize
     tiles = (inner + _TILE - 1) // _TILE
-    for task in prange(outer * channels * tiles):
+    for task in range(task0, task1):
         row = task // tiles
         i0 = (task - row * tiles) * _TILE
         i1 = min(i0 + _TILE, inner)
@@ -1085,8 +1158,21 @@ def _input_grad_channel_first(dy, x, mask_coef, coef, relu, stream, offset, dx):
                 out[i] = k1 * gs[i] + k2 * (xs[i] - mean) + k3
 
 
-@kernel(_sigs("void({t}[:, ::1], {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], boolean, boolean, int64, {t}[:, ::1])"))
-def _input_grad_channels_last(dy, x, mask_coef, coef, relu, stream, offset, dx):
+@task_kernel(_input_grad_channel_first_tasks)
+@kernel(_sigs("void(int64, {t}[:, :, ::1], {t}[:, :, ::1], {t}[:, ::1], {t}[:, ::1], boolean, boolean, int64, "
+              "{t}[:, :, ::1])"))
+def _input_grad_channel_first(body, dy, x, mask_coef, coef, relu, stream, offset, dx):
+    outer, channels, inner = x.shape
+    tasks = outer * channels * ((inner + _TILE - 1) // _TILE)
+    parts = min(tasks, PARTS)
+    for part in prange(parts):
+        lo, hi = part_range(part, parts, tasks)
+        call_tasks(body, lo, hi, (dy, x, mask_coef, coef, relu, stream, offset, dx))
+
+
+@kernel(_sigs("void(int64, int64, {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], boolean, boolean, int64, {t}[:, ::1])"),
+        parallel=False, error_model="numpy")
+def _input_grad_channels_last_tasks(task0, task1, dy, x, mask_coef, coef, relu, stream, offset, dx):
     """dx = k1·g + k2·(x − μ) + k3 per row, vectorized over channels (g masked with relu); tasks of
     about _TILE elements; with ``stream`` as in ``_normalize_channels_last``."""
     rows, channels = x.shape
@@ -1099,7 +1185,7 @@ def _input_grad_channels_last(dy, x, mask_coef, coef, relu, stream, offset, dx):
     k2 = coef[1]
     k3 = coef[2]
     per_task = max(1, _TILE // max(channels, 1))
-    for task in prange((rows + per_task - 1) // per_task):
+    for task in range(task0, task1):
         n0 = task * per_task
         n1 = min(n0 + per_task, rows)
         if stream:
@@ -1148,6 +1234,18 @@ def _input_grad_channels_last(dy, x, mask_coef, coef, relu, stream, offset, dx):
             else:
                 for c in range(channels):
                     out[c] = k1[c] * gs[c] + k2[c] * (xs[c] - mean[c]) + k3[c]
+
+
+@task_kernel(_input_grad_channels_last_tasks)
+@kernel(_sigs("void(int64, {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], boolean, boolean, int64, {t}[:, ::1])"))
+def _input_grad_channels_last(body, dy, x, mask_coef, coef, relu, stream, offset, dx):
+    rows, channels = x.shape
+    per_task = max(1, _TILE // max(channels, 1))
+    tasks = (rows + per_task - 1) // per_task
+    parts = min(tasks, PARTS)
+    for part in prange(parts):
+        lo, hi = part_range(part, parts, tasks)
+        call_tasks(body, lo, hi, (dy, x, mask_coef, coef, relu, stream, offset, dx))
 
 
 # ---------------------------------------------------------------------------------------------

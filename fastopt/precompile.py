@@ -13,9 +13,9 @@ cache must be the one the program will use: the same ``NUMBA_CACHE_DIR``, or num
 the same CPU model and with the same versions of fastopt, numba and Python.
 
 LLVM compiles on one core; ``workers`` > 1 compiles in that many processes, each kernel function
-(both dtypes, both variants of an optimizer kernel) in one of them: numba's cache index of a
-function is read, updated and rewritten by the process that compiles it, and two processes
-writing one index at once could lose an entry.
+(both its dtypes) in one of them: numba's cache index of a function is read, updated and
+rewritten by the process that compiles it, and two processes writing one index at once could
+lose an entry.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def _compile_in_worker(keys: list[tuple]) -> list[tuple[float, bool, str | None]
 
 MAX_WORKERS = 8  # each worker is a Python process with numba and LLVM loaded, ~200 MB
 FUNCTIONS_PER_WORKER = 4  # a worker's start (a new interpreter importing numba and fastopt, ~1.5 s) pays
-                          # for itself once it has a few kernel functions (0.5-4 s each) to compile
+                          # for itself once it has a few kernel functions (0.2-2 s each) to compile
 
 
 def default_workers(selected: list[Job]) -> int:
@@ -197,8 +197,9 @@ def compile_kernels(selected: list[Job], on_result: Callable[[Result], None] | N
     done: dict[Job, Result] = {}
     # spawn: a fresh interpreter per worker, nothing of this process's numba state inherited
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        # the parallel kernels' groups first (2-4 s each against 0.3-1.5 s for a serial one): the
-        # longest jobs started first leave short ones to even out the workers' ends
+        # the parallel kernels' groups first (numba's parfor lowering makes them the longest jobs,
+        # 1-2 s each; the shells of runners.py and tasks.py are shorter): the longest jobs started
+        # first leave short ones to even out the workers' ends
         ordered = sorted(groups.values(), key=lambda group: not group[0].kernel.parallel)
         futures = {pool.submit(_compile_in_worker, [j.key() for j in group]): group for group in ordered}
         for future in as_completed(futures):

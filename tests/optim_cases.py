@@ -31,10 +31,10 @@ CASES = [
     ("delta_bar_delta", dict(kappa=1e-3, phi=0.1, gamma=0.7)),
 ]
 
-# The float64 build of the parallel kernels runs at the parallel size for these configurations
-# only, one or two per family with the most options on. Each parallel build costs 2-3 s of
-# compiling; the parallel code around the element update is the same for every kernel and dtype;
-# float32 runs every configuration at that size, and float64 every one at the serial sizes.
+# float64 runs at the parallel size for these configurations only, one or two per family with the
+# most options on: the parallel launch around the update loop is the same code for every
+# configuration and dtype (the numba backend's ``runners.launch_parts``); float32 runs every
+# configuration at that size, and float64 every one at the serial sizes.
 FLOAT64_PARALLEL = [CASES[i] for i in (5, 7, 12, 14, 16, 19, 22)]
 
 

@@ -7,6 +7,7 @@ variant. ``KERNELS`` (what ``fastopt compile`` compiles) holds every kernel of t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -271,6 +272,55 @@ def test_dtypes_compiled_by_different_processes_load_together(tmp_path):
                              timeout=300, env=env)
         assert run.returncode == 0, f"{dtypes}: {run.stderr[-2000:]}"
         assert run.stdout.strip() == compiled, dtypes
+
+
+# an optimizer's part runner and batch norm's task kernels, at a serial and a parallel size; prints
+# the digest of every result and the kernels numba compiled (rather than loaded) in this process
+_SHARED_LOOPS = """
+import hashlib, json
+import numpy as np
+import fastopt
+from fastopt.kernels.numba_cpu import KERNELS
+digest = hashlib.sha256()
+for n in (100, 70_000):
+    rng = np.random.default_rng(n)
+    params = [rng.standard_normal(n).astype(np.float32)]
+    opt = fastopt.Adam(params, lr=1e-2, polyak=0.5)
+    for _ in range(2):  # the average starts after the first step; the second runs the averaged runner
+        opt.step([rng.standard_normal(n).astype(np.float32)])
+    x = rng.standard_normal((n // 10, 10)).astype(np.float32)
+    for arrays in (params, opt.averaged_params(), fastopt.batchnorm_forward(x, None, None, None, None),
+                   fastopt.batchnorm_forward(x.reshape(n // 100, 10, 10), None, None, None, None)):
+        for a in arrays:
+            digest.update(np.ascontiguousarray(a).tobytes())
+compiled = sorted({k.__name__ for table in KERNELS.values() for k in table.values()
+                   for d in k.dispatchers.values() if d.stats.cache_misses})
+print(json.dumps([digest.hexdigest(), compiled]))
+"""
+
+
+def test_runners_and_task_kernels_load_from_the_cache_and_give_the_same_bits(tmp_path):
+    """The optimizer's part runner (a C function, ``runners.py``) and batch norm's bodies and shells
+    (``tasks.py``) are found through addresses taken at run time; a second process loads every one
+    of them from the disk cache, compiles nothing, and computes the same bits."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    results = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", _SHARED_LOOPS], capture_output=True, text=True, timeout=600,
+                             env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    (first, compiled_first), (second, compiled_second) = results
+    assert {"_adam_run_averaged", "launch_parts", "launch_parts_serial", "_stats_channels_last_tasks",
+            "_normalize_channel_first_tasks", "_normalize_channel_first"} <= set(compiled_first), compiled_first
+    assert compiled_second == [] and second == first
+
+
+def test_a_runner_or_body_refuses_a_dtype_it_was_not_declared_for():
+    with pytest.raises(TypeError, match=r"_adam_run: no runner for dtype int32 \(declared: float32, float64\)"):
+        optim._adam.plain.address(np.dtype(np.int32))
+    with pytest.raises(TypeError, match="_stats_channels_last_tasks: no declared signature for dtype int32"):
+        batchnorm._stats_channels_last.body.address(np.dtype(np.int32))
 
 
 _STAMPED = """

@@ -32,8 +32,13 @@ backward does one reduction pass (Σg, Σg·(x − μ)) and one elementwise pass
 only on the shape, not on the number of threads, so results are bitwise the same for any thread
 count.
 
+Structure: each parallel kernel is a task kernel (``tasks.py``): its loop body, a serial kernel
+over a range of tasks (``_X_tasks``), compiled once per dtype, and a small parallel shell (``_X``)
+that cuts the tasks into at most ``tasks.PARTS`` ranges and calls the body by address, so the body
+is not compiled again for the parallel kernel and its serial twin.
+
 Threads: an input of fewer than ``_SERIAL_BELOW`` = 65,536 elements runs the serial twins of the
-parallel kernels (``_jit``): the same tasks in the same order on the calling thread, so the
+parallel shells (``_jit``): the same tasks in the same order on the calling thread, so the
 results are bitwise those of the parallel kernels. Measured on the 2-core machine with other jobs
 running (float32, medians of 200 calls, NUMBA_NUM_THREADS=2): at 1,024 elements a forward took
 30 µs serial, and one parallel forward took 16 ms waiting for a busy core; at 65,536 elements

@@ -87,7 +87,7 @@ SELECTIONS: dict[str, Selection] = {
     "optim-adam": _optim("adam"),
     "optim-delta-bar-delta": _optim("delta_bar_delta"),
     # several parts per kernel call: chunk boundaries of the tensor table
-    "optim-large": Selection(("tests/test_optim_backends.py",), "sgd and numba and 1048579"),
+    "optim-large": Selection(("tests/test_optim_backends.py",), "sgd and numba and 131075"),
     # the NumPy reference against steps computed by hand (no numba)
     "reference-optim": Selection(("tests/test_reference_optim.py",)),
     # torch's maximize, dampening and lr_decay: the reference and the kernels' lowering against torch.optim

@@ -40,8 +40,10 @@ variance r − s ⊙ s is a difference of two quantized states and goes negative
 with the torch convention (undefined), and the other optimizers (``state8_supported``).
 
 Parallelism: the tensors' blocks form one flat block index space cut into parts of whole blocks
-(a block never spans two threads); ``prange`` over the parts, each with a scratch buffer of
-2 × block float32. Lists of fewer than ``multi.SERIAL_BELOW`` elements run the serial twin.
+(a block never spans two threads), each part with a scratch buffer of 2 × block float32. Every
+update's part runner (``_run8`` bound to it) compiles once per variant, without ``parallel``; one
+shell per variant, shared by all updates, runs the parts over ``prange`` and calls the runner by
+address (``tasks.py``). Lists of fewer than ``multi.SERIAL_BELOW`` elements run the serial twin.
 
 Memory traffic per element, k quantized states (float32 θ, g):
 
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import math
 import platform
+import types as pytypes
 
 import numba
 import numpy as np
@@ -70,13 +73,14 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 from ._ir import counted_loop
-from ._jit import kernel
+from ._jit import _renamed, kernel
 from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16
 from .mixed import _decode, _encode, _keys, _pointer16, is_low_precision
 from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
 from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
+from .tasks import TaskKernel, call_tasks
 
 __all__ = ["SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
 
@@ -546,7 +550,7 @@ def _requantize(scratch, count, amax_bits, codes, i0, absmax, b, thresholds, zer
 
 
 def _update8(scalars: int, states: int):
-    """Turn an element update ``element(p, g, s0, s1, h) -> (θᵢ, s0, s1)`` (dequantized float32
+    """Declare an element update ``element(p, g, s0, s1, h) -> (θᵢ, s0, s1)`` (dequantized float32
     states in, new ones out; s1 unused when ``states`` is 1) taking ``scalars`` host scalars into
     ``run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup,
     block)``, which runs one part (a range of whole blocks) of the tensor list: dequantize, update,
@@ -563,123 +567,177 @@ def _update8(scalars: int, states: int):
     then the requantization from the scratch row, still in L1 (``_requantize``)."""
 
     def wrap(element):
-        update = numba.njit(inline="always", error_model="numpy")(element)
-
-        def run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master,
-                keys, grad16, half, bf16state):
-            h = to_fixed_tuple(hyper, scalars)
-            grad_mul = hyper[scalars]
-            grad_clip = hyper[scalars + 1]
-            zero_f = np.float32(0)
-            scratch0 = np.empty(block, np.float32)
-            scratch1 = np.empty(block, np.float32)
-            values0 = values[0]  # the rows as views once per part: a view made per block costs
-            values1 = values[1]  # reference counting that showed in the step's time
-            thresholds0 = thresholds[0]
-            thresholds1 = thresholds[1]
-            lookup0 = lookup[0]
-            lookup1 = lookup[1]
-            zero0 = zeros[0]
-            zero1 = zeros[1]
-            lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
-            t = last_at_most(offsets, lo)
-            while lo < hi:
-                b0, b1, lo = next_span(offsets, t, lo, hi)
-                n = table[t, _SIZE]
-                param = pointer(table[t, _PARAM], grad_mul)
-                grad = pointer(table[t, _GRAD], grad_mul)
-                param16 = _pointer16(table[t, _PARAM])  # (16-bit parameters and gradients)
-                grad16_at = _pointer16(table[t, _GRAD])
-                copy = pointer(table[t, _MASTER], grad_mul)
-                codes0 = _bytes(table[t, _CODES0])
-                state16_0 = _pointer16(table[t, _CODES0])  # (bfloat16 state)
-                state16_1 = _pointer16(table[t, _CODES1])
-                absmax0 = pointer(table[t, _ABSMAX0], grad_mul)
-                codes1 = _bytes(table[t, _CODES1])
-                absmax1 = pointer(table[t, _ABSMAX1], grad_mul)
-                avg = pointer(table[t, _AVG], grad_mul)  # null unless averaged
-                for b in range(b0, b1):
-                    i0 = b * block
-                    count = min(block, n - i0)
-                    if bf16state is None:
-                        a0 = absmax0[b]
-                        a1 = absmax1[b] if states > 1 else zero_f
-                        full = count - (count & _VECTOR_TAIL)  # whole vectors: ``_decode_vectors``
-                        _decode_vectors(codes0, i0, full, values0, a0, scratch0)
-                        if states > 1:
-                            _decode_vectors(codes1, i0, full, values1, a1, scratch1)
-                        for j in range(full, count):  # decode: a table look-up per state (scalar)
-                            scratch0[j] = values0[codes0[i0 + j]] * a0
-                            if states > 1:
-                                scratch1[j] = values1[codes1[i0 + j]] * a1
-                    else:
-                        for j in range(count):  # bfloat16 state: decode exactly
-                            scratch0[j] = bf16_to_f32(state16_0[i0 + j])
-                            if states > 1:
-                                scratch1[j] = bf16_to_f32(state16_1[i0 + j])
-                    bits0 = _NO_BITS
-                    bits1 = _NO_BITS
-                    for j in range(count):  # update: no look-ups, vectorized
-                        i = i0 + j
-                        if grad16 is None:
-                            g = grad[i]
-                        else:
-                            g = _decode(grad16_at[i], half)
-                        g = _transformed(g, grad_mul, grad_clip)
-                        if low is None:
-                            p = param[i]
-                        elif master is None:
-                            p = _decode(param16[i], half)
-                        else:
-                            p = copy[i]
-                        p, s0, s1 = update(p, g, scratch0[j], scratch1[j] if states > 1 else zero_f, h)
-                        if low is None:
-                            param[i] = p
-                        else:
-                            if master is not None:
-                                copy[i] = p
-                            param16[i] = _encode(p, half, keys, t, i)
-                        if avg_weight is not None:
-                            a = avg[i]
-                            avg[i] = a + avg_weight * (p - a)
-                        scratch0[j] = s0
-                        bits0 = max(bits0, f32_bits(s0) & _ABS_BITS)
-                        if states > 1:
-                            scratch1[j] = s1
-                            bits1 = max(bits1, f32_bits(s1) & _ABS_BITS)
-                    if bf16state is None:
-                        _requantize(scratch0, count, bits0, codes0, i0, absmax0, b, thresholds0, zero0, lookup0)
-                        if states > 1:
-                            _requantize(scratch1, count, bits1, codes1, i0, absmax1, b, thresholds1, zero1, lookup1)
-                    else:
-                        for j in range(count):  # bfloat16 state: round to nearest even
-                            state16_0[i0 + j] = f32_to_bf16(scratch0[j])
-                            if states > 1:
-                                state16_1[i0 + j] = f32_to_bf16(scratch1[j])
-                t += 1
-
-        run.__name__ = run.__qualname__ = f"{element.__name__}_run"  # see runners.Runner
-        run = numba.njit(error_model="numpy")(run)
-        run.element = update
-        run.scalars = scalars
-        run.states = states
-        run.__doc__ = element.__doc__
-        return run
+        return _Update8(element, scalars, states)
 
     return wrap
 
 
-class _Kernel8:
-    """A state8 kernel in its two variants, each compiled on first use: ``plain`` (avg_weight
-    typed None) and ``averaged``; float32 only, each with its serial twin."""
+class _Update8:
+    """An element update and its part runner: ``_run8`` with the element (``_ELEMENT8``), its
+    scalar and state counts bound as compile-time globals, under its own name
+    (``<element>_run``; see ``runners.Runner``); each variant's signature compiles at first use
+    (``_Kernel8.variant``)."""
 
-    def __init__(self, shell, update):
-        self.__name__ = shell.__name__
+    def __init__(self, element, scalars: int, states: int):
+        self.element = numba.njit(inline="always", error_model="numpy")(element)
+        self.scalars = scalars
+        self.states = states
+        self.__doc__ = element.__doc__
+        name = f"{element.__name__}_run"
+        globals_ = {**_run8.__globals__, "_ELEMENT8": self.element, "_SCALARS8": scalars, "_STATES8": states}
+        run = pytypes.FunctionType(_run8.__code__, globals_, name, _run8.__defaults__, _run8.__closure__)
+        run.__qualname__ = name
+        run.__module__ = _run8.__module__
+        run.__doc__ = element.__doc__
+        self.run = run
+
+
+# Bound per update by ``_Update8`` (compile-time constants):
+_ELEMENT8 = _SCALARS8 = _STATES8 = None
+
+
+def _run8(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master,
+          keys, grad16, half, bf16state):
+    """Part ``part`` of ``parts`` (a range of whole blocks) of the tensor list: the template of
+    every 8-bit update's part runner (``_update8``)."""
+    h = to_fixed_tuple(hyper, _SCALARS8)
+    grad_mul = hyper[_SCALARS8]
+    grad_clip = hyper[_SCALARS8 + 1]
+    zero_f = np.float32(0)
+    scratch0 = np.empty(block, np.float32)
+    scratch1 = np.empty(block, np.float32)
+    values0 = values[0]  # the rows as views once per part: a view made per block costs
+    values1 = values[1]  # reference counting that showed in the step's time
+    thresholds0 = thresholds[0]
+    thresholds1 = thresholds[1]
+    lookup0 = lookup[0]
+    lookup1 = lookup[1]
+    zero0 = zeros[0]
+    zero1 = zeros[1]
+    lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
+    t = last_at_most(offsets, lo)
+    while lo < hi:
+        b0, b1, lo = next_span(offsets, t, lo, hi)
+        n = table[t, _SIZE]
+        param = pointer(table[t, _PARAM], grad_mul)
+        grad = pointer(table[t, _GRAD], grad_mul)
+        param16 = _pointer16(table[t, _PARAM])  # (16-bit parameters and gradients)
+        grad16_at = _pointer16(table[t, _GRAD])
+        copy = pointer(table[t, _MASTER], grad_mul)
+        codes0 = _bytes(table[t, _CODES0])
+        state16_0 = _pointer16(table[t, _CODES0])  # (bfloat16 state)
+        state16_1 = _pointer16(table[t, _CODES1])
+        absmax0 = pointer(table[t, _ABSMAX0], grad_mul)
+        codes1 = _bytes(table[t, _CODES1])
+        absmax1 = pointer(table[t, _ABSMAX1], grad_mul)
+        avg = pointer(table[t, _AVG], grad_mul)  # null unless averaged
+        for b in range(b0, b1):
+            i0 = b * block
+            count = min(block, n - i0)
+            if bf16state is None:
+                a0 = absmax0[b]
+                a1 = absmax1[b] if _STATES8 > 1 else zero_f
+                full = count - (count & _VECTOR_TAIL)  # whole vectors: ``_decode_vectors``
+                _decode_vectors(codes0, i0, full, values0, a0, scratch0)
+                if _STATES8 > 1:
+                    _decode_vectors(codes1, i0, full, values1, a1, scratch1)
+                for j in range(full, count):  # decode: a table look-up per state (scalar)
+                    scratch0[j] = values0[codes0[i0 + j]] * a0
+                    if _STATES8 > 1:
+                        scratch1[j] = values1[codes1[i0 + j]] * a1
+            else:
+                for j in range(count):  # bfloat16 state: decode exactly
+                    scratch0[j] = bf16_to_f32(state16_0[i0 + j])
+                    if _STATES8 > 1:
+                        scratch1[j] = bf16_to_f32(state16_1[i0 + j])
+            bits0 = _NO_BITS
+            bits1 = _NO_BITS
+            for j in range(count):  # update: no look-ups, vectorized
+                i = i0 + j
+                if grad16 is None:
+                    g = grad[i]
+                else:
+                    g = _decode(grad16_at[i], half)
+                g = _transformed(g, grad_mul, grad_clip)
+                if low is None:
+                    p = param[i]
+                elif master is None:
+                    p = _decode(param16[i], half)
+                else:
+                    p = copy[i]
+                p, s0, s1 = _ELEMENT8(p, g, scratch0[j], scratch1[j] if _STATES8 > 1 else zero_f, h)
+                if low is None:
+                    param[i] = p
+                else:
+                    if master is not None:
+                        copy[i] = p
+                    param16[i] = _encode(p, half, keys, t, i)
+                if avg_weight is not None:
+                    a = avg[i]
+                    avg[i] = a + avg_weight * (p - a)
+                scratch0[j] = s0
+                bits0 = max(bits0, f32_bits(s0) & _ABS_BITS)
+                if _STATES8 > 1:
+                    scratch1[j] = s1
+                    bits1 = max(bits1, f32_bits(s1) & _ABS_BITS)
+            if bf16state is None:
+                _requantize(scratch0, count, bits0, codes0, i0, absmax0, b, thresholds0, zero0, lookup0)
+                if _STATES8 > 1:
+                    _requantize(scratch1, count, bits1, codes1, i0, absmax1, b, thresholds1, zero1, lookup1)
+            else:
+                for j in range(count):  # bfloat16 state: round to nearest even
+                    state16_0[i0 + j] = f32_to_bf16(scratch0[j])
+                    if _STATES8 > 1:
+                        state16_1[i0 + j] = f32_to_bf16(scratch1[j])
+        t += 1
+
+
+def _signature8(key: tuple, prefix: tuple) -> types.Signature:
+    """The signature of a variant (``_Kernel8.variant``'s key) after the ``prefix`` arguments."""
+    averaged, low, master, stochastic, grad16, half, bf16state = key
+    f32, flag = types.float32, types.boolean
+    return types.void(*prefix,
+        types.int64[:, ::1], types.int64[::1], f32[::1], f32 if averaged else types.none, f32[:, ::1],
+        f32[:, ::1], types.uint8[::1], types.int32[:, ::1], types.int64, flag if low else types.none,
+        flag if master else types.none, types.int64[::1] if stochastic else types.none,
+        flag if grad16 else types.none, flag if half else types.none, flag if bf16state else types.none)
+
+
+def _shell8(body, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys,
+            grad16, half, bf16state):
+    """Every part of the block index space with the part runner at address ``body``."""
+    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
+    parts = min(parts, offsets[offsets.shape[0] - 1])
+    for part in prange(parts):
+        call_tasks(body, part, parts, (table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block,
+                                       low, master, keys, grad16, half, bf16state))
+
+
+_SHELLS: dict[tuple, object] = {}
+
+
+def _shell_for(key: tuple):
+    """The shell of a variant, one for every update (its own name, so its own cache index), with
+    its serial twin; compiled at first use."""
+    found = _SHELLS.get(key)
+    if found is None:
+        tag = "".join(str(int(flag)) for flag in key)
+        found = _SHELLS[key] = kernel([_signature8(key, (types.int64,))])(_renamed(_shell8, f"_{tag}"))
+    return found
+
+
+class _Kernel8:
+    """A state8 update in its variants, each a task kernel (``tasks.py``) compiled on first use:
+    the update's part runner for the variant's signature (the body, called with (part, parts)) and
+    the variant's shell, which every update shares; ``plain`` (avg_weight typed None) and
+    ``averaged`` float32 variants made up front. Each has its serial twin."""
+
+    def __init__(self, update, name: str):
+        self.__name__ = name
         self.__doc__ = update.__doc__
         self.update = update
         self.scalars = update.scalars
         self.states = update.states
-        self._shell = shell
         self._variants: dict[tuple, object] = {}
         self.plain = self.variant(False)
         self.averaged = self.variant(True)
@@ -693,25 +751,14 @@ class _Kernel8:
         key = (averaged, low, master, stochastic, grad16, half, bf16state)
         found = self._variants.get(key)
         if found is None:
-            f32, flag = types.float32, types.boolean
-            signature = types.void(
-                types.int64[:, ::1], types.int64[::1], f32[::1], f32 if averaged else types.none, f32[:, ::1],
-                f32[:, ::1], types.uint8[::1], types.int32[:, ::1], types.int64, flag if low else types.none,
-                flag if master else types.none, types.int64[::1] if stochastic else types.none,
-                flag if grad16 else types.none, flag if half else types.none, flag if bf16state else types.none)
-            found = self._variants[key] = kernel([signature])(self._shell)
+            body = kernel([_signature8(key, (types.int64, types.int64))], parallel=False,
+                          error_model="numpy")(self.update.run)
+            found = self._variants[key] = TaskKernel(body, _shell_for(key))
         return found
 
     @property
     def variants(self):
         return (self.plain, self.averaged)
-
-
-def _kernel8(update):
-    def wrap(shell):
-        return _Kernel8(shell, update)
-
-    return wrap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,13 +785,7 @@ def _adam8_update(p, g, m, v, h):
     return p - lr * (m / bc1) / (eps + math.sqrt(v / bc2)), m, v
 
 
-@_kernel8(_adam8_update)
-def _adam8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
-    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
-    parts = min(parts, offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _adam8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros,
-                      lookup, block, low, master, keys, grad16, half, bf16state)
+_adam8 = _Kernel8(_adam8_update, "_adam8")
 
 
 @_update8(4, 1)
@@ -761,13 +802,7 @@ def _sgd_momentum8_update(p, g, v, unused, h):
     return p + k * v, v, unused
 
 
-@_kernel8(_sgd_momentum8_update)
-def _sgd_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
-    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
-    parts = min(parts, offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _sgd_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                              zeros, lookup, block, low, master, keys, grad16, half, bf16state)
+_sgd_momentum8 = _Kernel8(_sgd_momentum8_update, "_sgd_momentum8")
 
 
 @_update8(3, 1)
@@ -783,13 +818,7 @@ def _sgd_nesterov8_update(p, g, v, unused, h):
     return p + momentum * v - lr * g, v, unused
 
 
-@_kernel8(_sgd_nesterov8_update)
-def _sgd_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
-    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
-    parts = min(parts, offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _sgd_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                              zeros, lookup, block, low, master, keys, grad16, half, bf16state)
+_sgd_nesterov8 = _Kernel8(_sgd_nesterov8_update, "_sgd_nesterov8")
 
 
 @_update8(3, 1)
@@ -805,13 +834,7 @@ def _sgd_nesterov_torch8_update(p, g, b, unused, h):
     return p - lr * (g + momentum * b), b, unused
 
 
-@_kernel8(_sgd_nesterov_torch8_update)
-def _sgd_nesterov_torch8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
-    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
-    parts = min(parts, offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _sgd_nesterov_torch8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                    values, zeros, lookup, block, low, master, keys, grad16, half, bf16state)
+_sgd_nesterov_torch8 = _Kernel8(_sgd_nesterov_torch8_update, "_sgd_nesterov_torch8")
 
 
 @_update8(3, 1)
@@ -827,13 +850,7 @@ def _adagrad8_update(p, g, r, unused, h):
     return p - lr * g / (eps + math.sqrt(r)), r, unused
 
 
-@_kernel8(_adagrad8_update)
-def _adagrad8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
-    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
-    parts = min(parts, offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _adagrad8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                         zeros, lookup, block, low, master, keys, grad16, half, bf16state)
+_adagrad8 = _Kernel8(_adagrad8_update, "_adagrad8")
 
 
 @_update8(6, 1)
@@ -851,13 +868,7 @@ def _rmsprop8_update(p, g, r, unused, h):
     return p - lr * g / (math.sqrt(eps_in + r) + eps_out), r, unused
 
 
-@_kernel8(_rmsprop8_update)
-def _rmsprop8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
-    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
-    parts = min(parts, offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _rmsprop8_update(part, parts, table, offsets, hyper, avg_weight, thresholds, values,
-                         zeros, lookup, block, low, master, keys, grad16, half, bf16state)
+_rmsprop8 = _Kernel8(_rmsprop8_update, "_rmsprop8")
 
 
 @_update8(8, 2)
@@ -879,13 +890,7 @@ def _rmsprop_momentum8_update(p, g, r, v, h):
     return p + k * v, r, v
 
 
-@_kernel8(_rmsprop_momentum8_update)
-def _rmsprop_momentum8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
-    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
-    parts = min(parts, offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _rmsprop_momentum8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                  values, zeros, lookup, block, low, master, keys, grad16, half, bf16state)
+_rmsprop_momentum8 = _Kernel8(_rmsprop_momentum8_update, "_rmsprop_momentum8")
 
 
 @_update8(6, 2)
@@ -904,13 +909,7 @@ def _rmsprop_nesterov8_update(p, g, r, v, h):
     return p + momentum * v - u, r, v
 
 
-@_kernel8(_rmsprop_nesterov8_update)
-def _rmsprop_nesterov8(table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys, grad16, half, bf16state):
-    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
-    parts = min(parts, offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _rmsprop_nesterov8_update(part, parts, table, offsets, hyper, avg_weight, thresholds,
-                                  values, zeros, lookup, block, low, master, keys, grad16, half, bf16state)
+_rmsprop_nesterov8 = _Kernel8(_rmsprop_nesterov8_update, "_rmsprop_nesterov8")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def test_low_precision_jobs_are_the_kernels_a_step_launches():
 
     f16 = precompile.jobs(["adagrad"], ["float16"])
     assert [(j.name, j.label()) for j in f16] == [
-        (f"adagrad.float16.{v}{s}", "float16") for v in ("plain", "averaged") for s in ("", ".serial")] + [
+        (f"adagrad.float16.{v}{s}", "float16") for v in ("plain", "averaged") for s in ("", ".serial", ".tasks")] + [
         ("grads_match_objects", "any")]
     int8 = precompile.jobs(["adagrad"], ["float32", "float16"], "int8")
     expected = {d: [(f"adagrad8.{d}.int8-state.{v}{s}", f"{d}/int8-state") for v in ("plain", "averaged")
@@ -196,7 +196,7 @@ def test_low_precision_jobs_are_the_kernels_a_step_launches():
             p = rng.standard_normal(5000).astype(np.float16)
             fastopt.AdaGrad([p], lr=0.1, **options).step([np.ones(5000, np.float16)])
     used = [k for k in called if k.py_func.__module__ in (mixed.__name__, state8.__name__)]
-    assert len(used) == 2, used  # the two serial twins (5,000 elements; the 8-bit one a shell, ``tasks.py``)
+    assert len(used) == 2, used  # the two serial shells (5,000 elements; ``tasks.py``)
     jobs = {id(j.kernel) for j in f16 + int8}
     assert all(id(k) in jobs for k in used)
 

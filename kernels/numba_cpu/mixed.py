@@ -27,7 +27,10 @@ master weights 2 + b_g + 4s read, 2 + 4s written (bfloat16 Adam: 22 B). The Poly
 Variants are compiled per combination of (master weights, stochastic rounding, float32
 gradients, float16 rather than bfloat16, Polyak average) on first use: each is a type in the
 kernel's signature (``None`` for off), and numba prunes the branches a variant does not take, so
-every inner loop is straight-line code for its combination.
+every inner loop is straight-line code for its combination. Each variant is a task kernel
+(``tasks.py``): the update's part runner compiled once for the variant, without ``parallel``, and
+a shell per variant, shared by all updates, that runs the parts over ``prange`` (or on the
+calling thread: its serial twin) and calls the runner by address.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from ._jit import kernel
 from .lowbits import (GAMMA, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, stochastic_bf16, stochastic_f16,
                       tensor_key, uniform)
 from .multi import AVG, GRAD, PARAM, SERIAL_BELOW, STATE, last_at_most, next_span, part_range, parts_for, pointer
+from .tasks import SharedShells, TaskKernel, call_tasks
 
 __all__ = ["bfloat16_if_imported", "mixed_step", "mixed_sumsq", "is_low_precision"]
 
@@ -103,46 +107,46 @@ def _encode(x, half, keys, t, i):
     return stochastic_f16(x, u)
 
 
-def _mixed_runner(update, scalars: int, name: str):
-    """``run(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half)``: the
-    low-precision counterpart of ``optim._run_part``, around the same element update."""
+# Bound per update by ``_MixedKernel`` (compile-time constants of each copy of ``_run``):
+_UPDATE = _SCALARS = None
 
-    def run(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half):
-        h = to_fixed_tuple(hyper, scalars)
-        grad_mul = hyper[scalars]
-        grad_clip = hyper[scalars + 1]
-        lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
-        t = last_at_most(offsets, lo)
-        while lo < hi:
-            i0, i1, lo = next_span(offsets, t, lo, hi)
-            low = _pointer16(table[t, PARAM])
-            grad16 = _pointer16(table[t, GRAD])
-            grad = pointer(table[t, GRAD], grad_mul)
-            copy = pointer(table[t, MASTER], grad_mul)
-            avg = pointer(table[t, AVG], grad_mul)
-            state = (pointer(table[t, STATE], grad_mul), pointer(table[t, STATE + 1], grad_mul),
-                     pointer(table[t, STATE + 2], grad_mul))
-            for i in range(i0, i1):
-                if grad32 is None:
-                    g = _decode(grad16[i], half)
-                else:
-                    g = grad[i]
-                g = _optim._transformed(g, grad_mul, grad_clip)
-                if master is None:
-                    p = _decode(low[i], half)
-                else:
-                    p = copy[i]
-                p = update(p, g, state, i, h)
-                if master is not None:
-                    copy[i] = p
-                low[i] = _encode(p, half, keys, t, i)
-                if avg_weight is not None:
-                    a = avg[i]
-                    avg[i] = a + avg_weight * (p - a)
-            t += 1
 
-    run.__name__ = run.__qualname__ = name  # see runners.Runner: one name per runner
-    return numba.njit(error_model="numpy")(run)
+def _run(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half):
+    """Part ``part`` of ``parts`` of the tensor list: the low-precision counterpart of
+    ``optim._run_part``, around the same element update (``_UPDATE``, taking ``_SCALARS`` host
+    scalars); the template of every update's part runner (``_MixedKernel``)."""
+    h = to_fixed_tuple(hyper, _SCALARS)
+    grad_mul = hyper[_SCALARS]
+    grad_clip = hyper[_SCALARS + 1]
+    lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
+    t = last_at_most(offsets, lo)
+    while lo < hi:
+        i0, i1, lo = next_span(offsets, t, lo, hi)
+        low = _pointer16(table[t, PARAM])
+        grad16 = _pointer16(table[t, GRAD])
+        grad = pointer(table[t, GRAD], grad_mul)
+        copy = pointer(table[t, MASTER], grad_mul)
+        avg = pointer(table[t, AVG], grad_mul)
+        state = (pointer(table[t, STATE], grad_mul), pointer(table[t, STATE + 1], grad_mul),
+                 pointer(table[t, STATE + 2], grad_mul))
+        for i in range(i0, i1):
+            if grad32 is None:
+                g = _decode(grad16[i], half)
+            else:
+                g = grad[i]
+            g = _optim._transformed(g, grad_mul, grad_clip)
+            if master is None:
+                p = _decode(low[i], half)
+            else:
+                p = copy[i]
+            p = _UPDATE(p, g, state, i, h)
+            if master is not None:
+                copy[i] = p
+            low[i] = _encode(p, half, keys, t, i)
+            if avg_weight is not None:
+                a = avg[i]
+                avg[i] = a + avg_weight * (p - a)
+        t += 1
 
 
 def _copy(func, name: str, **names):
@@ -155,38 +159,49 @@ def _copy(func, name: str, **names):
     return copy
 
 
-def _shell(table, offsets, hyper, avg_weight, master, keys, grad32, half):
+def _shell(body, table, offsets, hyper, avg_weight, master, keys, grad32, half):
+    """Every part of the tensor list, each by the part runner at address ``body`` (``tasks.py``)."""
     parts = parts_for(offsets[offsets.shape[0] - 1])
     for part in prange(parts):
-        _RUN(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half)  # noqa: F821
+        call_tasks(body, part, parts, (table, offsets, hyper, avg_weight, master, keys, grad32, half))
 
 
-def _signature(averaged: bool, master: bool, stochastic: bool, grad32: bool, half: bool):
+def _signature(key: tuple, prefix: tuple) -> types.Signature:
+    """The signature of a variant (``_MixedKernel.variant``'s key) after the ``prefix`` arguments."""
+    averaged, master, stochastic, grad32, half = key
     f32 = types.float32
-    return types.void(types.int64[:, ::1], types.int64[::1], f32[::1], f32 if averaged else types.none,
+    return types.void(*prefix, types.int64[:, ::1], types.int64[::1], f32[::1], f32 if averaged else types.none,
                       types.boolean if master else types.none, types.int64[::1] if stochastic else types.none,
                       types.boolean if grad32 else types.none, types.boolean if half else types.none)
 
 
+# one shell per variant, shared by every update
+_shell_for = SharedShells(_shell, lambda key: _signature(key, (types.int64,)))
+
+
 class _MixedKernel:
-    """One optimizer kernel of ``optim.py`` for low-precision parameters: a shell of its own
-    (qualified name ``_mixed_<kernel>``, so its disk cache is its own), and one lazily compiled
-    ``_jit`` kernel per variant, each with its serial twin."""
+    """One optimizer kernel of ``optim.py`` for low-precision parameters, in variants compiled on
+    first use, each a task kernel (``tasks.py``): the update's part runner (``_run`` bound to the
+    update, named ``_mixed<kernel>_run`` so its disk cache is its own) compiled for the variant's
+    signature as the body, and the variant's shell, which every update shares; each with its
+    serial twin. The runner is compiled once per variant, not again inside a parallel kernel and
+    its twin."""
 
     def __init__(self, update_kernel):
         name = f"_mixed{update_kernel.__name__}"
-        runner = _mixed_runner(update_kernel.element, update_kernel.scalars, f"{name}_run")
-        shell = _copy(_shell, name, _RUN=runner)
-        shell.__doc__ = update_kernel.__doc__
         self.__name__ = name
-        self._shell = shell
+        self.__doc__ = update_kernel.__doc__
+        self._run = _copy(_run, f"{name}_run", _UPDATE=update_kernel.element, _SCALARS=update_kernel.scalars)
+        self._run.__doc__ = update_kernel.__doc__
         self._variants: dict[tuple, object] = {}
 
     def variant(self, averaged: bool, master: bool, stochastic: bool, grad32: bool, half: bool):
         key = (averaged, master, stochastic, grad32, half)
         found = self._variants.get(key)
         if found is None:
-            found = self._variants[key] = kernel([_signature(*key)])(self._shell)
+            body = kernel([_signature(key, (types.int64, types.int64))], parallel=False,
+                          error_model="numpy")(self._run)
+            found = self._variants[key] = TaskKernel(body, _shell_for(key))
         return found
 
     def variants(self):

@@ -73,14 +73,14 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 from ._ir import counted_loop
-from ._jit import _renamed, kernel
+from ._jit import kernel
 from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16
 from .mixed import _decode, _encode, _keys, _pointer16, is_low_precision
 from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
 from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
-from .tasks import TaskKernel, call_tasks
+from .tasks import SharedShells, TaskKernel, call_tasks
 
 __all__ = ["SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
 
@@ -713,17 +713,8 @@ def _shell8(body, table, offsets, hyper, avg_weight, thresholds, values, zeros, 
                                        low, master, keys, grad16, half, bf16state))
 
 
-_SHELLS: dict[tuple, object] = {}
-
-
-def _shell_for(key: tuple):
-    """The shell of a variant, one for every update (its own name, so its own cache index), with
-    its serial twin; compiled at first use."""
-    found = _SHELLS.get(key)
-    if found is None:
-        tag = "".join(str(int(flag)) for flag in key)
-        found = _SHELLS[key] = kernel([_signature8(key, (types.int64,))])(_renamed(_shell8, f"_{tag}"))
-    return found
+# one shell per variant, shared by every update
+_shell_for = SharedShells(_shell8, lambda key: _signature8(key, (types.int64,)))
 
 
 class _Kernel8:

@@ -316,6 +316,56 @@ def test_runners_and_task_kernels_load_from_the_cache_and_give_the_same_bits(tmp
     assert compiled_second == [] and second == first
 
 
+# two updates on 16-bit parameters and two with 8-bit state, at a serial and a parallel size: each
+# pair's bodies share one shell per variant; prints the digest of the parameters after two steps
+# and the low-precision kernels numba compiled (rather than loaded) in this process
+_LOW_PRECISION_LOOPS = """
+import hashlib, json
+import ml_dtypes
+import numpy as np
+import fastopt
+from fastopt.kernels.numba_cpu import low_precision_kernels
+BF16 = ml_dtypes.bfloat16
+runs = [(fastopt.Adam, {}, BF16), (fastopt.AdaGrad, {}, BF16),
+        (fastopt.Adam, {"state_dtype": "int8"}, np.float32), (fastopt.AdaGrad, {"state_dtype": "int8"}, np.float32)]
+digest = hashlib.sha256()
+for n in (5_000, 70_000):
+    for cls, options, dtype in runs:
+        rng = np.random.default_rng(n)
+        params = [rng.standard_normal(n).astype(dtype)]
+        opt = cls(params, lr=1e-2, **options)
+        for _ in range(2):
+            opt.step([rng.standard_normal(n).astype(dtype)])
+        digest.update(params[0].tobytes())
+kernels = {}
+for op, dtype, state_dtype in (("adam", "bfloat16", "float32"), ("adagrad", "bfloat16", "float32"),
+                               ("adam", "float32", "int8"), ("adagrad", "float32", "int8")):
+    kernels.update(low_precision_kernels(op, dtype, state_dtype))
+compiled = sorted({name for name, k in kernels.items() for d in k.dispatchers.values() if d.stats.cache_misses})
+print(json.dumps([digest.hexdigest(), compiled]))
+"""
+
+
+def test_low_precision_task_kernels_load_from_the_cache_and_give_the_same_bits(tmp_path):
+    """The bodies of 16-bit and 8-bit updates are copies of one template under each update's name,
+    and their shells are shared by every update of a family: a second process loads each body and
+    shell from the disk cache (none taken for another update's), compiles nothing, and computes the
+    same bits."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    results = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", _LOW_PRECISION_LOOPS], capture_output=True, text=True,
+                             timeout=600, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    (first, compiled_first), (second, compiled_second) = results
+    expected = {f"{op}.bfloat16.plain{part}" for op in ("adam", "adagrad") for part in ("", ".serial", ".tasks")}
+    expected |= {f"{op}8.float32.int8-state.plain{part}" for op in ("adam", "adagrad")
+                 for part in ("", ".serial", ".tasks")}
+    assert expected <= set(compiled_first), compiled_first
+    assert compiled_second == [] and second == first
+
+
 def test_a_runner_or_body_refuses_a_dtype_it_was_not_declared_for():
     with pytest.raises(TypeError, match=r"_adam_run: no runner for dtype int32 \(declared: float32, float64\)"):
         optim._adam.plain.address(np.dtype(np.int32))

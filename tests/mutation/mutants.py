@@ -21,6 +21,8 @@ NUMBA_OPTIM = "kernels/numba_cpu/optim.py"
 NUMBA_MULTI = "kernels/numba_cpu/multi.py"
 NUMBA_REDUCE = "kernels/numba_cpu/reduce.py"
 NUMBA_BATCHNORM = "kernels/numba_cpu/batchnorm.py"
+NUMBA_MIXED = "kernels/numba_cpu/mixed.py"
+NUMBA_STATE8 = "kernels/numba_cpu/state8.py"
 REF_OPTIM = "fastopt/reference/optim.py"
 REF_EXTRAS = "fastopt/reference/extras.py"
 REF_BATCHNORM = "fastopt/reference/batchnorm.py"
@@ -123,6 +125,12 @@ SELECTIONS: dict[str, Selection] = {
                                      "(test_backend_matches_float64_reference and numba) or finite_differences"),
     # batch norm eps and momentum away from their defaults (numba against the reference)
     "sweep-batchnorm": Selection((SWEEP_BATCHNORM,), "numba"),
+    # 16-bit parameters (mixed.py): every optimizer with master weights, Adam's variants, the
+    # Polyak average and norm clipping of 16-bit gradients, against the reference
+    "mixed": Selection(("tests/test_mixed_precision.py",),
+                       "every_optimizer or adam_variants or polyak or norm_clipping"),
+    # 8-bit state (state8.py): codes, absmax and parameters bit for bit against the reference
+    "state8": Selection(("tests/test_state8.py",), "kernel_matches_reference or extras_match or parallel_kernel"),
 }
 
 
@@ -313,6 +321,32 @@ MUTANTS: list[Mutant] = [
        "if math.isinf(coef):",
        "clip-by-norm factor: a NaN norm gives the factor inv_scale instead of NaN (non-finite handling)",
        "wrong operator", "extras", "reduce"),
+    # --------------------------------------------- numba 16-bit parameters and 8-bit state
+    _m("numba-mixed-master-not-written", NUMBA_MIXED,
+       "            if master is not None:\n                copy[i] = p",
+       "            if master is not None:\n                copy[i] = copy[i]",
+       "16-bit parameters: the float32 master copy never updated (θ rounded from the new value once)",
+       "dropped term", "optimizer", "mixed"),
+    _m("numba-mixed-average-swapped", NUMBA_MIXED,
+       "avg[i] = a + avg_weight * (p - a)",
+       "avg[i] = a + avg_weight * (a - p)",
+       "16-bit parameters: the Polyak average moves away from the parameter",
+       "swapped operands", "extras", "mixed"),
+    _m("numba-mixed-grad-transform-dropped", NUMBA_MIXED,
+       "g = _optim._transformed(g, grad_mul, grad_clip)",
+       "g = g",
+       "16-bit parameters: the gradient multiplier (loss scale, norm clipping) and clamp not applied",
+       "dropped term", "extras", "mixed"),
+    _m("numba-state8-absmax-sign-kept", NUMBA_STATE8,
+       "bits0 = max(bits0, f32_bits(s0) & _ABS_BITS)",
+       "bits0 = max(bits0, f32_bits(s0))",
+       "8-bit state: a block's absmax taken over the signed bit patterns (a negative value reads as NaN)",
+       "dropped term", "optimizer", "state8"),
+    _m("numba-state8-second-absmax", NUMBA_STATE8,
+       "a1 = absmax1[b] if _STATES8 > 1 else zero_f",
+       "a1 = absmax0[b] if _STATES8 > 1 else zero_f",
+       "8-bit state: the second state decoded with the first state's block absmax",
+       "wrong operator", "optimizer", "state8"),
     # ------------------------------------------------------------------- numba batch norm
     _m("numba-bn-eps-default", NUMBA_BATCHNORM,
        "outer, span, float(eps), float(momentum),",

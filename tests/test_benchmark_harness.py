@@ -426,6 +426,22 @@ def test_the_cold_start_line_reports_the_first_step():
     assert "`import fastopt` and the first Adam step take 0.40 s in a new process" in benchmark.report.markdown(doc)
 
 
+def test_the_cold_start_section_reports_every_first_run():
+    runs = [dict(command="fastopt " + " ".join(c), whole_s=2.0 + i, compile_s=1.0 + i, train_s=0.1)
+            for i, c in enumerate(coldstart.TRAIN_COMMANDS)]
+    doc = {"meta": dict(dtype="float32", backend="numba", threads=2, threading_layer="omp", repeats=1,
+                        reference_repeats=1),
+           "bandwidth": dict(bytes_per_element=12, elements=1, median_gbps=1.0), "rows": [],
+           "cold_start": dict(kernels=1, signatures=2, first_compile_s=3.0, cached_load_s=0.5,
+                              import_numba_s=0.1, import_kernels_s=0.2, modules={"optim": dict(seconds=3.0)},
+                              first_train=dict(method="each a new process", runs=runs))}
+    text = benchmark.report.markdown(doc)
+    assert len(coldstart.TRAIN_COMMANDS) == 3
+    for i, run in enumerate(runs):
+        assert f"`{run['command']}` compiles for {1.0 + i:.1f} s, {2.0 + i:.1f} s in all" in text
+    assert "`fastopt train --dtype bfloat16 --state-dtype int8` compiles for 3.0 s" in text
+
+
 def test_a_case_builds_and_verifies_on_its_own():
     """What the bench/ suites do with a row: build, verify, read its traffic."""
     case = next(c for c in benchmark.all_cases() if c.name == "batchnorm-forward-train-nhwc")

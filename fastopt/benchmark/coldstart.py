@@ -10,8 +10,9 @@ third one what a user's program pays before its first update: ``import fastopt``
 
 ``first_train`` is the README's first command as a new user runs it: ``fastopt train`` (Adam and
 batch norm) in a new process with an empty cache, timed as a whole process and by its own
-"compile" line, then ``fastopt train --optimizer sgd --momentum 0.9`` (the first use of another
-optimizer configuration) with the cache the first run filled.
+"compile" line, then the first uses of other configurations with the cache the first run filled:
+``fastopt train --optimizer sgd --momentum 0.9`` (another optimizer) and ``fastopt train --dtype
+bfloat16 --state-dtype int8`` (bfloat16 parameters with master weights and 8-bit Adam state).
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ def first_step(cache_dir: str | None = None, *, timeout: float = 300.0) -> float
     return _run(cache_dir, "", timeout, None, _FIRST_STEP)["seconds"]
 
 
-# the README's first command, then the first use of another optimizer configuration
-TRAIN_COMMANDS = (("train",), ("train", "--optimizer", "sgd", "--momentum", "0.9"))
+# the README's first command, then the first uses of other configurations
+TRAIN_COMMANDS = (("train",), ("train", "--optimizer", "sgd", "--momentum", "0.9"),
+                  ("train", "--dtype", "bfloat16", "--state-dtype", "int8"))
 _COMPILE_LINE = re.compile(r"^compile ([0-9.]+) s, train ([0-9.]+) s", re.M)
 
 

@@ -616,7 +616,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                 "at their first use)")
     p_compile.add_argument("--state-dtype", choices=("float32", "int8", "bfloat16"), default="float32",
                            help="the optimizers' state (default: float32); int8 and bfloat16 compile the kernels with "
-                                "that state, for float32 parameters or those of --dtype")
+                                "that state, for float32 parameters or those of --dtype, and the float32-state kernels "
+                                "the same optimizers run on tensors under min_8bit_size elements")
     p_compile.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                            help="compile in N processes (LLVM compiles on one core; default: one per available "
                                 "core, at most 8, and one per 4 kernel functions selected: 1 for a few kernels)")

@@ -98,8 +98,9 @@ def jobs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
     """The (kernel, dtype) pairs of ``ops`` (default: every operation), each kernel once, in
     operation order. ``dtypes``: of ``DTYPES`` (the default: both) and ``LOW_DTYPES`` (16-bit
     parameters); ``state_dtype`` "int8" or "bfloat16": the optimizers' kernels with that state, for
-    float32 parameters (or the 16-bit ``dtypes``). Raises ValueError naming an unknown operation or
-    dtype."""
+    float32 parameters (or the 16-bit ``dtypes``), and those with float32 state that the same
+    optimizer runs on its tensors under ``min_8bit_size`` elements. Raises ValueError naming an
+    unknown operation or dtype."""
     table = kernels()
     ops = list(dict.fromkeys(ops)) if ops else list(table)
     unknown = [op for op in ops if op not in table]
@@ -122,6 +123,9 @@ def jobs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
                 precisions = [None]
             elif dtype in LOW_DTYPES and op.startswith("batchnorm"):  # 16-bit x: float32 kernels in between
                 precisions.append(None)
+            elif state_dtype != "float32" and _table(op, (dtype, state_dtype)):
+                # tensors under min_8bit_size keep float32 state: the kernels they launch too
+                precisions.append(None if dtype in DTYPES else (dtype, "float32"))
             for precision in precisions:
                 compiled = "float32" if dtype in LOW_DTYPES or precision else dtype
                 for name, k in _table(op, precision).items():

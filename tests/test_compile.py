@@ -173,9 +173,13 @@ def test_low_precision_jobs_are_the_kernels_a_step_launches():
     int8 = precompile.jobs(["adagrad"], ["float32", "float16"], "int8")
     expected = {d: [(f"adagrad8.{d}.int8-state.{v}{s}", f"{d}/int8-state") for v in ("plain", "averaged")
                     for s in ("", ".serial", ".tasks")] for d in ("float32", "float16")}
-    # the reader once, after the first dtype's kernels
+    # then what the tensors under min_8bit_size run (float32 state); the readers once
+    small = {"float32": [("adagrad.plain", "float32"), ("adagrad.averaged", "float32"), ("launch_parts", "float32"),
+                         ("launch_parts.serial", "float32"), ("gather_objects", "any")],
+             "float16": [(f"adagrad.float16.{v}{s}", "float16") for v in ("plain", "averaged")
+                         for s in ("", ".serial", ".tasks")]}
     assert [(j.name, j.label()) for j in int8] == expected["float32"] + [("grads_match_objects", "any")] + \
-        expected["float16"]
+        small["float32"] + expected["float16"] + small["float16"]
     bn = precompile.jobs(["batchnorm_forward"], ["bfloat16"])
     assert {j.name for j in bn} >= {"decode_bf16", "encode_bf16.serial", "stats_channels_last.serial"}
     assert precompile.jobs(["adadelta"], None, "int8") == []
@@ -199,6 +203,18 @@ def test_low_precision_jobs_are_the_kernels_a_step_launches():
     assert len(used) == 2, used  # the two serial shells (5,000 elements; ``tasks.py``)
     jobs = {id(j.kernel) for j in f16 + int8}
     assert all(id(k) in jobs for k in used)
+
+    # 8-bit state with a tensor under min_8bit_size, which keeps float32 state: the int8 jobs alone
+    # hold every kernel the step launches
+    called.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_jit._Kernel, "__call__", recording)
+        params = [rng.standard_normal(n).astype(np.float16) for n in (5000, 100)]
+        fastopt.AdaGrad(params, lr=0.1, state_dtype="int8").step([np.ones(p.size, np.float16) for p in params])
+    used = [k for k in called if k.py_func.__module__ in (mixed.__name__, state8.__name__)]
+    assert len(used) == 2, used  # one 8-bit and one float32-state serial shell
+    int8_jobs = {id(j.kernel) for j in int8}
+    assert all(id(k) in int8_jobs for k in used), used
 
 
 # a float32 Adam step in a new process with an empty cache: which kernels, in which dtypes, compiled?

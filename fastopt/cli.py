@@ -612,8 +612,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_compile.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
                            help="dtype of the parameters (and of batch norm's x) to compile for (default: float32 and "
                                 "float64); bfloat16 and float16 compile the 16-bit kernels with master weights, "
-                                "rounding to nearest and gradients of the parameter's dtype (other variants compile "
-                                "at their first use)")
+                                "rounding to nearest and gradients of the parameter's dtype or float32 (other "
+                                "variants compile at their first use)")
     p_compile.add_argument("--state-dtype", choices=("float32", "int8", "bfloat16"), default="float32",
                            help="the optimizers' state (default: float32); int8 and bfloat16 compile the kernels with "
                                 "that state, for float32 parameters or those of --dtype, and the float32-state kernels "

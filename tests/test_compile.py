@@ -166,17 +166,20 @@ def test_low_precision_jobs_are_the_kernels_a_step_launches():
     after such steps in this process, every low-precision kernel that compiled is one of the jobs."""
     from fastopt.kernels.numba_cpu import mixed, state8
 
+    # 16-bit parameters: gradients of their dtype, then float32 gradients
+    grads = ("", "float32-grads.")
     f16 = precompile.jobs(["adagrad"], ["float16"])
     assert [(j.name, j.label()) for j in f16] == [
-        (f"adagrad.float16.{v}{s}", "float16") for v in ("plain", "averaged") for s in ("", ".serial", ".tasks")] + [
-        ("grads_match_objects", "any")]
+        (f"adagrad.float16.{g}{v}{s}", "float16") for g in grads for v in ("plain", "averaged")
+        for s in ("", ".serial", ".tasks")] + [("grads_match_objects", "any")]
     int8 = precompile.jobs(["adagrad"], ["float32", "float16"], "int8")
-    expected = {d: [(f"adagrad8.{d}.int8-state.{v}{s}", f"{d}/int8-state") for v in ("plain", "averaged")
+    expected = {d: [(f"adagrad8.{d}.int8-state.{g}{v}{s}", f"{d}/int8-state")
+                    for g in (grads if d == "float16" else ("",)) for v in ("plain", "averaged")
                     for s in ("", ".serial", ".tasks")] for d in ("float32", "float16")}
     # then what the tensors under min_8bit_size run (float32 state); the readers once
     small = {"float32": [("adagrad.plain", "float32"), ("adagrad.averaged", "float32"), ("launch_parts", "float32"),
                          ("launch_parts.serial", "float32"), ("gather_objects", "any")],
-             "float16": [(f"adagrad.float16.{v}{s}", "float16") for v in ("plain", "averaged")
+             "float16": [(f"adagrad.float16.{g}{v}{s}", "float16") for g in grads for v in ("plain", "averaged")
                          for s in ("", ".serial", ".tasks")]}
     assert [(j.name, j.label()) for j in int8] == expected["float32"] + [("grads_match_objects", "any")] + \
         small["float32"] + expected["float16"] + small["float16"]
@@ -204,17 +207,18 @@ def test_low_precision_jobs_are_the_kernels_a_step_launches():
     jobs = {id(j.kernel) for j in f16 + int8}
     assert all(id(k) in jobs for k in used)
 
-    # 8-bit state with a tensor under min_8bit_size, which keeps float32 state: the int8 jobs alone
-    # hold every kernel the step launches
-    called.clear()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_jit._Kernel, "__call__", recording)
-        params = [rng.standard_normal(n).astype(np.float16) for n in (5000, 100)]
-        fastopt.AdaGrad(params, lr=0.1, state_dtype="int8").step([np.ones(p.size, np.float16) for p in params])
-    used = [k for k in called if k.py_func.__module__ in (mixed.__name__, state8.__name__)]
-    assert len(used) == 2, used  # one 8-bit and one float32-state serial shell
+    # 8-bit state with a tensor under min_8bit_size, which keeps float32 state, with gradients of
+    # the parameters' dtype and float32 ones: the int8 jobs alone hold every kernel the step launches
     int8_jobs = {id(j.kernel) for j in int8}
-    assert all(id(k) in int8_jobs for k in used), used
+    for grad_dtype in (np.float16, np.float32):
+        called.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_jit._Kernel, "__call__", recording)
+            params = [rng.standard_normal(n).astype(np.float16) for n in (5000, 100)]
+            fastopt.AdaGrad(params, lr=0.1, state_dtype="int8").step([np.ones(p.size, grad_dtype) for p in params])
+        used = [k for k in called if k.py_func.__module__ in (mixed.__name__, state8.__name__)]
+        assert len(used) == 2, used  # one 8-bit and one float32-state serial shell
+        assert all(id(k) in int8_jobs for k in used), (grad_dtype, used)
 
 
 # a float32 Adam step in a new process with an empty cache: which kernels, in which dtypes, compiled?

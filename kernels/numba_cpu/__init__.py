@@ -118,10 +118,12 @@ def low_precision_kernels(op: str, dtype: str, state_dtype: str = "float32") -> 
     """{kernel name: kernel} that ``op`` launches for parameters of ``dtype`` ("float32" or one of
     ``LOW_DTYPES``) with ``state_dtype`` state, other than the float32 kernels of ``KERNELS``:
     an optimizer's low-precision variants in the defaults of ``fastopt.precision`` (master weights,
-    rounding to nearest, gradients of the parameter's dtype), plain and averaged, each with its
-    serial twin; batch norm's conversion kernels for 16-bit x (it runs the float32 kernels between
-    them), and the gradient reader of ``multi`` (every step's check). Empty when ``op`` has no such
-    kernels (8-bit state for AdaDelta); every other variant compiles at its first use."""
+    rounding to nearest), plain and averaged, for 16-bit parameters with gradients of their dtype
+    and with float32 gradients (``.float32-grads``: what a model that computes in float32 hands
+    over, as the digits demo does), each with its serial twin; batch norm's conversion kernels for
+    16-bit x (it runs the float32 kernels between them), and the gradient reader of ``multi``
+    (every step's check). Empty when ``op`` has no such kernels (8-bit state for AdaDelta); every
+    other variant compiles at its first use."""
     if dtype not in ("float32", *LOW_DTYPES) or state_dtype not in STATE_DTYPES:
         raise ValueError(f"no low-precision kernels for dtype {dtype!r} with state_dtype {state_dtype!r}")
     half = dtype == "float16"
@@ -132,18 +134,22 @@ def low_precision_kernels(op: str, dtype: str, state_dtype: str = "float32") -> 
             for k in _bn_lowp.conversion_kernels(dtype):
                 out.update(_with_twin(f"{k.__name__.lstrip('_')}", k))
         return out
+    grad_kinds = (False, True) if low else (False,)  # float32 gradients for 16-bit parameters too
     if state_dtype != "float32":
         for k in _STATE8.get(op, ()):
-            for averaged in (False, True):
-                variant = k.variant(averaged, low, low, False, low, half, state_dtype == "bfloat16")
-                tag = f"{dtype}.{state_dtype}-state.{'averaged' if averaged else 'plain'}"
-                out.update(_with_twin(f"{k.__name__.lstrip('_')}.{tag}", variant))
+            for grad32 in grad_kinds:
+                for averaged in (False, True):
+                    variant = k.variant(averaged, low, low, False, low and not grad32, half, state_dtype == "bfloat16")
+                    tag = f"{dtype}.{state_dtype}-state.{'float32-grads.' if grad32 else ''}" \
+                          f"{'averaged' if averaged else 'plain'}"
+                    out.update(_with_twin(f"{k.__name__.lstrip('_')}.{tag}", variant))
     elif low:
         for k in _UPDATES.get(op, ()):
-            for averaged in (False, True):
-                variant = _mixed.mixed_kernel(k).variant(averaged, True, False, False, half)
-                out.update(_with_twin(f"{k.__name__.lstrip('_')}.{dtype}.{'averaged' if averaged else 'plain'}",
-                                      variant))
+            for grad32 in grad_kinds:
+                for averaged in (False, True):
+                    variant = _mixed.mixed_kernel(k).variant(averaged, True, False, grad32, half)
+                    tag = f"{dtype}.{'float32-grads.' if grad32 else ''}{'averaged' if averaged else 'plain'}"
+                    out.update(_with_twin(f"{k.__name__.lstrip('_')}.{tag}", variant))
     if out:  # every optimizer step tests its gradients with the reader
         out["grads_match_objects"] = _multi._grads_match_objects
     return out

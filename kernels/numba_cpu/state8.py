@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import math
 import platform
-import types as pytypes
 
 import numba
 import numpy as np
@@ -76,7 +75,7 @@ from ._ir import counted_loop
 from ._jit import kernel
 from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16
-from .mixed import _decode, _encode, _keys, _pointer16, is_low_precision
+from .mixed import _copy, _decode, _encode, _keys, _pointer16, is_low_precision
 from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
 from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
@@ -583,13 +582,9 @@ class _Update8:
         self.scalars = scalars
         self.states = states
         self.__doc__ = element.__doc__
-        name = f"{element.__name__}_run"
-        globals_ = {**_run8.__globals__, "_ELEMENT8": self.element, "_SCALARS8": scalars, "_STATES8": states}
-        run = pytypes.FunctionType(_run8.__code__, globals_, name, _run8.__defaults__, _run8.__closure__)
-        run.__qualname__ = name
-        run.__module__ = _run8.__module__
-        run.__doc__ = element.__doc__
-        self.run = run
+        self.run = _copy(_run8, f"{element.__name__}_run", _ELEMENT8=self.element, _SCALARS8=scalars,
+                         _STATES8=states)
+        self.run.__doc__ = element.__doc__
 
 
 # Bound per update by ``_Update8`` (compile-time constants):

@@ -201,7 +201,7 @@ def test_support_rules_agree():
 def test_float32_kernel_has_no_float64_arithmetic():
     from test_kernel_float32 import native_ir
 
-    k = kernel8._adam8.averaged.body  # the part runner: the shell only calls it (``tasks.py``)
+    k = kernel8._adam8.averaged.runner  # the part runner: the launcher only calls it (``runners.py``)
     functions = native_ir(k, k.signatures[0])
     assert any("llvm.sqrt.f32" in f or "@sqrtf(float" in f for f in functions)
     for f in functions:

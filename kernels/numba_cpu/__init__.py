@@ -50,7 +50,10 @@ from . import tasks as _tasks
 
 def _with_twin(name: str, k) -> dict:
     """``k`` under ``name``, and its serial twin (``_jit``) under ``name.serial`` if it has one; a
-    task kernel (``tasks``) as its shell and the shell's twin, and its body under ``name.tasks``."""
+    task kernel (``tasks``) as its shell and the shell's twin, and its body under ``name.tasks``; a
+    launched part runner (``runners.Launched``) as the runner, and the launcher with its twin."""
+    if isinstance(k, _runners.Launched):
+        return {name: k.runner, **_with_twin("launch_parts", _runners.launch_parts)}
     if isinstance(k, _tasks.TaskKernel):
         return {**_with_twin(name, k.shell), f"{name}.tasks": k.body}
     return {name: k, f"{name}.serial": k.serial} if k.serial is not k else {name: k}

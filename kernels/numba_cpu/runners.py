@@ -41,7 +41,7 @@ from ._cache import FunctionCache
 from ._jit import _compile_lock, kernel
 from .multi import parts_for
 
-__all__ = ["Runner", "launch_parts", "runner_signature"]
+__all__ = ["Launched", "Runner", "launch_parts", "runner_signature"]
 
 _I64 = types.int64
 
@@ -167,3 +167,22 @@ class Runner:
             if key == dtype:
                 return self._compile_one(index).address
         raise TypeError(f"{self.__name__}: no runner for dtype {dtype} (declared: {', '.join(self.dtypes)})")
+
+
+class Launched:
+    """A part runner run by ``launch_parts`` under the kernel protocol the host code uses: called as
+    ``kernel(table, offsets, hyper)``, it launches the runner's address for ``hyper``'s dtype over
+    the parts in parallel; ``.serial`` is the same with the launcher's serial twin. The launcher
+    is the one every float32 optimizer step has compiled already, so a new runner costs its own
+    compile and nothing more."""
+
+    def __init__(self, runner: Runner, launch=None):
+        self.runner = runner
+        self._launch = launch_parts if launch is None else launch
+        self.parallel = self._launch.parallel
+        self.__name__ = runner.__name__
+        self.__doc__ = runner.__doc__
+        self.serial = Launched(runner, launch_parts.serial) if self.parallel else self
+
+    def __call__(self, table, offsets, hyper):
+        self._launch(self.runner.address(hyper.dtype), table, offsets, hyper)

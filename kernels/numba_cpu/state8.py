@@ -41,9 +41,10 @@ with the torch convention (undefined), and the other optimizers (``state8_suppor
 
 Parallelism: the tensors' blocks form one flat block index space cut into parts of whole blocks
 (a block never spans two threads), each part with a scratch buffer of 2 × block float32. Every
-update's part runner (``_run8`` bound to it) compiles once per variant, without ``parallel``; one
-shell per variant, shared by all updates, runs the parts over ``prange`` and calls the runner by
-address (``tasks.py``). Lists of fewer than ``multi.SERIAL_BELOW`` elements run the serial twin.
+update's part runner (``_run8`` with the update and the variant's flags bound) is a C function
+compiled once per variant (``runners.Runner``), run by ``runners.launch_parts``: the launcher every
+float32 optimizer step runs, so it is compiled already, and a variant's first use compiles only its
+runner. Lists of fewer than ``multi.SERIAL_BELOW`` elements run the launcher's serial twin.
 
 Memory traffic per element, k quantized states (float32 θ, g):
 
@@ -66,26 +67,28 @@ import numba
 import numpy as np
 from llvmlite import binding as _llvm_binding
 from llvmlite import ir
-from numba import prange, types
+from numba import carray, types
 from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 from ._ir import counted_loop
-from ._jit import kernel
 from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16
-from .mixed import _copy, _decode, _encode, _keys, _pointer16, is_low_precision
+from .mixed import _decode, _encode, _keys, _pointer16, is_low_precision
 from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
-from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, parts_for, pointer
+from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
-from .tasks import SharedShells, TaskKernel, call_tasks
+from .runners import Launched, Runner
 
 __all__ = ["SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
 
-# table columns
-_PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE, _MASTER = range(9)
-_COLUMNS = 9
+# table columns of a tensor's row
+_PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE, _MASTER, _KEY = range(10)
+_COLUMNS = 10
+# and of the table's last row: the maps' addresses (``_THRESHOLDS``, ``_VALUES``, zero codes,
+# ``_LOOKUPS``: the rows of the update's two states) and the block size
+_THRESHOLDS_AT, _VALUES_AT, _ZEROS_AT, _LOOKUP_AT, _BLOCK = range(5)
 _F32 = np.dtype(np.float32)
 
 _element = numba.njit(inline="always", error_model="numpy")
@@ -550,20 +553,9 @@ def _requantize(scratch, count, amax_bits, codes, i0, absmax, b, thresholds, zer
 
 def _update8(scalars: int, states: int):
     """Declare an element update ``element(p, g, s0, s1, h) -> (θᵢ, s0, s1)`` (dequantized float32
-    states in, new ones out; s1 unused when ``states`` is 1) taking ``scalars`` host scalars into
-    ``run(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup,
-    block)``, which runs one part (a range of whole blocks) of the tensor list: dequantize, update,
-    requantize.
-
-    ``offsets`` are in blocks; ``table[t]`` holds θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁
-    addresses and θ's size; ``thresholds``, ``values``, ``zeros`` and ``lookup`` the midpoints
-    (+Inf appended, then the vector coders' tables), map (then its byte planes), zero code and
-    bucket counts of each state's map (row k for state k).
-
-    Each block is: the decode into scratch rows (``_decode_vectors``, then scalar look-ups for the
-    last count mod 16); the update, a loop without branches on the data that the compiler
-    vectorizes (new state to the scratch row, the largest |state| as the max of bit patterns);
-    then the requantization from the scratch row, still in L1 (``_requantize``)."""
+    states in, new ones out; s1 unused when ``states`` is 1) taking ``scalars`` host scalars, for
+    a ``_Kernel8`` whose variants run it over the tensor list (``_run8``): dequantize, update,
+    requantize, block by block."""
 
     def wrap(element):
         return _Update8(element, scalars, states)
@@ -572,35 +564,123 @@ def _update8(scalars: int, states: int):
 
 
 class _Update8:
-    """An element update and its part runner: ``_run8`` with the element (``_ELEMENT8``), its
-    scalar and state counts bound as compile-time globals, under its own name
-    (``<element>_run``; see ``runners.Runner``); each variant's signature compiles at first use
-    (``_Kernel8.variant``)."""
+    """An element update (inlined wherever it runs) and its counts."""
 
     def __init__(self, element, scalars: int, states: int):
         self.element = numba.njit(inline="always", error_model="numpy")(element)
         self.scalars = scalars
         self.states = states
         self.__doc__ = element.__doc__
-        self.run = _copy(_run8, f"{element.__name__}_run", _ELEMENT8=self.element, _SCALARS8=scalars,
-                         _STATES8=states)
-        self.run.__doc__ = element.__doc__
 
 
-# Bound per update by ``_Update8`` (compile-time constants):
-_ELEMENT8 = _SCALARS8 = _STATES8 = None
+@intrinsic
+def _ints32(typingctx, address):
+    """An int32 pointer at the integer ``address``."""
+    if not isinstance(address, types.Integer):
+        return None
+    signature = types.CPointer(types.int32)(address)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
 
 
-def _run8(part, parts, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master,
-          keys, grad16, half, bf16state):
+@intrinsic
+def _scratch(typingctx, count):
+    """A heap buffer for ``count`` float32 at a 64-byte boundary (``NRT_Allocate``; ``_floats_at``
+    finds the boundary, ``_release`` frees it): what ``np.empty`` gives without its implementation,
+    which numba compiles anew in every process that compiles a kernel using it (0.1-0.2 s of an
+    8-bit update's first use). The boundary matters: the vector coders' 64-byte loads and stores
+    of a scratch row straddling cache lines made the whole step up to 1.4 times slower."""
+    if not isinstance(count, types.Integer):
+        return None
+    signature = types.CPointer(types.uint8)(count)
+
+    def codegen(context, builder, sig, args):
+        size = builder.add(builder.mul(args[0], ir.Constant(args[0].type, 4)), ir.Constant(args[0].type, 64))
+        return context.nrt.allocate(builder, size)
+
+    return signature, codegen
+
+
+@intrinsic
+def _floats_at(typingctx, buffer, at):
+    """A float32 pointer to float ``at`` of a ``_scratch`` buffer, counted from its 64-byte boundary."""
+    if not isinstance(buffer, types.CPointer) or not isinstance(at, types.Integer):
+        return None
+    signature = types.CPointer(types.float32)(buffer, at)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        start = builder.and_(builder.add(builder.ptrtoint(args[0], i64), i64(63)), i64(~63))
+        address = builder.add(start, builder.mul(context.cast(builder, args[1], sig.args[1], types.int64), i64(4)))
+        return builder.inttoptr(address, context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+@intrinsic
+def _release(typingctx, buffer):
+    """Free a ``_scratch`` buffer."""
+    if not isinstance(buffer, types.CPointer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        context.nrt.free(builder, builder.bitcast(args[0], ir.IntType(8).as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(buffer), codegen
+
+
+# Bound per update and variant by ``_Kernel8.variant`` (compile-time constants; the flags are None
+# or True, so the branches on them are pruned before typing, and ``_decode``/``_encode`` of
+# ``mixed.py`` take them as they take their own):
+_ELEMENT8 = _SCALARS8 = _STATES8 = _AVERAGED8 = None
+_LOW8 = _MASTER8 = _STOCHASTIC8 = _GRAD16_8 = _HALF8 = _BF16STATE8 = None
+
+
+def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
     """Part ``part`` of ``parts`` (a range of whole blocks) of the tensor list: the template of
-    every 8-bit update's part runner (``_update8``)."""
+    every 8-bit update's part runner (C signature: ``runners.runner_signature``).
+
+    ``table`` holds rows − 1 tensor rows (θ, g, θ̂, codes₀, absmax₀, codes₁, absmax₁ addresses,
+    θ's size, the master copy's address, the stochastic rounding key), then a row of the maps'
+    addresses (midpoints with +Inf appended, then the vector coders' tables; map values, then
+    their byte planes; zero codes; bucket counts: row k of each for state k) and the block size.
+    ``offsets`` are the tensors' block offsets, then the total element count (which sizes the
+    launcher's parts). ``hyper``: the ``_SCALARS8`` scalars, grad_mul, grad_clip, the average's
+    weight.
+
+    Each block is: the decode into scratch rows (``_decode_vectors``, then scalar look-ups for the
+    last count mod 16); the update, a loop without branches on the data that the compiler
+    vectorizes (new state to the scratch row, the largest |state| as the max of bit patterns);
+    then the requantization from the scratch row, still in L1 (``_requantize``)."""
+    table = carray(table_at, (rows, _COLUMNS))
+    offsets = carray(offsets_at, (entries - 1,))  # the block offsets
+    hyper = carray(hyper_at, (_SCALARS8 + 3,))
+    maps = table[rows - 1]
+    block = maps[_BLOCK]
+    lo, hi = part_range(part, parts, offsets[entries - 2])
+    if lo >= hi:  # (the launcher cuts parts by elements: more parts than blocks leaves some empty)
+        return
     h = to_fixed_tuple(hyper, _SCALARS8)
     grad_mul = hyper[_SCALARS8]
     grad_clip = hyper[_SCALARS8 + 1]
+    avg_weight = hyper[_SCALARS8 + 2]
     zero_f = np.float32(0)
-    scratch0 = np.empty(block, np.float32)
-    scratch1 = np.empty(block, np.float32)
+    thresholds = carray(pointer(maps[_THRESHOLDS_AT], grad_mul), (2, _ROW_END))
+    values = carray(pointer(maps[_VALUES_AT], grad_mul), (2, _VALUES_END))
+    zeros = carray(_bytes(maps[_ZEROS_AT]), (2,))
+    lookup = carray(_ints32(maps[_LOOKUP_AT]), (2, _BUCKETS))
+    if _STOCHASTIC8 is None:  # (pruned before typing: ``_encode`` tells the two apart by keys' type)
+        keys = None
+    else:
+        keys = table[:, _KEY]
+    stride = block + 15 - (block + 15) % 16  # each scratch row at a 64-byte boundary
+    buffer = _scratch(2 * stride)
+    scratch0 = carray(_floats_at(buffer, 0), (block,))
+    scratch1 = carray(_floats_at(buffer, stride), (block,))
     values0 = values[0]  # the rows as views once per part: a view made per block costs
     values1 = values[1]  # reference counting that showed in the step's time
     thresholds0 = thresholds[0]
@@ -609,7 +689,6 @@ def _run8(part, parts, table, offsets, hyper, avg_weight, thresholds, values, ze
     lookup1 = lookup[1]
     zero0 = zeros[0]
     zero1 = zeros[1]
-    lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
     t = last_at_most(offsets, lo)
     while lo < hi:
         b0, b1, lo = next_span(offsets, t, lo, hi)
@@ -629,7 +708,7 @@ def _run8(part, parts, table, offsets, hyper, avg_weight, thresholds, values, ze
         for b in range(b0, b1):
             i0 = b * block
             count = min(block, n - i0)
-            if bf16state is None:
+            if _BF16STATE8 is None:
                 a0 = absmax0[b]
                 a1 = absmax1[b] if _STATES8 > 1 else zero_f
                 full = count - (count & _VECTOR_TAIL)  # whole vectors: ``_decode_vectors``
@@ -649,25 +728,25 @@ def _run8(part, parts, table, offsets, hyper, avg_weight, thresholds, values, ze
             bits1 = _NO_BITS
             for j in range(count):  # update: no look-ups, vectorized
                 i = i0 + j
-                if grad16 is None:
+                if _GRAD16_8 is None:
                     g = grad[i]
                 else:
-                    g = _decode(grad16_at[i], half)
+                    g = _decode(grad16_at[i], _HALF8)
                 g = _transformed(g, grad_mul, grad_clip)
-                if low is None:
+                if _LOW8 is None:
                     p = param[i]
-                elif master is None:
-                    p = _decode(param16[i], half)
+                elif _MASTER8 is None:
+                    p = _decode(param16[i], _HALF8)
                 else:
                     p = copy[i]
                 p, s0, s1 = _ELEMENT8(p, g, scratch0[j], scratch1[j] if _STATES8 > 1 else zero_f, h)
-                if low is None:
+                if _LOW8 is None:
                     param[i] = p
                 else:
-                    if master is not None:
+                    if _MASTER8 is not None:
                         copy[i] = p
-                    param16[i] = _encode(p, half, keys, t, i)
-                if avg_weight is not None:
+                    param16[i] = _encode(p, _HALF8, keys, t, i)
+                if _AVERAGED8:
                     a = avg[i]
                     avg[i] = a + avg_weight * (p - a)
                 scratch0[j] = s0
@@ -675,7 +754,7 @@ def _run8(part, parts, table, offsets, hyper, avg_weight, thresholds, values, ze
                 if _STATES8 > 1:
                     scratch1[j] = s1
                     bits1 = max(bits1, f32_bits(s1) & _ABS_BITS)
-            if bf16state is None:
+            if _BF16STATE8 is None:
                 _requantize(scratch0, count, bits0, codes0, i0, absmax0, b, thresholds0, zero0, lookup0)
                 if _STATES8 > 1:
                     _requantize(scratch1, count, bits1, codes1, i0, absmax1, b, thresholds1, zero1, lookup1)
@@ -685,51 +764,35 @@ def _run8(part, parts, table, offsets, hyper, avg_weight, thresholds, values, ze
                     if _STATES8 > 1:
                         state16_1[i0 + j] = f32_to_bf16(scratch1[j])
         t += 1
-
-
-def _signature8(key: tuple, prefix: tuple) -> types.Signature:
-    """The signature of a variant (``_Kernel8.variant``'s key) after the ``prefix`` arguments."""
-    averaged, low, master, stochastic, grad16, half, bf16state = key
-    f32, flag = types.float32, types.boolean
-    return types.void(*prefix,
-        types.int64[:, ::1], types.int64[::1], f32[::1], f32 if averaged else types.none, f32[:, ::1],
-        f32[:, ::1], types.uint8[::1], types.int32[:, ::1], types.int64, flag if low else types.none,
-        flag if master else types.none, types.int64[::1] if stochastic else types.none,
-        flag if grad16 else types.none, flag if half else types.none, flag if bf16state else types.none)
-
-
-def _shell8(body, table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block, low, master, keys,
-            grad16, half, bf16state):
-    """Every part of the block index space with the part runner at address ``body``."""
-    parts = parts_for(offsets[offsets.shape[0] - 1] * block)
-    parts = min(parts, offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        call_tasks(body, part, parts, (table, offsets, hyper, avg_weight, thresholds, values, zeros, lookup, block,
-                                       low, master, keys, grad16, half, bf16state))
-
-
-# one shell per variant, shared by every update
-_shell_for = SharedShells(_shell8, lambda key: _signature8(key, (types.int64,)))
+    _release(buffer)
 
 
 class _Kernel8:
-    """A state8 update in its variants, each a task kernel (``tasks.py``) compiled on first use:
-    the update's part runner for the variant's signature (the body, called with (part, parts)) and
-    the variant's shell, which every update shares; ``plain`` (avg_weight typed None) and
-    ``averaged`` float32 variants made up front. Each has its serial twin."""
+    """A state8 update in its variants, each the update's part runner (``_run8`` with the element,
+    its counts and the variant's flags bound as compile-time constants, under the name
+    ``<element>_run_<flags>``: ``runners.Runner``) compiled at its first use and run by the
+    launcher every float32 optimizer step runs (``runners.Launched``); ``plain`` and ``averaged``
+    are the variants for float32 parameters and 8-bit state. The runners are made at first use,
+    after this module's constants exist (a runner binds the module's globals as they are then)."""
 
-    def __init__(self, update, name: str):
+    def __init__(self, update: _Update8, name: str):
         self.__name__ = name
         self.__doc__ = update.__doc__
         self.update = update
         self.scalars = update.scalars
         self.states = update.states
-        self._variants: dict[tuple, object] = {}
-        self.plain = self.variant(False)
-        self.averaged = self.variant(True)
+        self._variants: dict[tuple, Launched] = {}
+
+    @property
+    def plain(self) -> Launched:
+        return self.variant(False)
+
+    @property
+    def averaged(self) -> Launched:
+        return self.variant(True)
 
     def variant(self, averaged: bool, low: bool = False, master: bool = False, stochastic: bool = False,
-                grad16: bool = False, half: bool = False, bf16state: bool = False):
+                grad16: bool = False, half: bool = False, bf16state: bool = False) -> Launched:
         """The kernel for float32 parameters (``low`` False), or for 16-bit ones (bfloat16, or
         float16 with ``half``) with or without a float32 master copy, rounded to nearest or
         stochastically, with 16-bit gradients (``grad16``) or float32 ones; with 8-bit state, or
@@ -737,9 +800,15 @@ class _Kernel8:
         key = (averaged, low, master, stochastic, grad16, half, bf16state)
         found = self._variants.get(key)
         if found is None:
-            body = kernel([_signature8(key, (types.int64, types.int64))], parallel=False,
-                          error_model="numpy")(self.update.run)
-            found = self._variants[key] = TaskKernel(body, _shell_for(key))
+            flag = lambda on: True if on else None  # noqa: E731
+            constants = dict(_ELEMENT8=self.update.element, _SCALARS8=self.scalars, _STATES8=self.states,
+                             _AVERAGED8=averaged, _LOW8=flag(low), _MASTER8=flag(master),
+                             _STOCHASTIC8=flag(stochastic), _GRAD16_8=flag(grad16), _HALF8=flag(half),
+                             _BF16STATE8=flag(bf16state))
+            tag = "".join(str(int(on)) for on in key)
+            runner = Runner(_run8, f"{self.__name__}_run_{tag}", constants, dtypes=("float32",))
+            runner.py_func.__doc__ = self.__doc__
+            found = self._variants[key] = Launched(runner)
         return found
 
     @property
@@ -955,8 +1024,8 @@ def _table(params, grads, states, avgs, slots, block, masters=None, bf16_state=F
     for name, seq in (("grads", grads), ("states", states), ("avgs", avgs)):
         if seq is not None and len(seq) != count:
             raise ValueError(f"{name} has {len(seq)} entries, params has {count}")
-    table = np.zeros((count, _COLUMNS), np.int64)
-    offsets = np.zeros(count + 1, np.int64)
+    table = np.zeros((count + 1, _COLUMNS), np.int64)  # the last row: the maps (``state8_step``)
+    offsets = np.zeros(count + 2, np.int64)  # the last entry: the element count (``_run8``)
     if bf16_state:  # asked for by name: ml_dtypes (not imported by this module, ~0.6 s) is needed now
         import ml_dtypes
 
@@ -1004,10 +1073,12 @@ def _table(params, grads, states, avgs, slots, block, masters=None, bf16_state=F
                                                       _F32, (-(-n // block),), True)
         table[t, _SIZE] = n
         offsets[t + 1] = offsets[t] + -(-n // block)
+        offsets[count + 1] += n
     return table, offsets
 
 
 _BUCKET_SHIFT = np.uint32(16)  # a bucket: the float32 values sharing sign, exponent and 7 mantissa bits
+_BUCKETS = 1 << (32 - int(_BUCKET_SHIFT))
 
 
 def _lookup(thresholds: np.ndarray) -> np.ndarray:
@@ -1044,6 +1115,8 @@ assert all(t.shape == (2, _ROW_END) for t in _THRESHOLDS.values())
 # the 256 map values, then their byte planes (``_decode_vectors``)
 _VALUES = {(a, b): np.stack([np.concatenate([_MAPS[m][1], _byte_planes(_MAPS[m][1])]) for m in (a, b)])
            for a in (True, False) for b in (True, False)}
+_VALUES_END = _VALUES[True, True].shape[1]
+_ZEROS = {(a, b): np.array([ZERO[a], ZERO[b]], np.uint8) for a in (True, False) for b in (True, False)}
 
 
 def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math.inf,
@@ -1072,24 +1145,17 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     table, offsets = _table(params, grads, states, avgs, slots, block, masters, bf16_state)
     if offsets[-1] == 0:
         return
-    rows = [slots[min(k, len(slots) - 1)][1] for k in range(2)]  # row 1 repeats row 0 when unused
-    thresholds = _THRESHOLDS[tuple(rows)]
-    values = _VALUES[tuple(rows)]
-    zeros = np.array([_MAPS[s][2] for s in rows], np.uint8)
-    lookup = _LOOKUPS[tuple(rows)]
-    hyper_array = np.array((*scalars, grad_mul, grad_clip), np.float32)
+    maps = tuple(slots[min(k, len(slots) - 1)][1] for k in range(2))  # row 1 repeats row 0 when unused
+    thresholds, values, zeros, lookup = _THRESHOLDS[maps], _VALUES[maps], _ZEROS[maps], _LOOKUPS[maps]
+    table[-1, :_BLOCK + 1] = (_address(thresholds), _address(values), _address(zeros), _address(lookup), block)
+    hyper_array = np.array((*scalars, grad_mul, grad_clip, avg_weight if avgs is not None else 0.0), np.float32)
     low = is_low_precision(params[0].dtype)
     stochastic = low and rounding == "stochastic"
     grad16 = low and grads[0].dtype != _F32
     half = low and params[0].dtype == np.float16
     variant = update.variant(avgs is not None, low, low and masters is not None, stochastic, grad16, half, bf16_state)
-    total = sum(int(p.size) for p in params)
-    if total < SERIAL_BELOW:
+    if offsets[-1] < SERIAL_BELOW:
         variant = variant.serial
-    keys = None
     if stochastic:
-        keys = _keys(seed, counter, range(len(params)) if indices is None else indices, starts)
-    variant(table, offsets, hyper_array, None if avgs is None else np.float32(avg_weight),
-            thresholds, values, zeros, lookup, block, True if low else None,
-            True if low and masters is not None else None, keys, True if grad16 else None, True if half else None,
-            True if bf16_state else None)
+        table[:-1, _KEY] = _keys(seed, counter, range(len(params)) if indices is None else indices, starts)
+    variant(table, offsets, hyper_array)

@@ -168,42 +168,52 @@ def test_low_precision_jobs_are_the_kernels_a_step_launches():
 
     # 16-bit parameters: gradients of their dtype, then float32 gradients
     grads = ("", "float32-grads.")
+    # the low-precision variants are part runners, run by the launcher of the float32 optimizers
+    # (listed once, where it is first met)
     f16 = precompile.jobs(["adagrad"], ["float16"])
-    assert [(j.name, j.label()) for j in f16] == [
-        (f"adagrad.float16.{g}{v}{s}", "float16") for g in grads for v in ("plain", "averaged")
-        for s in ("", ".serial", ".tasks")] + [("grads_match_objects", "any")]
+    variants = [(f"adagrad.float16.{g}{v}", "float16") for g in grads for v in ("plain", "averaged")]
+    assert [(j.name, j.label()) for j in f16] == variants[:1] + [("launch_parts", "float16"),
+                                                                  ("launch_parts.serial", "float16")] + \
+        variants[1:] + [("grads_match_objects", "any")]
     int8 = precompile.jobs(["adagrad"], ["float32", "float16"], "int8")
-    expected = {d: [(f"adagrad8.{d}.int8-state.{g}{v}{s}", f"{d}/int8-state")
-                    for g in (grads if d == "float16" else ("",)) for v in ("plain", "averaged")
-                    for s in ("", ".serial", ".tasks")] for d in ("float32", "float16")}
-    # then what the tensors under min_8bit_size run (float32 state); the readers once
-    small = {"float32": [("adagrad.plain", "float32"), ("adagrad.averaged", "float32"), ("launch_parts", "float32"),
-                         ("launch_parts.serial", "float32"), ("gather_objects", "any")],
-             "float16": [(f"adagrad.float16.{g}{v}{s}", "float16") for g in grads for v in ("plain", "averaged")
-                         for s in ("", ".serial", ".tasks")]}
-    assert [(j.name, j.label()) for j in int8] == expected["float32"] + [("grads_match_objects", "any")] + \
-        small["float32"] + expected["float16"] + small["float16"]
+    launcher = [("launch_parts", "float32/int8-state"), ("launch_parts.serial", "float32/int8-state")]
+    expected = {d: [(f"adagrad8.{d}.int8-state.{g}{v}", f"{d}/int8-state")
+                    for g in (grads if d == "float16" else ("",)) for v in ("plain", "averaged")]
+                for d in ("float32", "float16")}
+    # then what the tensors under min_8bit_size run (float32 state); the readers and launcher once
+    small = {"float32": [("adagrad.plain", "float32"), ("adagrad.averaged", "float32"), ("gather_objects", "any")],
+             "float16": variants}
+    assert [(j.name, j.label()) for j in int8] == expected["float32"][:1] + launcher + expected["float32"][1:] + \
+        [("grads_match_objects", "any")] + small["float32"] + expected["float16"] + small["float16"]
     bn = precompile.jobs(["batchnorm_forward"], ["bfloat16"])
     assert {j.name for j in bn} >= {"decode_bf16", "encode_bf16.serial", "stats_channels_last.serial"}
     assert precompile.jobs(["adadelta"], None, "int8") == []
 
     called = []
     real_call = _jit._Kernel.__call__
+    real_address = runners.Runner.address
 
     def recording(self, *args):
         called.append(self)
         return real_call(self, *args)
+
+    def recording_address(self, dtype):
+        called.append(self)
+        return real_address(self, dtype)
 
     rng = np.random.default_rng(0)
     # another variant compiled first (as other tests of this process may have): not counted
     fastopt.AdaGrad([np.ones(10, np.float16)], lr=0.1, polyak=0.5).step([np.ones(10, np.float16)])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_jit._Kernel, "__call__", recording)
+        patch.setattr(runners.Runner, "address", recording_address)
         for options in ({}, {"state_dtype": "int8"}):
             p = rng.standard_normal(5000).astype(np.float16)
             fastopt.AdaGrad([p], lr=0.1, **options).step([np.ones(5000, np.float16)])
-    used = [k for k in called if k.py_func.__module__ in (mixed.__name__, state8.__name__)]
-    assert len(used) == 2, used  # the two serial shells (5,000 elements; ``tasks.py``)
+    used = [k for k in called if k.py_func.__module__ in (mixed.__name__, state8.__name__, runners.__name__)]
+    # the 16-bit update's runner and the 8-bit update's, each run by the launcher's serial twin
+    # (5,000 elements)
+    assert len(used) == 4, used
     jobs = {id(j.kernel) for j in f16 + int8}
     assert all(id(k) in jobs for k in used)
 
@@ -214,10 +224,11 @@ def test_low_precision_jobs_are_the_kernels_a_step_launches():
         called.clear()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(_jit._Kernel, "__call__", recording)
+            patch.setattr(runners.Runner, "address", recording_address)
             params = [rng.standard_normal(n).astype(np.float16) for n in (5000, 100)]
             fastopt.AdaGrad(params, lr=0.1, state_dtype="int8").step([np.ones(p.size, grad_dtype) for p in params])
-        used = [k for k in called if k.py_func.__module__ in (mixed.__name__, state8.__name__)]
-        assert len(used) == 2, used  # one 8-bit and one float32-state serial shell
+        used = [k for k in called if k.py_func.__module__ in (mixed.__name__, state8.__name__, runners.__name__)]
+        assert len(used) == 4, used  # an 8-bit and a float32-state runner, each with the launcher's twin
         assert all(id(k) in int8_jobs for k in used), (grad_dtype, used)
 
 
@@ -366,11 +377,11 @@ print(json.dumps([digest.hexdigest(), compiled]))
 """
 
 
-def test_low_precision_task_kernels_load_from_the_cache_and_give_the_same_bits(tmp_path):
-    """The bodies of 16-bit and 8-bit updates are copies of one template under each update's name,
-    and their shells are shared by every update of a family: a second process loads each body and
-    shell from the disk cache (none taken for another update's), compiles nothing, and computes the
-    same bits."""
+def test_low_precision_runners_load_from_the_cache_and_give_the_same_bits(tmp_path):
+    """The part runners of 16-bit and 8-bit updates are copies of one template under each update's
+    and variant's name, run by the float32 optimizers' launcher: a second process loads each
+    runner and the launcher from the disk cache (none taken for another update's), compiles
+    nothing, and computes the same bits."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     results = []
     for _ in range(2):
@@ -379,9 +390,9 @@ def test_low_precision_task_kernels_load_from_the_cache_and_give_the_same_bits(t
         assert run.returncode == 0, run.stderr[-2000:]
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
     (first, compiled_first), (second, compiled_second) = results
-    expected = {f"{op}.bfloat16.plain{part}" for op in ("adam", "adagrad") for part in ("", ".serial", ".tasks")}
-    expected |= {f"{op}8.float32.int8-state.plain{part}" for op in ("adam", "adagrad")
-                 for part in ("", ".serial", ".tasks")}
+    expected = {f"{op}.bfloat16.plain" for op in ("adam", "adagrad")}
+    expected |= {f"{op}8.float32.int8-state.plain" for op in ("adam", "adagrad")}
+    expected |= {"launch_parts", "launch_parts.serial"}
     assert expected <= set(compiled_first), compiled_first
     assert compiled_second == [] and second == first
 

@@ -350,8 +350,8 @@ def test_the_16_bit_kernels_compute_in_float32_only():
     from test_kernel_float32 import native_ir
 
     for key in [(False, False, True, True, True), (True, True, False, False, False)]:
-        body = mixed.mixed_kernel(optim._adam).variant(*key).body  # the loop (``tasks.py``)
-        functions = native_ir(body, body.signatures[0])
+        runner = mixed.mixed_kernel(optim._adam).variant(*key).runner  # the loop (``runners.py``)
+        functions = native_ir(runner, runner.signatures[0])
         assert any(" float " in f or "x float>" in f for f in functions)
         for f in functions:
             assert "double" not in f, f"{key}: float64 in {f.splitlines()[0][:100]}"

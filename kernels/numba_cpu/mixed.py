@@ -25,12 +25,12 @@ gradient are what the model's forward and backward passes read at half the width
 master weights 2 + b_g + 4s read, 2 + 4s written (bfloat16 Adam: 22 B). The Polyak average adds 8.
 
 Variants are compiled per combination of (master weights, stochastic rounding, float32
-gradients, float16 rather than bfloat16, Polyak average) on first use: each is a type in the
-kernel's signature (``None`` for off), and numba prunes the branches a variant does not take, so
-every inner loop is straight-line code for its combination. Each variant is a task kernel
-(``tasks.py``): the update's part runner compiled once for the variant, without ``parallel``, and
-a shell per variant, shared by all updates, that runs the parts over ``prange`` (or on the
-calling thread: its serial twin) and calls the runner by address.
+gradients, float16 rather than bfloat16, Polyak average) on first use: each is a set of
+compile-time constants (``None`` for off) bound into the update's part runner, and numba prunes
+the branches a variant does not take, so every inner loop is straight-line code for its
+combination. Each variant is a part runner (``runners.Runner``, a C function compiled once) run by
+``runners.launch_parts``, the launcher the float32 optimizers run (over ``prange``, or on the
+calling thread: its serial twin), so a variant's first use compiles its loop and nothing else.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import types as pytypes
 
 import numba
 import numpy as np
-from numba import prange, types
+from numba import carray, prange, types
 from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
@@ -50,12 +50,13 @@ from ._jit import kernel
 from .lowbits import (GAMMA, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, stochastic_bf16, stochastic_f16,
                       tensor_key, uniform)
 from .multi import AVG, GRAD, PARAM, SERIAL_BELOW, STATE, last_at_most, next_span, part_range, parts_for, pointer
-from .tasks import SharedShells, TaskKernel, call_tasks
+from .runners import Launched, Runner
 
 __all__ = ["bfloat16_if_imported", "mixed_step", "mixed_sumsq", "is_low_precision"]
 
-MASTER = 6  # the table's extra column: the float32 master copy (0 when none)
-COLUMNS = 7
+MASTER = 6  # the table's extra columns: the float32 master copy (0 when none)
+KEY = 7  # and the tensor's stochastic rounding key
+COLUMNS = 8
 
 
 def bfloat16_if_imported() -> np.dtype | None:
@@ -107,18 +108,29 @@ def _encode(x, half, keys, t, i):
     return stochastic_f16(x, u)
 
 
-# Bound per update by ``_MixedKernel`` (compile-time constants of each copy of ``_run``):
-_UPDATE = _SCALARS = None
+# Bound per update and variant by ``_MixedKernel.variant`` (compile-time constants of each runner;
+# the flags are None or True, so the branches on them are pruned before typing):
+_UPDATE = _SCALARS = _AVERAGED = _MASTER = _STOCHASTIC = _GRAD32 = _HALF = None
 
 
-def _run(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, half):
+def _run(part, parts, table_at, rows, offsets_at, count, hyper_at):
     """Part ``part`` of ``parts`` of the tensor list: the low-precision counterpart of
     ``optim._run_part``, around the same element update (``_UPDATE``, taking ``_SCALARS`` host
-    scalars); the template of every update's part runner (``_MixedKernel``)."""
+    scalars); the template of every update's part runner (``_MixedKernel``; C signature:
+    ``runners.runner_signature``). ``hyper``: the scalars, grad_mul, grad_clip, the average's
+    weight."""
+    table = carray(table_at, (rows, COLUMNS))
+    offsets = carray(offsets_at, (count,))
+    hyper = carray(hyper_at, (_SCALARS + 3,))
     h = to_fixed_tuple(hyper, _SCALARS)
     grad_mul = hyper[_SCALARS]
     grad_clip = hyper[_SCALARS + 1]
-    lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
+    avg_weight = hyper[_SCALARS + 2]
+    if _STOCHASTIC is None:  # (pruned before typing: ``_encode`` tells the two apart by keys' type)
+        keys = None
+    else:
+        keys = table[:, KEY]
+    lo, hi = part_range(part, parts, offsets[count - 1])
     t = last_at_most(offsets, lo)
     while lo < hi:
         i0, i1, lo = next_span(offsets, t, lo, hi)
@@ -130,20 +142,20 @@ def _run(part, parts, table, offsets, hyper, avg_weight, master, keys, grad32, h
         state = (pointer(table[t, STATE], grad_mul), pointer(table[t, STATE + 1], grad_mul),
                  pointer(table[t, STATE + 2], grad_mul))
         for i in range(i0, i1):
-            if grad32 is None:
-                g = _decode(grad16[i], half)
+            if _GRAD32 is None:
+                g = _decode(grad16[i], _HALF)
             else:
                 g = grad[i]
             g = _optim._transformed(g, grad_mul, grad_clip)
-            if master is None:
-                p = _decode(low[i], half)
+            if _MASTER is None:
+                p = _decode(low[i], _HALF)
             else:
                 p = copy[i]
             p = _UPDATE(p, g, state, i, h)
-            if master is not None:
+            if _MASTER is not None:
                 copy[i] = p
-            low[i] = _encode(p, half, keys, t, i)
-            if avg_weight is not None:
+            low[i] = _encode(p, _HALF, keys, t, i)
+            if _AVERAGED:
                 a = avg[i]
                 avg[i] = a + avg_weight * (p - a)
         t += 1
@@ -159,49 +171,31 @@ def _copy(func, name: str, **names):
     return copy
 
 
-def _shell(body, table, offsets, hyper, avg_weight, master, keys, grad32, half):
-    """Every part of the tensor list, each by the part runner at address ``body`` (``tasks.py``)."""
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        call_tasks(body, part, parts, (table, offsets, hyper, avg_weight, master, keys, grad32, half))
-
-
-def _signature(key: tuple, prefix: tuple) -> types.Signature:
-    """The signature of a variant (``_MixedKernel.variant``'s key) after the ``prefix`` arguments."""
-    averaged, master, stochastic, grad32, half = key
-    f32 = types.float32
-    return types.void(*prefix, types.int64[:, ::1], types.int64[::1], f32[::1], f32 if averaged else types.none,
-                      types.boolean if master else types.none, types.int64[::1] if stochastic else types.none,
-                      types.boolean if grad32 else types.none, types.boolean if half else types.none)
-
-
-# one shell per variant, shared by every update
-_shell_for = SharedShells(_shell, lambda key: _signature(key, (types.int64,)))
-
-
 class _MixedKernel:
     """One optimizer kernel of ``optim.py`` for low-precision parameters, in variants compiled on
-    first use, each a task kernel (``tasks.py``): the update's part runner (``_run`` bound to the
-    update, named ``_mixed<kernel>_run`` so its disk cache is its own) compiled for the variant's
-    signature as the body, and the variant's shell, which every update shares; each with its
-    serial twin. The runner is compiled once per variant, not again inside a parallel kernel and
-    its twin."""
+    first use: the update's part runner (``_run`` with the update and the variant's flags bound,
+    named ``_mixed<kernel>_run_<flags>`` so its disk cache is its own; ``runners.Runner``) run by
+    the float32 optimizers' launcher (``runners.Launched``), with its serial twin."""
 
     def __init__(self, update_kernel):
         name = f"_mixed{update_kernel.__name__}"
         self.__name__ = name
         self.__doc__ = update_kernel.__doc__
-        self._run = _copy(_run, f"{name}_run", _UPDATE=update_kernel.element, _SCALARS=update_kernel.scalars)
-        self._run.__doc__ = update_kernel.__doc__
-        self._variants: dict[tuple, object] = {}
+        self._update = update_kernel
+        self._variants: dict[tuple, Launched] = {}
 
-    def variant(self, averaged: bool, master: bool, stochastic: bool, grad32: bool, half: bool):
+    def variant(self, averaged: bool, master: bool, stochastic: bool, grad32: bool, half: bool) -> Launched:
         key = (averaged, master, stochastic, grad32, half)
         found = self._variants.get(key)
         if found is None:
-            body = kernel([_signature(key, (types.int64, types.int64))], parallel=False,
-                          error_model="numpy")(self._run)
-            found = self._variants[key] = TaskKernel(body, _shell_for(key))
+            flag = lambda on: True if on else None  # noqa: E731
+            constants = dict(_UPDATE=self._update.element, _SCALARS=self._update.scalars, _AVERAGED=averaged,
+                             _MASTER=flag(master), _STOCHASTIC=flag(stochastic), _GRAD32=flag(grad32),
+                             _HALF=flag(half))
+            tag = "".join(str(int(on)) for on in key)
+            runner = Runner(_run, f"{self.__name__}_run_{tag}", constants, dtypes=("float32",))
+            runner.py_func.__doc__ = self.__doc__
+            found = self._variants[key] = Launched(runner)
         return found
 
     def variants(self):
@@ -273,14 +267,13 @@ def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", 
     grad32 = grads[0].dtype == np.float32
     stochastic = rounding == "stochastic"
     table, offsets = _table(params, grads, masters, states, avgs, slots)
+    if stochastic:
+        table[:, KEY] = _keys(seed, counter, indices, starts)
     variant = mixed_kernel(update).variant(avgs is not None, masters is not None, stochastic, grad32, half)
     if offsets[-1] < SERIAL_BELOW:
         variant = variant.serial
-    hyper_array = np.array((*scalars, grad_mul, grad_clip), np.float32)
-    variant(table, offsets, hyper_array, None if avgs is None else np.float32(avg_weight),
-            True if masters is not None else None,
-            _keys(seed, counter, indices, starts) if stochastic else None,
-            True if grad32 else None, True if half else None)
+    variant(table, offsets, np.array((*scalars, grad_mul, grad_clip, avg_weight if avgs is not None else 0.0),
+                                     np.float32))
 
 
 # ---------------------------------------------------------------------------------------------

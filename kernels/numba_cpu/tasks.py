@@ -27,9 +27,8 @@ from numba.core import cgutils
 from numba.core.callconv import excinfo_t
 from numba.extending import intrinsic
 
-from ._jit import _renamed, kernel
 
-__all__ = ["PARTS", "SharedShells", "TaskKernel", "call_tasks", "task_kernel"]
+__all__ = ["PARTS", "TaskKernel", "call_tasks", "task_kernel"]
 
 PARTS = 256  # task ranges per launch at most: enough for any thread count, a call per range
 
@@ -77,23 +76,3 @@ class TaskKernel:
 def task_kernel(body):
     """Decorate a shell with the body it runs: a ``TaskKernel``."""
     return lambda shell: TaskKernel(body, shell)
-
-
-class SharedShells:
-    """The shells of a family of task kernels whose variants differ in which arguments are None (a
-    variant key of flags): ``template``, a parallel shell ``shell(body_address, *args)``, as one
-    ``_jit`` kernel per key with the signature ``signature(key)``, shared by every body of the
-    family; each is named after its key (so it has a disk-cache index of its own) and compiled at
-    first use."""
-
-    def __init__(self, template, signature):
-        self._template = template
-        self._signature = signature
-        self._shells: dict[tuple, object] = {}
-
-    def __call__(self, key: tuple):
-        found = self._shells.get(key)
-        if found is None:
-            tag = "".join(str(int(flag)) for flag in key)
-            found = self._shells[key] = kernel([self._signature(key)])(_renamed(self._template, f"_{tag}"))
-        return found

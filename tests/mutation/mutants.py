@@ -323,8 +323,8 @@ MUTANTS: list[Mutant] = [
        "wrong operator", "extras", "reduce"),
     # --------------------------------------------- numba 16-bit parameters and 8-bit state
     _m("numba-mixed-master-not-written", NUMBA_MIXED,
-       "            if master is not None:\n                copy[i] = p",
-       "            if master is not None:\n                copy[i] = copy[i]",
+       "            if _MASTER is not None:\n                copy[i] = p",
+       "            if _MASTER is not None:\n                copy[i] = copy[i]",
        "16-bit parameters: the float32 master copy never updated (θ rounded from the new value once)",
        "dropped term", "optimizer", "mixed"),
     _m("numba-mixed-average-swapped", NUMBA_MIXED,

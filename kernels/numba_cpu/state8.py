@@ -591,8 +591,8 @@ def _scratch(typingctx, count):
     """A heap buffer for ``count`` float32 at a 64-byte boundary (``NRT_Allocate``; ``_floats_at``
     finds the boundary, ``_release`` frees it): what ``np.empty`` gives without its implementation,
     which numba compiles anew in every process that compiles a kernel using it (0.1-0.2 s of an
-    8-bit update's first use). The boundary matters: the vector coders' 64-byte loads and stores
-    of a scratch row straddling cache lines made the whole step up to 1.4 times slower."""
+    8-bit update's first use). The boundary keeps the vector coders' 64-byte loads and stores of a
+    scratch row inside one cache line each (``NRT_Allocate`` itself aligns to 16 bytes)."""
     if not isinstance(count, types.Integer):
         return None
     signature = types.CPointer(types.uint8)(count)

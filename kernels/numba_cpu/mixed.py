@@ -42,15 +42,15 @@ import types as pytypes
 import numba
 import numpy as np
 from numba import carray, prange, types
-from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from . import optim as _optim
 from ._jit import kernel
 from .lowbits import (GAMMA, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, stochastic_bf16, stochastic_f16,
                       tensor_key, uniform)
-from .multi import AVG, GRAD, PARAM, SERIAL_BELOW, STATE, last_at_most, next_span, part_range, parts_for, pointer
-from .runners import Launched, Runner
+from .multi import (AVG, GRAD, PARAM, SERIAL_BELOW, STATE, last_at_most, next_span, part_range, parts_for,
+                    pointer, typed_pointer)
+from .runners import Launched, flag, variant_runner
 
 __all__ = ["bfloat16_if_imported", "mixed_step", "mixed_sumsq", "is_low_precision"]
 
@@ -73,17 +73,7 @@ def is_low_precision(dtype) -> bool:
     return dtype == np.float16 or (bfloat16 is not None and dtype == bfloat16)
 
 
-@intrinsic
-def _pointer16(typingctx, address):
-    """A uint16 pointer at the integer ``address``."""
-    if not isinstance(address, types.Integer):
-        return None
-    signature = types.CPointer(types.uint16)(address)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-    return signature, codegen
+_pointer16 = typed_pointer(types.uint16)  # bfloat16 and float16 bit patterns
 
 
 _inline = numba.njit(inline="always", error_model="numpy")
@@ -188,14 +178,10 @@ class _MixedKernel:
         key = (averaged, master, stochastic, grad32, half)
         found = self._variants.get(key)
         if found is None:
-            flag = lambda on: True if on else None  # noqa: E731
             constants = dict(_UPDATE=self._update.element, _SCALARS=self._update.scalars, _AVERAGED=averaged,
                              _MASTER=flag(master), _STOCHASTIC=flag(stochastic), _GRAD32=flag(grad32),
                              _HALF=flag(half))
-            tag = "".join(str(int(on)) for on in key)
-            runner = Runner(_run, f"{self.__name__}_run_{tag}", constants, dtypes=("float32",))
-            runner.py_func.__doc__ = self.__doc__
-            found = self._variants[key] = Launched(runner)
+            found = self._variants[key] = variant_runner(_run, self.__name__, key, constants, self.__doc__)
         return found
 
     def variants(self):

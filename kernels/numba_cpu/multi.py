@@ -88,6 +88,25 @@ def pointer(typingctx, address, like):
     return signature, codegen
 
 
+def typed_pointer(numba_type):
+    """An intrinsic ``f(address)``: a pointer to ``numba_type`` at the integer ``address`` (what
+    ``pointer`` gives for a float type chosen by an argument, for a fixed type: codes, bit
+    patterns, table rows)."""
+
+    def at(typingctx, address):
+        if not isinstance(address, types.Integer):
+            return None
+        signature = types.CPointer(numba_type)(address)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+        return signature, codegen
+
+    at.__name__ = at.__qualname__ = f"pointer_{numba_type}"  # (what numba's messages name it)
+    return intrinsic(at)
+
+
 @intrinsic
 def itemsize(typingctx, like):
     """The size in bytes of ``like``'s type, a compile-time constant."""

@@ -41,7 +41,7 @@ from ._cache import FunctionCache
 from ._jit import _compile_lock, kernel
 from .multi import parts_for
 
-__all__ = ["Launched", "Runner", "launch_parts", "runner_signature"]
+__all__ = ["Launched", "Runner", "flag", "launch_parts", "runner_signature", "variant_runner"]
 
 _I64 = types.int64
 
@@ -186,3 +186,19 @@ class Launched:
 
     def __call__(self, table, offsets, hyper):
         self._launch(self.runner.address(hyper.dtype), table, offsets, hyper)
+
+
+def flag(on: bool):
+    """A variant's flag as a compile-time constant: True, or None when off (numba prunes the
+    branches on ``x is None`` before typing, and helpers take None for "off" as their argument)."""
+    return True if on else None
+
+
+def variant_runner(template, name: str, key: tuple, constants: dict, doc: str | None) -> Launched:
+    """One variant of a family of float32 part runners: ``template`` with ``constants`` bound,
+    named ``<name>_run_<key>`` (the key's flags as 0/1 digits: a disk cache of its own), run by
+    ``launch_parts``."""
+    tag = "".join(str(int(on)) for on in key)
+    runner = Runner(template, f"{name}_run_{tag}", constants, dtypes=("float32",))
+    runner.py_func.__doc__ = doc
+    return Launched(runner)

@@ -77,9 +77,9 @@ from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16
 from .mixed import _decode, _encode, _keys, _pointer16, is_low_precision
 from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
-from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, pointer
+from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, pointer, typed_pointer
 from .quantize import MAP_AS, THRESHOLDS, ZERO
-from .runners import Launched, Runner
+from .runners import Launched, flag, variant_runner
 
 __all__ = ["SUPPORTED", "state8_layout", "state8_step", "state8_supported"]
 
@@ -94,18 +94,8 @@ _F32 = np.dtype(np.float32)
 _element = numba.njit(inline="always", error_model="numpy")
 
 
-@intrinsic
-def _bytes(typingctx, address):
-    """A uint8 pointer at the integer ``address``."""
-    if not isinstance(address, types.Integer):
-        return None
-    signature = types.CPointer(types.uint8)(address)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-    return signature, codegen
-
+_bytes = typed_pointer(types.uint8)  # codes
+_ints32 = typed_pointer(types.int32)  # bucket counts
 
 _ABS_BITS = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
@@ -574,19 +564,6 @@ class _Update8:
 
 
 @intrinsic
-def _ints32(typingctx, address):
-    """An int32 pointer at the integer ``address``."""
-    if not isinstance(address, types.Integer):
-        return None
-    signature = types.CPointer(types.int32)(address)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-    return signature, codegen
-
-
-@intrinsic
 def _scratch(typingctx, count):
     """A heap buffer for ``count`` float32 at a 64-byte boundary (``NRT_Allocate``; ``_floats_at``
     finds the boundary, ``_release`` frees it): what ``np.empty`` gives without its implementation,
@@ -770,7 +747,7 @@ def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
 class _Kernel8:
     """A state8 update in its variants, each the update's part runner (``_run8`` with the element,
     its counts and the variant's flags bound as compile-time constants, under the name
-    ``<element>_run_<flags>``: ``runners.Runner``) compiled at its first use and run by the
+    ``<kernel>_run_<flags>``: ``runners.Runner``) compiled at its first use and run by the
     launcher every float32 optimizer step runs (``runners.Launched``); ``plain`` and ``averaged``
     are the variants for float32 parameters and 8-bit state. The runners are made at first use,
     after this module's constants exist (a runner binds the module's globals as they are then)."""
@@ -800,15 +777,11 @@ class _Kernel8:
         key = (averaged, low, master, stochastic, grad16, half, bf16state)
         found = self._variants.get(key)
         if found is None:
-            flag = lambda on: True if on else None  # noqa: E731
             constants = dict(_ELEMENT8=self.update.element, _SCALARS8=self.scalars, _STATES8=self.states,
                              _AVERAGED8=averaged, _LOW8=flag(low), _MASTER8=flag(master),
                              _STOCHASTIC8=flag(stochastic), _GRAD16_8=flag(grad16), _HALF8=flag(half),
                              _BF16STATE8=flag(bf16state))
-            tag = "".join(str(int(on)) for on in key)
-            runner = Runner(_run8, f"{self.__name__}_run_{tag}", constants, dtypes=("float32",))
-            runner.py_func.__doc__ = self.__doc__
-            found = self._variants[key] = Launched(runner)
+            found = self._variants[key] = variant_runner(_run8, self.__name__, key, constants, self.__doc__)
         return found
 
     @property

@@ -181,7 +181,7 @@ class Launched:
         self._launch = launch_parts if launch is None else launch
         self.parallel = self._launch.parallel
         self.__name__ = runner.__name__
-        self.__doc__ = runner.__doc__
+        self.__doc__ = runner.py_func.__doc__
         self.serial = Launched(runner, launch_parts.serial) if self.parallel else self
 
     def __call__(self, table, offsets, hyper):

@@ -1,11 +1,14 @@
 """The GPU check: the gpu tests of both GPU backends, then GPU benchmarks, in one run (< 5 min).
 
-    python bench/gpu_check.py OUTDIR [--pytest-timeout 180] [--skip-tests] [--adam-log2 28] [--repeats 20]
+    python bench/gpu_check.py OUTDIR [--pytest-timeout 180] [--workers 8] [--skip-tests] [--adam-log2 28]
+                                     [--repeats 20]
 
 1. ``pytest -m gpu`` on tests/test_gpu_streams.py, tests/test_gpu_cupy.py,
    tests/test_gpu_numba_cuda.py and the low-precision tests/test_gpu_lowp_cupy.py and
-   tests/test_gpu_lowp_numba_cuda.py (the files that exist), with a wall-clock limit; its summary is
-   printed and saved. The stream checks run first: torch tensors on a side stream
+   tests/test_gpu_lowp_numba_cuda.py, and the torch CUDA-tensor tests of tests/test_torch_optim.py and
+   tests/test_torch_batchnorm.py (the files that exist), on ``--workers`` xdist processes with
+   a wall-clock limit; its failures and summary are printed, every result line is in
+   OUTDIR/gpu_tests.log and the tracebacks in OUTDIR/gpu_tests.xml. The stream checks run first: torch tensors on a side stream
    behind a slow producer (update, non-finite skip, clip_grad_norm_, batch norm), a step captured
    with torch.cuda.graph and replayed, CuPy arrays on a non-blocking stream, numba arrays bound to
    another stream than CuPy's, two host threads stepping at once (torch streams, CuPy's per-thread
@@ -34,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +47,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TEST_FILES = ["tests/test_gpu_streams.py", "tests/test_gpu_cupy.py", "tests/test_gpu_numba_cuda.py",
-                  "tests/test_gpu_lowp_cupy.py", "tests/test_gpu_lowp_numba_cuda.py"]
+                  "tests/test_gpu_lowp_cupy.py", "tests/test_gpu_lowp_numba_cuda.py", "tests/test_torch_optim.py",
+                  "tests/test_torch_batchnorm.py"]
 BN_SHAPE = (256, 64, 56, 56)
 
 
@@ -55,27 +60,43 @@ def log(message: str) -> None:
 # 1. the gpu tests
 
 
-def run_gpu_tests(timeout: float) -> dict:
+def run_gpu_tests(timeout: float, workers: int, outdir: Path) -> dict:
+    """Run the gpu tests with ``workers`` xdist processes (0: in this process's child alone).
+
+    Every result line goes to OUTDIR/gpu_tests.log as it happens, so a run cut short by the limit
+    still says which tests passed and failed; OUTDIR/gpu_tests.xml (JUnit) has each failure's
+    traceback when the run ends. On the limit the whole process group is killed: xdist workers
+    would otherwise keep the GPU busy under the benchmarks."""
     files = [f for f in GPU_TEST_FILES if (ROOT / f).exists()]
     missing = [f for f in GPU_TEST_FILES if f not in files]
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs", *files]
-    log(f"$ {' '.join(command)}   (limit {timeout:.0f} s)")
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-v", "-rfEs",
+               f"--junitxml={outdir / 'gpu_tests.xml'}", *files]
+    if workers > 0:
+        command[3:3] = ["-n", str(workers)]
+    log_path = outdir / "gpu_tests.log"
+    log(f"$ {' '.join(command)}   (limit {timeout:.0f} s, log {log_path})")
     start = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        output, returncode, timed_out = done.stdout + done.stderr, done.returncode, False
-    except subprocess.TimeoutExpired as exc:
-        def text(b):
-            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
-        output, returncode, timed_out = text(exc.stdout) + text(exc.stderr), None, True
+    timed_out = False
+    with open(log_path, "w") as sink:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode, timed_out = None, True
     seconds = time.perf_counter() - start
-    lines = output.strip().splitlines()
+    lines = log_path.read_text(errors="replace").strip().splitlines()
     summary = lines[-1] if lines else ""
     if timed_out:
-        summary = f"TIMED OUT after {timeout:.0f} s; last line: {summary}"
-    log("\n".join(lines[-40:]))
+        done = sum(1 for line in lines if " PASSED " in line or " FAILED " in line or " SKIPPED " in line
+                   or " ERROR " in line)
+        summary = f"TIMED OUT after {timeout:.0f} s with {done} results; last line: {summary}"
+    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    log("\n".join(failures[:60]))
+    log(summary)
     return dict(files=files, missing=missing, returncode=returncode, timed_out=timed_out, seconds=round(seconds, 1),
-                summary=summary, tail="\n".join(lines[-200:]))
+                summary=summary, failures=failures, tail="\n".join(lines[-200:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +366,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--pytest-timeout", type=float, default=180.0)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="pytest-xdist processes for the gpu tests (0: none)")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--adam-log2", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=20)
@@ -353,7 +376,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     report: dict = dict(python=platform.python_version(), argv=sys.argv)
 
-    report["pytest"] = None if args.skip_tests else run_gpu_tests(args.pytest_timeout)
+    report["pytest"] = None if args.skip_tests else run_gpu_tests(args.pytest_timeout, args.workers, args.outdir)
 
     rows = Rows()
     copy_gbs = None

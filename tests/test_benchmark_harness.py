@@ -453,14 +453,21 @@ def test_a_case_builds_and_verifies_on_its_own():
 
 
 def test_the_gpu_check_runs_every_gpu_test_file():
-    """``bench/gpu_check.py`` (the one script run when a GPU is lent) lists every tests/test_gpu_*.py,
-    so a new GPU test file cannot be left out of the only run that executes it."""
+    """``bench/gpu_check.py`` (the one script run when a GPU is lent) lists every test file that holds
+    a test marked ``gpu``, as pytest collects them, so a new GPU test cannot be left out of the only
+    run that executes it."""
     import importlib.util
+    import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    files = {p.relative_to(root).as_posix() for p in (root / "tests").glob("test_gpu_*.py")}
-    assert files and set(module.GPU_TEST_FILES) == files
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",
+                                "-p", "no:cacheprovider", "tests"], cwd=root, capture_output=True, text=True,
+                               timeout=300)
+    files = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
+    assert {"tests/test_gpu_cupy.py", "tests/test_gpu_numba_cuda.py"} <= files, collected.stdout[-2000:]
+    assert set(module.GPU_TEST_FILES) == files

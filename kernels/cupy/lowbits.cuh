@@ -8,7 +8,8 @@
 // Bit conversions are those of kernels/numba_cpu/lowbits.py: round to nearest even by the PTX
 // conversions cvt.rn.f16.f32 / cvt.rn.bf16.f32 (what __float2half_rn / __float2bfloat16_rn compile
 // to; NVRTC has no cuda_fp16.h without an include path), NaN encoded as lowbits does (a quiet NaN
-// with x's sign: f16 sign|0x7E00, bf16 the top 16 bits | 0x0040); decoding exact.
+// with x's sign: f16 sign|0x7E00, bf16 the top 16 bits | 0x0040); decoding exact, NaN payloads
+// included (cvt.f32.f16 alone would canonicalize them; seen on an H200).
 // Float arithmetic only.
 
 namespace fo {
@@ -19,6 +20,9 @@ typedef unsigned long long u64;
 // 16-bit formats
 
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    // cvt.f32.f16 returns the canonical NaN for every NaN; keep the payload, as the other backends do
+    if ((h & 0x7C00u) == 0x7C00u && (h & 0x03FFu) != 0u)
+        return __uint_as_float(((unsigned int)(h & 0x8000u) << 16) | 0x7F800000u | ((unsigned int)(h & 0x03FFu) << 13));
     float x;
     asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(x) : "h"(h));
     return x;

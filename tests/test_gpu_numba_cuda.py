@@ -214,6 +214,22 @@ def test_available():
     assert backend.unavailable_reason() == "" and cuda.is_available()
 
 
+def test_the_launched_kernels_round_every_product_as_written():
+    """The PTX of the dispatchers the backend launches (not only compile_ptx's, which
+    tests/test_numba_cuda_ptx.py checks) holds no fused multiply-add: NVVM's fma=0 reached them."""
+    import re
+
+    import numba
+
+    from fastopt.kernels.numba_cuda._jit import KERNELS
+
+    for name in ("optim.adam", "optim.rmsprop.multi", "batchnorm.stats_partial"):
+        for dtype in (numba.float32, numba.float64):
+            dispatcher = KERNELS[name][dtype]
+            ptx = "\n".join(dispatcher.inspect_asm().values())
+            assert ".entry" in ptx and not re.search(r"\bfma\.", ptx), f"{name} {dtype}"
+
+
 # ---------------------------------------------------------------------------------------------
 # the public API (tests/cudasim/test_api.py's tests, on numba device arrays on the GPU)
 

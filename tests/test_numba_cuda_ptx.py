@@ -5,7 +5,9 @@ Kernels are enumerated from the backend's registry (``_jit.KERNELS``: every vari
 exists for). A float64 literal or scalar in a float32 kernel would show up as ``.f64`` registers or
 instructions (``cvt.f32.f64``, ``add.f64``, …) in its PTX. The kernels whose module docstrings say
 they accumulate in float64 on purpose (``Kernel.float64`` gives the reason) are exempt, and are
-checked to really contain float64 arithmetic, so the exemption list stays exact.
+checked to really contain float64 arithmetic, so the exemption list stays exact. No kernel's PTX
+holds an ``fma`` instruction: the backend compiles with NVVM's fma=0 (``_jit.rounding_as_written``)
+so that every product rounds as in the reference.
 
 numba-cuda compiles a kernel's device functions for "the current device"; without a GPU there is
 none, so these tests report compute capability 9.0 for it (the kernels themselves are compiled for
@@ -19,9 +21,11 @@ mode of the process, which compiles nothing (the simulator tests cover it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import re
 import types as pytypes
 
 import pytest
@@ -84,9 +88,18 @@ def device_for_device_functions():
         dispatcher.get_current_device = original
 
 
-def compile_ptx(py_func, signature) -> str:
-    ptx, _ = cuda.compile_ptx(py_func, signature, cc=CC)
+def compile_ptx(py_func, signature, *, as_the_backend: bool = True) -> str:
+    """PTX for ``CC``; ``as_the_backend``: with the options the backend compiles its kernels with
+    (``_jit.rounding_as_written``: NVVM's fma=0)."""
+    from fastopt.kernels.numba_cuda._jit import rounding_as_written
+
+    with rounding_as_written() if as_the_backend else contextlib.nullcontext():
+        ptx, _ = cuda.compile_ptx(py_func, signature, cc=CC)
     return ptx
+
+
+def fused_lines(ptx: str) -> list[str]:
+    return [line.strip() for line in ptx.splitlines() if re.search(r"\bfma\.", line)]
 
 
 def float64_lines(ptx: str) -> list[str]:
@@ -139,6 +152,8 @@ def test_kernel_compiles_and_float32_computes_in_float32(name, dtype, device_for
     kernel = KERNELS[name]
     ptx = compile_ptx(kernel.py_func, kernel.signature(dtype))
     assert ".entry" in ptx and ".target sm_90" in ptx
+    # every product rounded as written, as in the reference (_jit.rounding_as_written)
+    assert not fused_lines(ptx), f"{name}: contracted into FMA: {fused_lines(ptx)[:3]}"
     if dtype != numba.float32:
         return
     lines = float64_lines(ptx)
@@ -168,3 +183,19 @@ def test_the_check_catches_a_float64_literal(device_for_device_functions):
     signature = numba.void(numba.float32[::1])
     assert float64_lines(compile_ptx(promoted, signature))
     assert not float64_lines(compile_ptx(clean, signature))
+
+
+def test_the_check_catches_a_contracted_product(device_for_device_functions):
+    """The FMA inspection is not vacuous: NVVM contracts a·b + c unless the backend's option is
+    set, and the option reaches only the compilations inside ``rounding_as_written``."""
+    require()
+
+    def axpy(x, y):
+        i = cuda.grid(1)
+        if i < x.shape[0]:
+            x[i] = x[i] * y[i] + y[i]
+
+    signature = numba.void(numba.float32[::1], numba.float32[::1])
+    assert fused_lines(compile_ptx(axpy, signature, as_the_backend=False))
+    assert not fused_lines(compile_ptx(axpy, signature))
+    assert fused_lines(compile_ptx(axpy, signature, as_the_backend=False))

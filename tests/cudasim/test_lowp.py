@@ -30,6 +30,8 @@ from fastopt.reference.quantize import quantize_blockwise
 
 from optim_cases import CASES, case_id, initial_state
 
+from .helpers import code_line
+
 SHAPES = [(300,), (5,), (0,)]  # two blocks of 256 with a tail under state8; a small and an empty tensor
 
 
@@ -79,7 +81,7 @@ def run_mixed(name, hyper, shapes, rng, *, master, rounding, grad32, avg, steps=
             what = f"{name} {op} step {t} tensor {k}"
             got = _host(d_params[k])
             assert got.dtype == np.float16 and got.shape == shape
-            bits, want = got.view(np.int16).astype(np.int32), params[k].view(np.int16).astype(np.int32)
+            bits, want = code_line(got), code_line(params[k])
             assert np.all(np.abs(bits - want) <= 1), f"{what}: θ more than one code from the reference"
             if bits.size >= 256:  # a code apart only where the float32 values differ: rarely
                 assert np.mean(bits != want) <= 0.02, f"{what}: θ bits differ in {np.mean(bits != want):.1%}"

@@ -44,6 +44,7 @@ import pytest
 import fastopt.kernels.numba_cuda as backend
 from fastopt.reference import state8 as ref_state8
 
+from .helpers import code_line
 from .test_lowp import STATE8_CASES, _close, _device, _host, _quantized, _state8_id, run_state8
 
 SHAPES = [(300,), (5,), (0,)]
@@ -67,8 +68,8 @@ def _compare_f16(what, got, want, got_master, want_master, exact):
             np.testing.assert_array_equal(got_master, want_master, err_msg=f"{what} master")
         return
     finite = ~(np.isnan(got) & np.isnan(want))  # NaN signs and payloads may differ
-    bits = got.view(np.int16).astype(np.int32)[finite]
-    wanted = want.view(np.int16).astype(np.int32)[finite]
+    bits = code_line(got)[finite]
+    wanted = code_line(want)[finite]
     assert np.all(np.abs(bits - wanted) <= 1), f"{what}: θ more than one code from the reference"
     if bits.size >= 256:
         assert np.mean(bits != wanted) <= 0.02, f"{what}: θ bits differ in {np.mean(bits != wanted):.1%}"
@@ -260,8 +261,8 @@ def _assert_bf16(what, got, want, exact):
         assert same.all(), f"{what}: {np.count_nonzero(~same)} bfloat16 patterns differ, e.g. " \
                            f"{got[~same][:3]} against {wanted[~same][:3]}"
         return
-    bits = got.view(np.int16).astype(np.int32)[~nan]
-    wanted = wanted.view(np.int16).astype(np.int32)[~nan]
+    bits = code_line(got)[~nan]
+    wanted = code_line(wanted)[~nan]
     assert np.all(np.abs(bits - wanted) <= 1), f"{what}: more than one bfloat16 code from the reference"
     if bits.size >= 256:
         assert np.mean(bits != wanted) <= 0.02, f"{what}: bits differ in {np.mean(bits != wanted):.1%}"

@@ -199,3 +199,25 @@ def test_the_check_catches_a_contracted_product(device_for_device_functions):
     assert fused_lines(compile_ptx(axpy, signature, as_the_backend=False))
     assert not fused_lines(compile_ptx(axpy, signature))
     assert fused_lines(compile_ptx(axpy, signature, as_the_backend=False))
+
+
+def test_kernels_are_built_without_link_time_optimization(monkeypatch):
+    """``_jit.Kernel`` compiles with ``lto=False`` inside ``rounding_as_written``: with LTO,
+    nvJitLink generates the final code from NVVM IR and contracts products into FMA again
+    (seen on an H200), whatever NVVM's fma=0 said."""
+    require(nvvm=False)
+    from fastopt.kernels.numba_cuda import _jit
+
+    seen = []
+
+    class FakeCuda:
+        @staticmethod
+        def jit(signature, **options):
+            seen.append((signature, options, getattr(_jit._local, "no_fma", False)))
+            return lambda py_func: py_func
+
+    monkeypatch.setattr(_jit, "cuda", FakeCuda)
+    monkeypatch.setattr(_jit, "_install_fma_option", lambda: None)
+    kernel = _jit.Kernel("test.identity", lambda x: None, lambda dt: numba.void(dt[::1]), None)
+    kernel[numba.float32]
+    assert seen == [(numba.void(numba.float32[::1]), {"lto": False}, True)]

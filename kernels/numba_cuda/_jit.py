@@ -83,8 +83,15 @@ class Kernel:
             with _compile_lock:
                 compiled = self._compiled.get(dt)
                 if compiled is None:
-                    with rounding_as_written():
+                    if SIMULATOR:  # no NVVM, no linking: the simulator runs the Python function
                         compiled = cuda.jit(self._signature(dt))(self.py_func)
+                    else:
+                        # lto=False: with link-time optimization (numba-cuda's default where
+                        # nvJitLink is installed) nvJitLink generates the code from NVVM IR and
+                        # contracts products into FMA whatever NVVM was told; the PTX path keeps
+                        # the .rn instructions rounding_as_written gives, which ptxas never fuses
+                        with rounding_as_written():
+                            compiled = cuda.jit(self._signature(dt), lto=False)(self.py_func)
                     if SIMULATOR:
                         compiled = _SignatureChecked(self.name, compiled, self._signature(dt))
                     self._compiled[dt] = compiled
@@ -108,7 +115,10 @@ def rounding_as_written():
     contracted kernels left elements of ill-conditioned updates (centered RMSProp, a gradient
     cancelled by its weight decay) 1e-4 from the reference in float32 and 1e-11 in float64.
     The option is added where numba-cuda calls NVVM (``nvvm.compile_ir``), for this thread and
-    this block only: other code's kernels compile as numba-cuda compiles them."""
+    this block only: other code's kernels compile as numba-cuda compiles them. With fma=0 NVVM
+    writes ``mul.rn``/``add.rn``, which ptxas never contracts either; the kernels are built
+    without link-time optimization (``Kernel``), whose final code generation in nvJitLink
+    would contract them again (seen on the H200: g + λθ rounded once)."""
     _install_fma_option()
     previous = getattr(_local, "no_fma", False)
     _local.no_fma = True
@@ -119,25 +129,28 @@ def rounding_as_written():
 
 
 def _install_fma_option() -> None:
+    import numba.cuda.codegen as codegen
     from numba.cuda.cudadrv import nvvm
 
-    if getattr(nvvm.compile_ir, "fastopt_fma_option", False):
-        return
+    # the module numba-cuda's code libraries call NVVM through, and the one by its import name
+    # (one object where numba.cuda is numba-cuda itself; patch both if they ever differ)
+    modules = {id(m): m for m in (codegen.nvvm, nvvm)}.values()
     with _install_lock:
-        original = nvvm.compile_ir
-        if getattr(original, "fastopt_fma_option", False):
-            return
+        for module in modules:
+            original = module.compile_ir
+            if getattr(original, "fastopt_fma_option", False):
+                continue
 
-        @functools.wraps(original)
-        def compile_ir(llvmir, **options):
-            if getattr(_local, "no_fma", False):
-                if options.get("fastmath"):
-                    raise RuntimeError("fastopt compiles its kernels without fastmath, which would set fma=1")
-                options["fma"] = False
-            return original(llvmir, **options)
+            def compile_ir(llvmir, _original=original, **options):
+                if getattr(_local, "no_fma", False):
+                    if options.get("fastmath"):
+                        raise RuntimeError("fastopt compiles its kernels without fastmath, which would set fma=1")
+                    options["fma"] = False
+                return _original(llvmir, **options)
 
-        compile_ir.fastopt_fma_option = True
-        nvvm.compile_ir = compile_ir
+            functools.update_wrapper(compile_ir, original)
+            compile_ir.fastopt_fma_option = True
+            module.compile_ir = compile_ir
 
 
 class _SignatureChecked:

@@ -20,6 +20,8 @@
      counted as bytes read + written;
    * fused Adam over 2**28 float32 parameters: cupy, numba-cuda, ``torch.optim.Adam(fused=True)``
      (28 bytes per element: θ, g, m, v read, θ, m, v written);
+   * the same with 8-bit block-wise quantized m and v (16 + 16/256 bytes per element), cupy and
+     numba-cuda, against torch's fused Adam on float32 parameters (28) and on bfloat16 ones (14);
    * batch norm, training, float32 256×64×56×56, channel-first (NCHW, channel_axis=1) and
      channels-last (NHWC, channel_axis=3): forward (12 B/elem: x read twice, y written) and
      backward (20 B/elem: dy and x read twice, dx written); torch: ``F.batch_norm`` and autograd
@@ -244,6 +246,96 @@ def adam(rows: Rows, log2: int, repeats: int, torch) -> None:
     cupy.get_default_memory_pool().free_all_blocks()
 
 
+STATE8_BLOCK = 256
+
+
+def adam8(rows: Rows, log2: int, repeats: int, torch) -> None:
+    """Adam with 8-bit block-wise quantized m and v (blocks of 256) over 2**log2 float32
+    parameters, on both GPU backends, against torch's fused Adam on float32 parameters in the same
+    section (issue 13's ratio) and on bfloat16 parameters (bfloat16 m and v, as torch keeps them).
+
+    Bytes per element: 8-bit state, θ 4 read + 4 written, g 4 read, m and v codes 1 + 1 each, and
+    per block of 256 one float32 absmax read and written for each of m and v: 16 + 16/256; torch
+    float32: 28; torch bfloat16: 14. The first step from zero state is checked against
+    ``fastopt.reference.state8`` on the first 2**16 elements (whole blocks)."""
+    import cupy
+    import numpy as np
+
+    from fastopt.reference import state8 as reference8
+
+    n = 1 << log2
+    blocks = -(-n // STATE8_BLOCK)
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                 amsgrad=False)
+    rng = cupy.random.default_rng(2)
+    start = rng.standard_normal(n, dtype=cupy.float32)
+    grad = rng.standard_normal(n, dtype=cupy.float32)
+    op = f"adam 2^{log2} 8-bit state"
+    bytes8 = 16 + 16 / STATE8_BLOCK
+
+    sample = 1 << 16
+    expected = [cupy.asnumpy(start[:sample])]
+    zero_state = [((np.zeros(sample, np.uint8), np.zeros(sample // STATE8_BLOCK, np.float32)),
+                   (np.zeros(sample, np.uint8), np.zeros(sample // STATE8_BLOCK, np.float32)), None)]
+    reference8.state8_step("adam_step", expected, [cupy.asnumpy(grad[:sample])], zero_state, None, step=1,
+                           block=STATE8_BLOCK, **hyper)
+
+    backends = []
+    try:
+        import fastopt.kernels.cupy as cupy_backend
+
+        backends.append(("cupy", cupy_backend, lambda a: a))
+    except Exception as exc:
+        rows.fail("adam 8-bit: import cupy backend", exc)
+    try:
+        import numba.cuda
+
+        import fastopt.kernels.numba_cuda as numba_backend
+
+        backends.append(("numba-cuda", numba_backend, lambda a: numba.cuda.as_cuda_array(a, sync=False)))
+    except Exception as exc:
+        rows.fail("adam 8-bit: import numba-cuda backend", exc)
+
+    param = cupy.empty_like(start)
+    codes = [cupy.zeros(n, cupy.uint8) for _ in range(2)]
+    absmax = [cupy.zeros(blocks, cupy.float32) for _ in range(2)]
+    for name, module, wrap in backends:
+        try:
+            param[...] = start
+            for a in (*codes, *absmax):
+                a.fill(0)  # absmax 0: every value of the state is 0, whatever its code
+            state = [((wrap(codes[0]), wrap(absmax[0])), (wrap(codes[1]), wrap(absmax[1])), None)]
+            params, grads = [wrap(param)], [wrap(grad)]
+            module.state8_step("adam_step", params, grads, state, None, step=1, block=STATE8_BLOCK, **hyper)
+            cupy.cuda.Device().synchronize()
+            error = rel_diff(param[:sample], cupy.asarray(expected[0]))
+            check = f"vs reference {error:.1e}" + ("" if error < 1e-5 else " MISMATCH")
+            step = [1]
+
+            def one_step():
+                step[0] += 1
+                module.state8_step("adam_step", params, grads, state, None, step=step[0], block=STATE8_BLOCK,
+                                   **hyper)
+
+            rows.add(op, name, time_ms(one_step, repeats), bytes8, n, check)
+        except Exception as exc:
+            rows.fail(f"adam 8-bit: {name}", exc)
+    del param, codes, absmax
+
+    if torch is not None:
+        for label, dtype, nbytes in (("torch", torch.float32, 28), ("torch-bf16", torch.bfloat16, 14)):
+            try:
+                p = torch.as_tensor(start, device="cuda").to(dtype).clone().requires_grad_(True)
+                p.grad = torch.as_tensor(grad, device="cuda").to(dtype).clone()
+                opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=True)
+                rows.add(op, label, time_ms(opt.step, repeats), nbytes, n, f"fused, {str(dtype)[6:]} state")
+                del opt, p
+            except Exception as exc:
+                rows.fail(f"adam 8-bit: {label}", exc)
+    del start, grad
+    cupy.get_default_memory_pool().free_all_blocks()
+
+
 def batchnorm(rows: Rows, layout: str, repeats: int, torch) -> None:
     import cupy
 
@@ -408,6 +500,7 @@ def main(argv=None) -> int:
 
     for section, run in (("copy", lambda: copy_bandwidth(rows, args.repeats)),
                          ("adam", lambda: adam(rows, args.adam_log2, args.repeats, torch)),
+                         ("adam 8-bit", lambda: adam8(rows, args.adam_log2, args.repeats, torch)),
                          ("batchnorm NCHW", lambda: batchnorm(rows, "NCHW", args.repeats, torch)),
                          ("batchnorm NHWC", lambda: batchnorm(rows, "NHWC", args.repeats, torch))):
         log(f"[{section}]")

@@ -142,6 +142,37 @@ def test_an_installed_numba_cuda_that_fails_to_import_reports_the_import_error(n
         functional.sgd_step(FakeDeviceArray((3,)), FakeDeviceArray((3,)), lr=0.1, backend="numba-cuda")
 
 
+def test_a_backend_whose_import_breaks_otherwise_is_unavailable_with_the_error(monkeypatch):
+    """An installed dependency can fail inside its own import with something other than an
+    ImportError (numba-cuda 0.30.4 under NumPy 2.5: AttributeError for np.row_stack, seen on an
+    H200). fastopt.backends() still reports every backend, naming the error, and a call that
+    needs the backend raises BackendUnavailableError with it, never the AttributeError itself."""
+    import importlib
+
+    monkeypatch.setattr(dispatch, "_loaded", {})
+    monkeypatch.setattr(dispatch, "_failed", {})
+    real_import = importlib.import_module
+
+    def import_module(name, *args):
+        if name == "fastopt.kernels.numba_cuda":
+            raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(dispatch.importlib, "import_module", import_module)
+    report = fastopt.backends()
+    reason = report["numba-cuda"].reason
+    assert not report["numba-cuda"].available
+    assert reason == ("importing fastopt.kernels.numba_cuda failed: AttributeError: module 'numpy' has no "
+                      "attribute 'row_stack'"), reason
+    assert report["numba"].available and report["numpy"].available
+    with pytest.raises(fastopt.BackendUnavailableError, match=re.escape(reason)):
+        functional.sgd_step(FakeDeviceArray((3,)), FakeDeviceArray((3,)), lr=0.1, backend="numba-cuda")
+    monkeypatch.setattr(dispatch, "_failed", {})  # a first load chains the original error
+    with pytest.raises(fastopt.BackendUnavailableError, match=re.escape(reason)) as raised:
+        functional.sgd_step(FakeDeviceArray((3,)), FakeDeviceArray((3,)), lr=0.1, backend="numba-cuda")
+    assert isinstance(raised.value.__cause__, AttributeError)
+
+
 def test_clip_grad_norm_refuses_mixed_kinds_before_anything_changes():
     grad = np.full(3, 10.0)
     with pytest.raises(TypeError, match=r"grads\[1\] is a .*FakeDeviceArray but grads\[0\] is a numpy.ndarray"):

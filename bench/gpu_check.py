@@ -31,6 +31,12 @@
 
 Every section is guarded: a failure is recorded with its error and the rest still runs.
 Not a test module (pytest does not collect it).
+
+On a lent machine that has the GPU packages but not fastopt installed, the tree runs in place:
+``ln -sfn ../kernels fastopt/kernels; PYTHONPATH=$PWD python3 bench/gpu_check.py OUTDIR``
+(the link stands in for the ``fastopt.kernels`` package-dir mapping of an install). On
+2026-12-04 the lent H200's image had NumPy 2.5, under which numba-cuda 0.30.4 does not import;
+a NumPy 2.4 wheel installed with ``pip install --target`` ahead on ``PYTHONPATH`` fixed that.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ A kernel that does float64 arithmetic on purpose for float32 data (the batch-nor
 the gradient-norm reductions accumulate in float64) says so with ``float64="why"``; every other
 float32 kernel must compile to PTX without a single ``.f64`` instruction.
 
+Every product rounds as written, as in the reference and the cupy backend (``--fmad=false``):
+kernels compile with NVVM's fma=0 (``rounding_as_written``) and without link-time optimization,
+whose final code generation would contract products into fused multiply-adds again.
+
 Launch geometry lives here too: ``THREADS`` threads per block and grids capped at a few blocks per
 multiprocessor (grid-stride loops cover the rest). Under the CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``), where every thread is a Python thread, blocks and grids are tiny
@@ -84,7 +88,8 @@ class Kernel:
                 compiled = self._compiled.get(dt)
                 if compiled is None:
                     if SIMULATOR:  # no NVVM, no linking: the simulator runs the Python function
-                        compiled = cuda.jit(self._signature(dt))(self.py_func)
+                        compiled = _SignatureChecked(self.name, cuda.jit(self._signature(dt))(self.py_func),
+                                                     self._signature(dt))
                     else:
                         # lto=False: with link-time optimization (numba-cuda's default where
                         # nvJitLink is installed) nvJitLink generates the code from NVVM IR and
@@ -92,8 +97,6 @@ class Kernel:
                         # the .rn instructions rounding_as_written gives, which ptxas never fuses
                         with rounding_as_written():
                             compiled = cuda.jit(self._signature(dt), lto=False)(self.py_func)
-                    if SIMULATOR:
-                        compiled = _SignatureChecked(self.name, compiled, self._signature(dt))
                     self._compiled[dt] = compiled
         return compiled
 

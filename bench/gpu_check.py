@@ -171,6 +171,29 @@ def copy_bandwidth(rows: Rows, repeats: int) -> float | None:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def gpu_backends(rows: Rows, section: str) -> list:
+    """(name, backend module, wrap) for each GPU backend that imports: ``wrap`` turns a CuPy array
+    (or None) into what the backend takes. A backend that fails to import is recorded in ``rows``
+    under ``section`` and left out."""
+    backends = []
+    try:
+        import fastopt.kernels.cupy as cupy_backend
+
+        backends.append(("cupy", cupy_backend, lambda a: a))
+    except Exception as exc:
+        rows.fail(f"{section}: import cupy backend", exc)
+    try:
+        import numba.cuda
+
+        import fastopt.kernels.numba_cuda as numba_backend
+
+        backends.append(("numba-cuda", numba_backend,
+                         lambda a: None if a is None else numba.cuda.as_cuda_array(a, sync=False)))
+    except Exception as exc:
+        rows.fail(f"{section}: import numba-cuda backend", exc)
+    return backends
+
+
 def adam(rows: Rows, log2: int, repeats: int, torch) -> None:
     import cupy
 
@@ -197,21 +220,7 @@ def adam(rows: Rows, log2: int, repeats: int, torch) -> None:
     sample = slice(0, 1 << 20)
     expected = expected_first_step(cupy.asnumpy(start[sample]), cupy.asnumpy(grad[sample]))
 
-    backends = []
-    try:
-        import fastopt.kernels.cupy as cupy_backend
-
-        backends.append(("cupy", cupy_backend, lambda a: a))
-    except Exception as exc:
-        rows.fail("adam: import cupy backend", exc)
-    try:
-        import numba.cuda
-
-        import fastopt.kernels.numba_cuda as numba_backend
-
-        backends.append(("numba-cuda", numba_backend, lambda a: numba.cuda.as_cuda_array(a, sync=False)))
-    except Exception as exc:
-        rows.fail("adam: import numba-cuda backend", exc)
+    backends = gpu_backends(rows, "adam")
 
     for name, module, wrap in backends:
         try:
@@ -286,21 +295,7 @@ def adam8(rows: Rows, log2: int, repeats: int, torch) -> None:
     reference8.state8_step("adam_step", expected, [cupy.asnumpy(grad[:sample])], zero_state, None, step=1,
                            block=STATE8_BLOCK, **hyper)
 
-    backends = []
-    try:
-        import fastopt.kernels.cupy as cupy_backend
-
-        backends.append(("cupy", cupy_backend, lambda a: a))
-    except Exception as exc:
-        rows.fail("adam 8-bit: import cupy backend", exc)
-    try:
-        import numba.cuda
-
-        import fastopt.kernels.numba_cuda as numba_backend
-
-        backends.append(("numba-cuda", numba_backend, lambda a: numba.cuda.as_cuda_array(a, sync=False)))
-    except Exception as exc:
-        rows.fail("adam 8-bit: import numba-cuda backend", exc)
+    backends = gpu_backends(rows, "adam 8-bit")
 
     param = cupy.empty_like(start)
     codes = [cupy.zeros(n, cupy.uint8) for _ in range(2)]
@@ -355,22 +350,7 @@ def batchnorm(rows: Rows, layout: str, repeats: int, torch) -> None:
     bias = rng.standard_normal(c, dtype=cupy.float32)
     outputs = {}
 
-    backends = []
-    try:
-        import fastopt.kernels.cupy as cupy_backend
-
-        backends.append(("cupy", cupy_backend, lambda a: a))
-    except Exception as exc:
-        rows.fail(f"batchnorm {layout}: import cupy backend", exc)
-    try:
-        import numba.cuda
-
-        import fastopt.kernels.numba_cuda as numba_backend
-
-        backends.append(("numba-cuda", numba_backend,
-                         lambda a: None if a is None else numba.cuda.as_cuda_array(a, sync=False)))
-    except Exception as exc:
-        rows.fail(f"batchnorm {layout}: import numba-cuda backend", exc)
+    backends = gpu_backends(rows, f"batchnorm {layout}")
 
     timings = []
     for name, module, wrap in backends:

@@ -116,8 +116,8 @@ def rounding_as_written():
     NVVM contracts a·b + c by default, and ``cuda.jit`` has no option to stop it. The reference,
     the CPU backends and the cupy backend (``--fmad=false``) round every product. On an H200 the
     contracted kernels left elements of ill-conditioned updates (centered RMSProp, a gradient
-    cancelled by its weight decay) 1e-4 from the reference in float32 and 1e-11 in float64.
-    The option is added where numba-cuda calls NVVM (``nvvm.compile_ir``), for this thread and
+    cancelled by its weight decay) up to 1e-3 (relative) from the reference in float32 and 1e-11
+    in float64. The option is added where numba-cuda calls NVVM (``nvvm.compile_ir``), for this thread and
     this block only: other code's kernels compile as numba-cuda compiles them. With fma=0 NVVM
     writes ``mul.rn``/``add.rn``, which ptxas never contracts either; the kernels are built
     without link-time optimization (``Kernel``), whose final code generation in nvJitLink

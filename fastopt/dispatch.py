@@ -79,13 +79,12 @@ def _load(name: str) -> ModuleType:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {_failed[name]}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        _failed[name] = _not_installed(name) or f"importing {module_name} failed: {exc}"
-        raise BackendUnavailableError(f"backend {name!r} is unavailable: {_failed[name]}") from exc
-    except Exception as exc:  # noqa: BLE001 - a dependency that breaks while importing
-        # e.g. numba-cuda 0.30.4 under NumPy 2.5 raises AttributeError (np.row_stack, seen on an
-        # H200): report the backend as unavailable with the error, as for a failed import
-        _failed[name] = f"importing {module_name} failed: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a missing package, or a dependency that breaks while importing
+        # (numba-cuda 0.30.4 under NumPy 2.5 raises AttributeError for np.row_stack, seen on an H200)
+        if isinstance(exc, ImportError):
+            _failed[name] = _not_installed(name) or f"importing {module_name} failed: {exc}"
+        else:
+            _failed[name] = f"importing {module_name} failed: {type(exc).__name__}: {exc}"
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {_failed[name]}") from exc
     reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else ""
     if reason:  # e.g. no CUDA device: checked again on the next call, a device may appear

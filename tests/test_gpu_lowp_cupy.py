@@ -252,17 +252,18 @@ def test_mixed_step_names_a_dtype_it_cannot_store():
 
 
 def test_state8_step_packs_block_offsets_and_maps(launches):
-    sizes = (1, 600, 256)
+    sizes = (1, 600, 256, 2304)
     params = [Fake(n, np.float32) for n in sizes]
     grads = [Fake(n, np.float32) for n in sizes]
     states = [((Fake(n, np.uint8), Fake(-(-n // 256), np.float32)), (Fake(n, np.uint8), Fake(-(-n // 256), np.float32)),
                None) for n in sizes]
     lowp.state8_step("adam_step", params, grads, states, None, step=2, **ADAM)
     (module, name, grid, block, args, stream), = launches
-    assert name == S.state8_kernel("adam") and grid == 1 + 3 + 1
+    # 1 + 3 + 1 + 9 quantization blocks, one warp each: two CUDA blocks of 8 warps
+    assert name == S.state8_kernel("adam") and block == 256 and grid == 2
     scalars, packed, blocks, qblock, *_, signed0, signed1 = args
-    assert int(blocks) == 5 and int(qblock) == 256 and (int(signed0), int(signed1)) == (1, 0)
-    assert packed["aux"][0, :3].tolist() == [0, 1, 4]
+    assert int(blocks) == 14 and int(qblock) == 256 and (int(signed0), int(signed1)) == (1, 0)
+    assert packed["aux"][0, :4].tolist() == [0, 1, 4, 5]
     assert scalars["bc1"][0] == np.float32(1 - 0.9 ** 2) and scalars["bc2"][0] == np.float32(1 - 0.999 ** 2)
     with pytest.raises(ValueError, match="block"):
         lowp.state8_step("adam_step", params, grads, states, None, step=2, block=512, **ADAM)
@@ -306,7 +307,8 @@ def test_state8_step_of_16bit_params_packs_masters_keys_and_flags(launches, low)
     lowp.state8_step("adam_step", params, grads, states, avgs, masters=masters, rounding="stochastic", seed=9,
                      counter=4, indices=[7, 8, 9], grad_mul=0.5, grad_clip=2.0, avg_weight=0.25, step=4, **ADAM)
     (module, name, grid, block, args, stream), = launches
-    assert (module, name, block) == ("lowp", S.state8_kernel("adam", low), S.BLOCK) and grid == 1 + 3
+    # 1 + 3 quantization blocks, one warp each: one CUDA block
+    assert (module, name, block) == ("lowp", S.state8_kernel("adam", low), S.BLOCK) and grid == 1
     scalars, packed, blocks, qblock, mul, mul_ptr, clip, avg_weight, signed0, signed1, grad32, stochastic = args
     assert packed.dtype == S.keyed_list_dtype(8) and int(packed["count"][0]) == 2  # the empty tensor skipped
     for row, t in zip(packed["ptr"][0, :2].tolist(), (0, 2)):

@@ -21,15 +21,15 @@
 //                           branches), so one kernel per (Op, H).
 //   mixed_sumsq_partial<H>  Σ g² of 16-bit gradients per block, in double (reduce.cu's
 //                           sum_partials adds the partials)
-//   state8_update<Op>       float32 θ with 8-bit states: one CUDA block of FO_BLOCK threads per
-//                           quantization block (≤ FO_BLOCK elements, one per thread), as
-//                           kernels/numba_cpu/state8.py:
+//   state8_update<Op>       float32 θ with 8-bit states: one warp per quantization block (≤ 32·FO_LANE
+//                           elements, FO_LANE a lane), as kernels/numba_cpu/state8.py:
 //                               s_k = map_k[q_k,i]·a_k        dequantize
 //                               g ← clamp(g·grad_mul, ±grad_clip);  θ, s ← Op(θ, g, s);  θ̂ update
 //                               A_k = max |s_k| over the block (as uint32 bit patterns: NaN above Inf)
-//                                     by warp shuffles and shared memory
+//                                     by warp shuffles
 //                               a_k = A_k; q_k,i = #{j : s_k,i/a_k > t_j} (8-step branch-free search
-//                                     over the 255 midpoints, in shared memory); a non-finite block:
+//                                     over the 255 midpoints, in shared memory in breadth-first
+//                                     order, kernels/_code_search.py); a non-finite block:
 //                                     a_k = NaN, zero codes; an all-zero block: a_k = 0, zero codes.
 //                           Op is an optim.cu struct (same expressions as the CPU's 8-bit updates)
 //                           or Adam8 below (the reference's Adam expression order).
@@ -166,9 +166,9 @@ template <typename T> struct Adam8 {
     }
 };
 
-// The maps (row 0 unsigned, row 1 signed) and their midpoints rounded down to float (+Inf as a
-// 256th entry) are generated from the quantizer's definition: fo_map8, fo_thresholds8, and the
-// code of 0 in each, fo_zero8 (_sources.state8_tables).
+// The maps (row 0 unsigned, row 1 signed) and their midpoints rounded down to float, in the code
+// search's breadth-first order (kernels/_code_search.py), are generated from the quantizer's
+// definition: fo_map8, fo_search8, and the code of 0 in each, fo_zero8 (_sources.state8_tables).
 
 __device__ __forceinline__ unsigned int warp_max(unsigned int v) {
     #pragma unroll
@@ -223,92 +223,117 @@ template <class H, int M = 7> struct LowAccess {
     }
 };
 
-// The body of both 8-bit kernels. Slots per tensor: θ, g, θ̂ (or null), codes₀, absmax₀, codes₁,
-// absmax₁ (null when Op::states is 1) [, master]; aux = the tensor's first quantization block in
-// this launch. signed_k: the map row of state k.
+// The body of both 8-bit kernels: one warp per quantization block of ≤ 32·FO_LANE elements, lane l
+// holding elements l, l + 32, …, l + 32·(FO_LANE − 1) of the block (coalesced), the block's absmax
+// a warp reduction (no barrier inside the loop). Each lane loads all of its elements before it
+// updates any (the stores to θ could alias later loads as far as the compiler knows). Slots per
+// tensor: θ, g, θ̂ (or null), codes₀, absmax₀, codes₁, absmax₁ (null when Op::states is 1)
+// [, master]; aux = the tensor's first quantization block in this launch. signed_k: the map row
+// of state k.
+//
+// Measured on an H200 (bench/RESULTS.md), 8-bit Adam over 2^28 elements: a CUDA block per
+// quantization block, one element a thread, 4.40 ms (23% of the copy bandwidth); this warp layout
+// 4.62 ms, no gain; the search table in breadth-first order 4.04 ms. The kernel is bound by
+// instructions, not memory: about 270 PTX instructions an element, with the reference's five
+// IEEE divisions (m/bc1, v/bc2, the step, s/a per state), each a subroutine of its own.
 template <class Op, class L, class A>
 __device__ __forceinline__ void state8_blocks(const Op& op, const L& list, const A& access, const i64 blocks,
                                               const int block, const float grad_mul,
                                               const float* __restrict__ grad_mul_ptr, const float grad_clip,
                                               const float avg_weight, const int signed0, const int signed1) {
     constexpr int S = Op::states;
+    constexpr int E = FO_LANE;
+    constexpr int warps = FO_BLOCK / 32;
     static_assert(S == 1 || S == 2, "one or two 8-bit states");
     __shared__ float values[S][256];
-    __shared__ float thresholds[S][256];
-    __shared__ unsigned int warp_amax[S][FO_BLOCK / 32];
+    __shared__ float search[S][256];  // node k of the search tree at [k]
     const int j = threadIdx.x;
     const int rows[2] = {signed0, signed1};
     #pragma unroll
     for (int k = 0; k < S; ++k) {
         for (int q = j; q < 256; q += FO_BLOCK) {
             values[k][q] = fo_map8[rows[k]][q];
-            thresholds[k][q] = __uint_as_float(fo_thresholds8[rows[k]][q]);
+            search[k][q] = __uint_as_float(fo_search8[rows[k]][q]);
         }
     }
     __syncthreads();
     const float mul = grad_mul_ptr != nullptr ? *grad_mul_ptr : grad_mul;
-    const int lane = j & 31, warp = j >> 5;
+    const int lane = j & 31;
     i64 t = 0;
-    for (i64 b = blockIdx.x; b < blocks; b += gridDim.x) {
+    // b is the same for the warp's lanes: the shuffles below see all 32
+    for (i64 b = (i64)blockIdx.x * warps + (j >> 5); b < blocks; b += (i64)gridDim.x * warps) {
         while (t + 1 < list.count && list.aux[t + 1] <= b) ++t;  // b only grows
         const i64 lb = b - list.aux[t];
         const i64 n = list.n[t];
-        const i64 i = lb * block + j;
-        const bool active = j < block && i < n;
+        const i64 first = lb * block;
         float* avg = static_cast<float*>(list.ptr[t][2]);
         unsigned char* codes[2] = {static_cast<unsigned char*>(list.ptr[t][3]), static_cast<unsigned char*>(list.ptr[t][5])};
         float* absmax[2] = {static_cast<float*>(list.ptr[t][4]), static_cast<float*>(list.ptr[t][6])};
-        float s[S];
-        unsigned int bits[S];
-        if (active) {
-            #pragma unroll
-            for (int k = 0; k < S; ++k) s[k] = values[k][codes[k][i]] * absmax[k][lb];
-            float g = access.grad(list, t, i) * mul;
-            g = g > grad_clip ? grad_clip : (g < -grad_clip ? -grad_clip : g);
-            float p = access.load(list, t, i);
-            op(p, g, s);
-            access.store(list, t, i, p);
-            if (avg != nullptr) {
-                const float a = avg[i];
-                avg[i] = a + avg_weight * (p - a);
+        float scale[S];
+        #pragma unroll
+        for (int k = 0; k < S; ++k) scale[k] = absmax[k][lb];
+        bool active[E];
+        unsigned char c[S][E];
+        float g[E], p[E], a[E];
+        #pragma unroll
+        for (int r = 0; r < E; ++r) {
+            const int e = lane + 32 * r;
+            const i64 i = first + e;
+            active[r] = e < block && i < n;
+            if (active[r]) {
+                #pragma unroll
+                for (int k = 0; k < S; ++k) c[k][r] = codes[k][i];
+                g[r] = access.grad(list, t, i);
+                p[r] = access.load(list, t, i);
+                if (avg != nullptr) a[r] = avg[i];
             }
+        }
+        float s[S][E];
+        unsigned int bits[S];
+        #pragma unroll
+        for (int k = 0; k < S; ++k) bits[k] = 0u;
+        #pragma unroll
+        for (int r = 0; r < E; ++r) {
+            if (!active[r]) continue;
+            const i64 i = first + lane + 32 * r;
+            float sr[S];
             #pragma unroll
-            for (int k = 0; k < S; ++k) bits[k] = __float_as_uint(s[k]) & 0x7FFFFFFFu;
-        } else {
+            for (int k = 0; k < S; ++k) sr[k] = values[k][c[k][r]] * scale[k];
+            float gr = g[r] * mul;
+            gr = gr > grad_clip ? grad_clip : (gr < -grad_clip ? -grad_clip : gr);
+            float pr = p[r];
+            op(pr, gr, sr);
+            access.store(list, t, i, pr);
+            if (avg != nullptr) avg[i] = a[r] + avg_weight * (pr - a[r]);
             #pragma unroll
-            for (int k = 0; k < S; ++k) bits[k] = 0u;
+            for (int k = 0; k < S; ++k) {
+                s[k][r] = sr[k];
+                bits[k] = max(bits[k], __float_as_uint(sr[k]) & 0x7FFFFFFFu);
+            }
         }
         #pragma unroll
         for (int k = 0; k < S; ++k) {
-            const unsigned int w = warp_max(bits[k]);
-            if (lane == 0) warp_amax[k][warp] = w;
-        }
-        __syncthreads();
-        #pragma unroll
-        for (int k = 0; k < S; ++k) {
-            unsigned int amax = 0u;
-            #pragma unroll
-            for (int w = 0; w < FO_BLOCK / 32; ++w) amax = max(amax, warp_amax[k][w]);
+            const unsigned int amax = warp_max(bits[k]);
             const unsigned char zero = fo_zero8[rows[k]];
-            if (amax >= 0x7F800000u) {  // NaN or ±Inf in the block
-                if (j == 0) absmax[k][lb] = __uint_as_float(0x7FC00000u);
-                if (active) codes[k][i] = zero;
-            } else if (amax == 0u) {
-                if (j == 0) absmax[k][lb] = 0.0f;
-                if (active) codes[k][i] = zero;
+            if (amax >= 0x7F800000u || amax == 0u) {  // NaN or ±Inf in the block; or all zero
+                if (lane == 0) absmax[k][lb] = amax == 0u ? 0.0f : __uint_as_float(0x7FC00000u);
+                #pragma unroll
+                for (int r = 0; r < E; ++r)
+                    if (active[r]) codes[k][first + lane + 32 * r] = zero;
             } else {
-                const float a = __uint_as_float(amax);
-                if (j == 0) absmax[k][lb] = a;
-                if (active) {
-                    const float x = s[k] / a;
-                    int q = 0;
+                const float am = __uint_as_float(amax);
+                if (lane == 0) absmax[k][lb] = am;
+                #pragma unroll
+                for (int r = 0; r < E; ++r) {
+                    if (!active[r]) continue;
+                    const float x = s[k][r] / am;
+                    int node = 1;
                     #pragma unroll
-                    for (int step = 128; step > 0; step >>= 1) q += x > thresholds[k][q + step - 1] ? step : 0;
-                    codes[k][i] = (unsigned char)q;
+                    for (int level = 0; level < 8; ++level) node = 2 * node + (x > search[k][node] ? 1 : 0);
+                    codes[k][first + lane + 32 * r] = (unsigned char)(node - 256);
                 }
             }
         }
-        __syncthreads();  // warp_amax is rewritten by the next block
     }
 }
 

@@ -22,8 +22,8 @@ signatures and semantics, on GPU arrays (``docs/algorithms.md``, "Low-precision 
     state8_step(op, params, grads, states, avgs, *, grad_mul, grad_clip, avg_weight, block, masters,
                 rounding, seed, counter, indices, starts, state_dtype, **hyper)
         state_dtype="int8": 8-bit block-quantized states (pairs (codes uint8, absmax float32)): one
-        CUDA block of 256 threads per quantization block of ``block`` ≤ 256 elements (``block`` >
-        256 raises ValueError here; the CPU backends take any block). float32 θ
+        warp per quantization block of ``block`` ≤ 256 elements, 8 a lane (``block`` > 256 raises
+        ValueError here; the CPU backends take any block). float32 θ
         (``fo::state8_update<Op>``), or 16-bit θ updated as mixed_step updates it
         (``fo::state8_update_low<Op, H>``):
             p ← m or f32(θ);  g ← clamp(f32(g)·grad_mul, ±grad_clip);  s_k ← map_k[q_k]·a_k
@@ -342,9 +342,9 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     layout = state8_layout(op, **hyper)
     if state_dtype not in _STATE_DTYPES:
         raise ValueError(f"state_dtype must be 'int8' or 'bfloat16', got {state_dtype!r}")
-    if not isinstance(block, int) or not 1 <= block <= _BLOCK:
-        raise ValueError(f"block must be an int in [1, {_BLOCK}] on the cupy backend (one CUDA block of "
-                         f"{_BLOCK} threads per quantization block), got {block!r}")
+    if not isinstance(block, int) or not 1 <= block <= _sources.STATE8_MAX_BLOCK:
+        raise ValueError(f"block must be an int in [1, {_sources.STATE8_MAX_BLOCK}] on the cupy backend (one warp "
+                         f"per quantization block, {_sources.STATE8_MAX_BLOCK // 32} elements a lane), got {block!r}")
     bf16_state = state_dtype == "bfloat16"
     low, grad_name = _check_state8(params, grads, states, avgs, masters, indices, starts, layout, block, rounding,
                                    bf16_state)
@@ -406,7 +406,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
             else:
                 packed = _pack_keyed(rows[start:start + capacity], sizes[start:start + capacity], firsts,
                                      keys[start:start + capacity])
-            grid = min(total, _loader.resident("lowp", name, _BLOCK))
+            grid = min(-(-total // (_BLOCK // 32)), _loader.resident("lowp", name, _BLOCK))  # a warp a block
             _loader.launch("lowp", name, grid, _BLOCK,
                            (scalars, packed, np.int64(total), np.int32(block), mul_value, mul_pointer,
                             np.float32(grad_clip), np.float32(avg_weight), np.int32(signed[0]), np.int32(signed[1]),

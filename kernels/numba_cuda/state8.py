@@ -8,16 +8,20 @@ the CUDA counterpart of ``kernels/numba_cpu/state8.py`` (``docs/algorithms.md``,
     state8_supported(op, **hyper) -> None or the reason;  state8_layout(op, **hyper)
 
 float32 θ, g (and θ̂) device arrays; with ``state_dtype="int8"`` each used state a pair (codes
-uint8 of θ's shape, absmax float32 of ⌈n / block⌉ entries; bfloat16 state: below). One CUDA
-thread block per quantization block (blocks stride over the quantization blocks of every tensor,
-one launch per call):
+uint8 of θ's shape, absmax float32 of ⌈n / block⌉ entries; bfloat16 state: below). One launch
+per call strides over the quantization blocks of every tensor, one warp per quantization block:
 
-    each thread, for its elements j of the block:   s_k = map_k[q_k,j] · a_k;  g ← extras(g);
-        θ_j, s_k ← update(θ_j, g, s_k);  θ̂_j ← θ̂_j + w (θ_j − θ̂_j);  scratch_k[j] = s_k
-    the block:  A_k = max |s_k| as the max of the |s| bit patterns (a shared-memory tree; NaN
-        patterns lie above Inf's, so A_k ≥ Inf's pattern exactly when the block is not finite)
-    each thread:  a_k = A_k (NaN, codes = the zero code, if not finite; codes = zero if A_k = 0),
+    lane l, for its elements j = l, l + 32, … of the block:   s_k = map_k[q_k,j] · a_k;
+        g ← extras(g);  θ_j, s_k ← update(θ_j, g, s_k);  θ̂_j ← θ̂_j + w (θ_j − θ̂_j);
+        held_k[r] = s_k (the lane's r-th element, thread-local memory)
+    the warp:  A_k = max |s_k| as the max of the |s| bit patterns (xor shuffles; NaN patterns lie
+        above Inf's, so A_k ≥ Inf's pattern exactly when the block is not finite)
+    each lane:  a_k = A_k (NaN, codes = the zero code, if not finite; codes = zero if A_k = 0),
         q_k,j = #{i : s_k,j / a_k > t_i}     (the 8-step search over the 255 midpoints)
+
+No barrier inside the loop. On an H200 (``bench/RESULTS.md``), 8-bit Adam over 2^28 elements took
+14.5 ms with a thread block per quantization block and a shared-memory tree (nine barriers a
+state), 6.2 ms with this layout, 5.8 ms with the search table in breadth-first order.
 
 The maps and midpoints are those of ``kernels/numba_cpu/quantize.py`` (constant memory, copied to
 shared memory once per thread block). The element updates evaluate the reference's expressions in
@@ -25,8 +29,8 @@ its order, with multiplications and additions as ``__fmul_rn`` / ``__fadd_rn`` /
 (libdevice), which NVVM never contracts into a fused multiply-add: so θ, the codes and absmax
 equal the reference's (``fastopt/reference/state8.py``) bit for bit, as on the CPU backend.
 
-The quantization block is at most ``MAX_BLOCK`` elements (the scratch is static shared memory);
-a larger ``block`` raises ``ValueError``. The tensor list goes through ``_tensors.table`` with
+The quantization block is at most ``MAX_BLOCK`` elements (a lane holds its ``MAX_BLOCK`` / 32 new
+states); a larger ``block`` raises ``ValueError``. The tensor list goes through ``_tensors.table`` with
 each tensor's size given as (its number of blocks) · ``CHUNK``, so that a table chunk is exactly
 one quantization block; the real size and the block are extra table columns.
 
@@ -105,20 +109,26 @@ from .lowp import (_GAMMA, _add64, _check_params, _int64, _load, _mul64, _store,
                    f32_bits, view)
 from .reduce import multiplier
 from ..numba_cpu.quantize import MAP_AS, THRESHOLDS, ZERO
+from .._code_search import search_order
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 
 __all__ = ["MAX_BLOCK", "STATE8", "STATE8_BF16", "STATE8_F16", "STATE8_F16_BF16", "STATE_DTYPES", "SUPPORTED",
            "state8_layout", "state8_step", "state8_supported"]
 
 MAX_BLOCK = 2048
+_LANE_MAX = MAX_BLOCK // 32  # a quantization block's elements per lane, at most
+_WARPS = THREADS // 32
+_FULL_MASK = 0xFFFFFFFF
 _CHUNK = _tensors.CHUNK
 _find = _tensors.find
 _F32 = np.dtype(np.float32)
 
-# rows: signed map, unsigned map, signed midpoints + Inf, unsigned midpoints + Inf
+# rows: signed map, unsigned map, signed midpoints + Inf, unsigned midpoints + Inf; the midpoints in
+# the code search's breadth-first order (node k at [k]: kernels/_code_search.py)
+_ORDER = search_order()
 _MAPS = np.stack([MAP_AS[(True, _F32)], MAP_AS[(False, _F32)],
-                  np.append(THRESHOLDS[(True, _F32)], np.float32(np.inf)),
-                  np.append(THRESHOLDS[(False, _F32)], np.float32(np.inf))]).astype(np.float32)
+                  np.append(THRESHOLDS[(True, _F32)], np.float32(np.inf))[_ORDER],
+                  np.append(THRESHOLDS[(False, _F32)], np.float32(np.inf))[_ORDER]]).astype(np.float32)
 assert _MAPS.shape == (4, 256)
 _ZERO_SIGNED = np.uint8(ZERO[True])
 _ZERO_UNSIGNED = np.uint8(ZERO[False])
@@ -260,54 +270,41 @@ def _rmsprop_nesterov8(p, g, r, v, h):
 
 
 # ---------------------------------------------------------------------------------------------
-# the kernel: one thread block per quantization block
+# the kernel: one warp per quantization block
 
 _N, _FIRST, _PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE, _BLOCK = range(11)
 
 
 @cuda.jit(device=True)
 def _code(x, maps, row):
-    """#{i : x > t_i} over the 255 midpoints of ``maps[row]`` (an 8-step search; t_255 = +Inf)."""
-    q = 0
-    step = 128
-    while step > 0:
-        if x > maps[row, q + step - 1]:
-            q += step
-        step >>= 1
-    return q
+    """#{i : x > t_i} over the 255 midpoints, ``maps[row]`` holding them in the search tree's
+    breadth-first order (an 8-step search: kernels/_code_search.py)."""
+    node = 1
+    for _ in range(8):
+        node = 2 * node + (1 if x > maps[row, node] else 0)
+    return node - 256
 
 
 @cuda.jit(device=True)
-def _block_max(red, k, bits):
-    """max of ``bits`` over the thread block (a power-of-two count), for every thread."""
-    tid = cuda.threadIdx.x
-    red[k, tid] = bits
-    cuda.syncthreads()
-    step = cuda.blockDim.x // 2
-    while step > 0:
-        if tid < step:
-            other = red[k, tid + step]
-            if other > red[k, tid]:
-                red[k, tid] = other
-        cuda.syncthreads()
-        step //= 2
-    return red[k, 0]
-
-
-@cuda.jit(device=True)
-def _requantize(scratch, k, count, amax, codes, i0, absmax, b, maps, row, zero):
-    if cuda.threadIdx.x == 0:
+def _requantize(held, k, lane, count, amax, codes, i0, absmax, b, maps, row, zero):
+    """The lane's elements j = lane, lane + 32, … < count of quantization block b: codes from the
+    lane's new states ``held[k]`` and the block's largest |s| bit pattern ``amax`` (absmax written
+    by lane 0): NaN and the zero code when the block is not finite, 0 and the zero code when
+    amax = 0."""
+    if lane == 0:
         if amax >= _INF32:
             absmax[b] = bits_f32(_NAN32)
         else:
             absmax[b] = bits_f32(amax)
     if amax >= _INF32 or amax == _NO_BITS:
-        for j in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+        for j in range(lane, count, 32):
             codes[i0 + j] = zero
     else:
         a = bits_f32(amax)
-        for j in range(cuda.threadIdx.x, count, cuda.blockDim.x):
-            codes[i0 + j] = _code(scratch[k, j] / a, maps, row)
+        r = 0
+        for j in range(lane, count, 32):
+            codes[i0 + j] = _code(held[k, r] / a, maps, row)
+            r += 1
 
 
 @cuda.jit(device=True)
@@ -344,29 +341,27 @@ def _average(p, i, avg, has_avg, avg_weight):
 
 
 @cuda.jit(device=True)
-def _keep(p, s0, s1, i, j, avg, has_avg, avg_weight, scratch, bits0, bits1, two):
+def _keep(p, s0, s1, i, r, avg, has_avg, avg_weight, held, bits0, bits1, two):
     """After element i's update (p, new states s0, s1): θ̂[i] ← θ̂[i] + w (p − θ̂[i]) (unfused), the
-    states to the scratch rows at j, and the running largest |s| bit patterns, returned."""
+    states to the lane's ``held[:, r]``, and the running largest |s| bit patterns, returned."""
     _average(p, i, avg, has_avg, avg_weight)
-    scratch[0, j] = s0
+    held[0, r] = s0
     bits0 = max(bits0, _u64(f32_bits(s0)) & _ABS32)
     if two:
-        scratch[1, j] = s1
+        held[1, r] = s1
         bits1 = max(bits1, _u64(f32_bits(s1)) & _ABS32)
     return bits0, bits1
 
 
 @cuda.jit(device=True)
-def _requantize_block(red, scratch, count, bits0, bits1, codes0, codes1, i0, absmax0, absmax1, b, maps, zero0,
-                      zero1, two):
-    """The block's new absmax of each state (the largest |s| pattern over the threads' ``bits``),
-    then its codes from the scratch rows; a barrier after, as scratch and red serve the next block."""
-    amax0 = _block_max(red, 0, bits0)
-    _requantize(scratch, 0, count, amax0, codes0, i0, absmax0, b, maps, 2, zero0)
-    if two:
-        amax1 = _block_max(red, 1, bits1)
-        _requantize(scratch, 1, count, amax1, codes1, i0, absmax1, b, maps, 3, zero1)
-    cuda.syncthreads()
+def _warp_max(bits):
+    """The largest of the warp's 32 ``bits`` (|s| patterns, < 2³¹), for every lane: xor shuffles."""
+    v = np.int32(bits)
+    offset = 16
+    while offset > 0:
+        v = max(v, cuda.shfl_xor_sync(_FULL_MASK, v, offset))
+        offset //= 2
+    return _u64(v)
 
 
 def _state8_kernel(update, states):
@@ -374,12 +369,13 @@ def _state8_kernel(update, states):
                signed0, signed1, hyper):
         m = mul_array[0] if use_mul_array else mul
         maps = cuda.shared.array((4, 256), types.float32)
-        scratch = cuda.shared.array((2, MAX_BLOCK), types.float32)
-        red = cuda.shared.array((2, THREADS), types.uint64)
+        held = cuda.local.array((2, _LANE_MAX), types.float32)
+        lane = cuda.threadIdx.x % 32
         _shared_maps(maps, cuda.const.array_like(_MAPS), signed0, signed1)
         zero0 = _ZERO_SIGNED if signed0 else _ZERO_UNSIGNED
         zero1 = _ZERO_SIGNED if signed1 else _ZERO_UNSIGNED
-        for q in range(cuda.blockIdx.x, chunks, cuda.gridDim.x):
+        warps = cuda.gridDim.x * cuda.blockDim.x // 32
+        for q in range(cuda.grid(1) // 32, chunks, warps):  # q is the warp's: its shuffles see all 32 lanes
             t = _find(table, q)
             b = q - table[t, _FIRST]
             n = table[t, _SIZE]
@@ -397,16 +393,19 @@ def _state8_kernel(update, states):
             a1 = absmax1[b] if two else _F32_ZERO
             bits0 = _NO_BITS
             bits1 = _NO_BITS
-            for j in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+            r = 0
+            for j in range(lane, count, 32):
                 i = i0 + j
                 s0 = maps[0, codes0[i]] * a0
                 s1 = maps[1, codes1[i]] * a1 if two else _F32_ZERO
                 g = _transformed(grad[i], m, clip)
                 p, s0, s1 = update(param[i], g, s0, s1, hyper)
                 param[i] = p
-                bits0, bits1 = _keep(p, s0, s1, i, j, avg, has_avg, avg_weight, scratch, bits0, bits1, two)
-            _requantize_block(red, scratch, count, bits0, bits1, codes0, codes1, i0, absmax0, absmax1, b, maps,
-                              zero0, zero1, two)
+                bits0, bits1 = _keep(p, s0, s1, i, r, avg, has_avg, avg_weight, held, bits0, bits1, two)
+                r += 1
+            _requantize(held, 0, lane, count, _warp_max(bits0), codes0, i0, absmax0, b, maps, 2, zero0)
+            if two:
+                _requantize(held, 1, lane, count, _warp_max(bits1), codes1, i0, absmax1, b, maps, 3, zero1)
 
     return state8
 
@@ -463,12 +462,13 @@ def _state8_f16_kernel(update, states):
                    chunks, signed0, signed1, has_master, stochastic, grad_is32, seed, counter, hyper):
         m = mul_array[0] if use_mul_array else mul
         maps = cuda.shared.array((4, 256), types.float32)
-        scratch = cuda.shared.array((2, MAX_BLOCK), types.float32)
-        red = cuda.shared.array((2, THREADS), types.uint64)
+        held = cuda.local.array((2, _LANE_MAX), types.float32)
+        lane = cuda.threadIdx.x % 32
         _shared_maps(maps, cuda.const.array_like(_MAPS), signed0, signed1)
         zero0 = _ZERO_SIGNED if signed0 else _ZERO_UNSIGNED
         zero1 = _ZERO_SIGNED if signed1 else _ZERO_UNSIGNED
-        for q in range(cuda.blockIdx.x, chunks, cuda.gridDim.x):
+        warps = cuda.gridDim.x * cuda.blockDim.x // 32
+        for q in range(cuda.grid(1) // 32, chunks, warps):  # q is the warp's: its shuffles see all 32 lanes
             t = _find(table, q)
             b = q - table[t, _FIRST]
             n = table[t, _SIZE]
@@ -490,7 +490,8 @@ def _state8_f16_kernel(update, states):
             a1 = absmax1[b] if two else _F32_ZERO
             bits0 = _NO_BITS
             bits1 = _NO_BITS
-            for j in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+            r = 0
+            for j in range(lane, count, 32):
                 i = i0 + j
                 s0 = maps[0, codes0[i]] * a0
                 s1 = maps[1, codes1[i]] * a1 if two else _F32_ZERO
@@ -498,9 +499,11 @@ def _state8_f16_kernel(update, states):
                 p, s0, s1 = update(p, g, s0, s1, hyper)
                 # m[i] and θ[i] as mixed_step stores them; the average (unfused, as the reference) in _keep
                 _store(p, param, master, avg, i, has_master, stochastic, key, False, avg_weight)
-                bits0, bits1 = _keep(p, s0, s1, i, j, avg, has_avg, avg_weight, scratch, bits0, bits1, two)
-            _requantize_block(red, scratch, count, bits0, bits1, codes0, codes1, i0, absmax0, absmax1, b, maps,
-                              zero0, zero1, two)
+                bits0, bits1 = _keep(p, s0, s1, i, r, avg, has_avg, avg_weight, held, bits0, bits1, two)
+                r += 1
+            _requantize(held, 0, lane, count, _warp_max(bits0), codes0, i0, absmax0, b, maps, 2, zero0)
+            if two:
+                _requantize(held, 1, lane, count, _warp_max(bits1), codes1, i0, absmax1, b, maps, 3, zero1)
 
     return state8_f16
 
@@ -790,7 +793,7 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
     mul_array, use_mul_array, mul = multiplier(grad_mul, _F32, stream, like32)
     f32 = np.float32
     signed = [s for _, s in slots] + [slots[0][1]]
-    STATE8[variant][np.float32][blocks_for(chunks, threads=1), THREADS, stream](
+    STATE8[variant][np.float32][blocks_for(-(-chunks // _WARPS), threads=1), THREADS, stream](
         table, like32, like8, mul_array, use_mul_array, f32(mul), f32(grad_clip), f32(avg_weight),
         np.int64(chunks), signed[0], signed[1], tuple(f32(s) for s in scalars))
 
@@ -842,7 +845,7 @@ def _state8_f16_step(variant, slots, scalars, params, grads, states, avgs, maste
     mul_array, use_mul_array, mul = multiplier(grad_mul, _F32, stream, like32)
     f32 = np.float32
     signed = [s for _, s in slots] + [slots[0][1]]
-    STATE8_F16[variant][np.float32][blocks_for(chunks, threads=1), THREADS, stream](
+    STATE8_F16[variant][np.float32][blocks_for(-(-chunks // _WARPS), threads=1), THREADS, stream](
         table, like16, like32, like8, mul_array, use_mul_array, f32(mul), f32(grad_clip), f32(avg_weight),
         np.int64(chunks), signed[0], signed[1], masters is not None, stochastic, grad_is32, _int64(seed),
         _int64(counter), tuple(f32(s) for s in scalars))

@@ -234,8 +234,8 @@ template <class H, int M = 7> struct LowAccess {
 // Measured on an H200 (bench/RESULTS.md), 8-bit Adam over 2^28 elements: a CUDA block per
 // quantization block, one element a thread, 4.40 ms (23% of the copy bandwidth); this warp layout
 // 4.62 ms, no gain; the search table in breadth-first order 4.04 ms. The kernel is bound by
-// instructions, not memory: about 270 PTX instructions an element, with the reference's five
-// IEEE divisions (m/bc1, v/bc2, the step, s/a per state), each a subroutine of its own.
+// instructions, not memory: about 270 PTX instructions an element in the static count, with the
+// reference's five IEEE divisions (m/bc1, v/bc2, the step, s/a per state), each a subroutine.
 template <class Op, class L, class A>
 __device__ __forceinline__ void state8_blocks(const Op& op, const L& list, const A& access, const i64 blocks,
                                               const int block, const float grad_mul,

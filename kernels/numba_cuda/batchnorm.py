@@ -54,8 +54,9 @@ mean loses no accuracy to the rounding of μ. ``saved_mean`` holds μ rounded to
 recomputes x̂ and the ReLU mask from x and the saved statistics: x − μ in the dtype, g and
 g·(x − μ) summed in float64 (the product of two widened float32 values is exact), and
 dγ = invstd·Σg·(x − μ). For a pre-activation within rounding of 0 the mask may differ from the
-forward's sign; either is a valid subgradient of the ReLU. NVVM may contract a·b + c into a fused
-multiply-add (its default), so results can differ from the CPU backend in the last bit.
+forward's sign; either is a valid subgradient of the ReLU. The kernels compile with NVVM's fma=0
+(``_jit.rounding_as_written``), so every product rounds as written; results can still differ from
+the CPU backend's in the last bit, the sums being merged in another order.
 
 Nothing is synchronized with or copied to the host; scratch (partials, coefficients) comes from
 per-stream workspaces (``_arrays.workspace``).

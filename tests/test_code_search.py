@@ -1,8 +1,10 @@
-"""The GPU kernels' code search over midpoints in breadth-first order (kernels/_code_search.py).
+"""The GPU kernels' encode of an 8-bit code: a bucket table and one compare (kernels/_code_search.py).
 
-The search itself runs on the device; here it is replayed in NumPy over the same table the
-backends build, and compared with the reference quantizer's nearest-code rule
-(``fastopt/reference/quantize.py``) on every midpoint, its float32 neighbours and random values.
+The encode runs on the device; here it is replayed in NumPy over the tables the backends load, and
+compared with the reference quantizer's nearest-code rule (``fastopt/reference/quantize.py``) and
+with the count of midpoints below x̂, on every midpoint and its float32 neighbours, both ends of
+every bucket, and random values. (Run once over every float32 in [−1, 1], 2,130,706,434 values per
+map, the two agreed everywhere.)
 """
 
 from __future__ import annotations
@@ -10,17 +12,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastopt.kernels._code_search import search_order
+from fastopt.kernels import _code_search as C
 from fastopt.kernels.cupy import _sources
 from fastopt.reference.quantize import dynamic_map
 
 
-def _search(x, table):
-    """The kernels' loop: node ← 2·node + [x > table[node]], 8 times from node 1; code = node − 256."""
-    node = np.ones(x.shape, dtype=np.int64)
-    for _ in range(8):
-        node = 2 * node + (x > table[node])
-    return node - 256
+def _encode(x, signed):
+    """The kernels' two steps: q' = table[bucket(x)], then q = q' + [x > t_{q'}] (t_255 = +Inf)."""
+    t = np.append(_sources.thresholds8(signed), np.float32(np.inf))
+    q = C.table(signed)[C.bucket_index(x)].astype(np.int64)
+    return q + (x > t[q])
 
 
 def _nearest(x, signed):
@@ -29,39 +30,39 @@ def _nearest(x, signed):
     return np.argmin(np.abs(x.astype(np.float64)[:, None] - m[None, :]), axis=1)
 
 
-def test_order_is_a_permutation_of_the_midpoints_and_the_sentinel():
-    order = search_order()
-    assert sorted(order.tolist()) == list(range(256))
-    assert order[0] == 255  # +Inf, never read
-    assert order[1] == 127  # the root splits the codes in halves
+def _probes(signed, rng):
+    mids = _sources.thresholds8(signed)
+    up, down = np.float32(np.inf), np.float32(-np.inf)
+    tops = np.arange(C.LOW - 2, C.HIGH + 1, dtype=np.uint32)
+    edges = np.concatenate([tops << 16, (tops << 16) | 0xFFFF]).view(np.float32)  # both ends of each bucket
+    x = np.concatenate([dynamic_map(signed), mids, np.nextafter(mids, up), np.nextafter(mids, down),
+                        edges, rng.uniform(-1, 1, 20000).astype(np.float32),
+                        (rng.standard_normal(20000) * 1e-5).astype(np.float32),
+                        np.array([1, -1, 0, -0.0, 1e-30, -1e-30, 1e-45], np.float32)])
+    x = x[np.abs(x) <= 1]
+    return np.concatenate([x, -x])
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_breadth_first_search_gives_the_reference_codes(signed, rng):
-    thresholds = np.append(_sources.thresholds8(signed), np.float32(np.inf))
-    table = thresholds[search_order()]
-    m = dynamic_map(signed)
-    lo = np.float32(-1) if signed else np.float32(0)
-    mids = _sources.thresholds8(signed)
-    probes = np.concatenate([
-        m, mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
-        rng.uniform(lo, 1, 20000).astype(np.float32),
-        (rng.standard_normal(20000) * 1e-4).astype(np.float32).clip(lo, 1),
-        np.array([lo, 1, 0], dtype=np.float32)])
-    if not signed:
-        probes = np.abs(probes)
-    np.testing.assert_array_equal(_search(probes, table), _nearest(probes, signed))
-    # and the sorted 8-step search the kernels used before gives the same: the same comparisons
-    assert np.array_equal(_search(probes, table), np.searchsorted(mids, probes, side="left"))
+def test_bucket_table_and_one_compare_give_the_reference_codes(signed, rng):
+    x = _probes(signed, rng)
+    got = _encode(x, signed)
+    np.testing.assert_array_equal(got, np.searchsorted(_sources.thresholds8(signed), x, side="left"))
+    np.testing.assert_array_equal(got, _nearest(x, signed))  # the unsigned map: code 0 for x < 0
 
 
-def test_a_level_of_the_tree_hits_each_shared_memory_bank_at_most_level_size_over_32_times():
-    """The 2^l nodes of level l sit in consecutive words (1, 1, 1, 1, 1, 1, 2, 4 per bank); in
-    sorted order a level's nodes pile into few of the 32 banks (1, 2, 4, then 8 per bank)."""
-    order = search_order()
-    for level in range(8):
-        nodes = np.arange(1 << level, 2 << level)
-        per_bank = np.bincount(nodes % 32, minlength=32).max()
-        assert per_bank == max(1, (1 << level) // 32), level
-        sorted_per_bank = np.bincount(order[nodes] % 32, minlength=32).max()
-        assert sorted_per_bank == min(1 << level, 8), level
+def test_tables_are_a_byte_per_bucket_of_either_sign():
+    for signed in (False, True):
+        table = C.table(signed)
+        assert table.dtype == np.uint8 and table.shape == (2 * C.RANGE,)
+        positive, negative = table[:C.RANGE].astype(int), table[C.RANGE:].astype(int)
+        assert (np.diff(positive) >= 0).all() and (np.diff(negative) <= 0).all()  # larger |x|, further out
+    assert C.HIGH == int(np.float32(1).view(np.uint32) >> 16)
+
+
+def test_a_map_with_two_midpoints_in_one_bucket_is_refused(monkeypatch):
+    t = C.THRESHOLDS[(True, np.dtype(np.float32))].copy()
+    t[200] = np.nextafter(t[201], np.float32(-np.inf))  # same top 16 bits as its neighbour
+    monkeypatch.setitem(C.THRESHOLDS, (True, np.dtype(np.float32)), t)
+    with pytest.raises(AssertionError, match="share a bucket"):
+        C.table(True)

@@ -27,9 +27,9 @@
 //                               g ← clamp(g·grad_mul, ±grad_clip);  θ, s ← Op(θ, g, s);  θ̂ update
 //                               A_k = max |s_k| over the block (as uint32 bit patterns: NaN above Inf)
 //                                     by warp shuffles
-//                               a_k = A_k; q_k,i = #{j : s_k,i/a_k > t_j} (8-step branch-free search
-//                                     over the 255 midpoints, in shared memory in breadth-first
-//                                     order, kernels/_code_search.py); a non-finite block:
+//                               a_k = A_k; q_k,i = #{j : s_k,i/a_k > t_j} (a bucket table and one
+//                                     compare, in shared memory: kernels/_code_search.py); a
+//                                     non-finite block:
 //                                     a_k = NaN, zero codes; an all-zero block: a_k = 0, zero codes.
 //                           Op is an optim.cu struct (same expressions as the CPU's 8-bit updates)
 //                           or Adam8 below (the reference's Adam expression order).
@@ -166,9 +166,20 @@ template <typename T> struct Adam8 {
     }
 };
 
-// The maps (row 0 unsigned, row 1 signed) and their midpoints rounded down to float, in the code
-// search's breadth-first order (kernels/_code_search.py), are generated from the quantizer's
-// definition: fo_map8, fo_search8, and the code of 0 in each, fo_zero8 (_sources.state8_tables).
+// The maps (row 0 unsigned, row 1 signed), their midpoints rounded down to float (+Inf as a 256th
+// entry), the encode's bucket tables (kernels/_code_search.py) and the code of 0 in each map are
+// generated from the quantizer's definition: fo_map8, fo_thresholds8, fo_lut8, fo_zero8
+// (_sources.state8_tables).
+
+// q = #{i : x > t_i} for |x| ≤ 1: q' of x's bucket (the sign and the top 15 bits of the rest of
+// its pattern, clamped to [FO_LUT_LOW, FO_LUT_HIGH]), then one compare with t_{q'}
+// (kernels/_code_search.py). lut and t: one map's bucket table and midpoints, in shared memory.
+__device__ __forceinline__ int encode8(const float x, const unsigned char* lut, const float* t) {
+    const unsigned int bits = __float_as_uint(x);
+    const int top = (int)((bits & 0x7FFFFFFFu) >> 16);
+    const int q = lut[(int)(bits >> 31) * FO_LUT_RANGE + min(max(top, FO_LUT_LOW), FO_LUT_HIGH) - FO_LUT_LOW];
+    return q + (x > t[q] ? 1 : 0);
+}
 
 __device__ __forceinline__ unsigned int warp_max(unsigned int v) {
     #pragma unroll
@@ -176,20 +187,25 @@ __device__ __forceinline__ unsigned int warp_max(unsigned int v) {
     return v;
 }
 
-// Parameter access of the 8-bit kernels: read θᵢ and gᵢ as float, write the updated θᵢ.
-// Slots 0 and 1 of a tensor: θ and g.
+// Parameter access of the 8-bit and bfloat16-state kernels: read θᵢ and gᵢ as float, write the
+// updated θᵢ. Slots 0 and 1 of a tensor: θ and g. bind(list, t, at) resolves tensor t's pointers
+// once, offset to element at; grad, load and store then take an offset o from there (element
+// at + o; i = at + o is passed to store for the rounding stream). Resolving once keeps the 64-bit
+// address arithmetic and the list's parameter loads out of the per-element code.
 
 // float32 θ and g
 struct Float32Access {
-    template <class L> __device__ __forceinline__ float grad(const L& list, const i64 t, const i64 i) const {
-        return static_cast<const float*>(list.ptr[t][1])[i];
+    struct Bound {
+        const float* g;
+        float* theta;
+    };
+    template <class L> __device__ __forceinline__ Bound bind(const L& list, const i64 t, const i64 at) const {
+        return {static_cast<const float*>(list.ptr[t][1]) + at, static_cast<float*>(list.ptr[t][0]) + at};
     }
-    template <class L> __device__ __forceinline__ float load(const L& list, const i64 t, const i64 i) const {
-        return static_cast<const float*>(list.ptr[t][0])[i];
-    }
-    template <class L> __device__ __forceinline__ void store(const L& list, const i64 t, const i64 i,
-                                                             const float p) const {
-        static_cast<float*>(list.ptr[t][0])[i] = p;
+    __device__ __forceinline__ float grad(const Bound& b, const int o) const { return b.g[o]; }
+    __device__ __forceinline__ float load(const Bound& b, const int o) const { return b.theta[o]; }
+    __device__ __forceinline__ void store(const Bound& b, const int o, const i64, const float p) const {
+        b.theta[o] = p;
     }
 };
 
@@ -203,23 +219,32 @@ template <int D> __device__ __forceinline__ u64 rounding_key(const AuxList<D>& l
 }
 
 // 16-bit θ (format H), g of θ's format or float32 (grad32), the float32 master in slot M (or null),
-// θ rounded to nearest or stochastically with the tensor's key (rounding_key).
+// θ rounded to nearest or stochastically with the tensor's key (rounding_key) and the element's
+// index i.
 template <class H, int M = 7> struct LowAccess {
     int grad32, stochastic_rounding;
-    template <class L> __device__ __forceinline__ float grad(const L& list, const i64 t, const i64 i) const {
-        const void* g = list.ptr[t][1];
-        return grad32 ? static_cast<const float*>(g)[i] : H::decode(static_cast<const unsigned short*>(g)[i]);
-    }
-    template <class L> __device__ __forceinline__ float load(const L& list, const i64 t, const i64 i) const {
-        const float* master = static_cast<const float*>(list.ptr[t][M]);
-        return master != nullptr ? master[i] : H::decode(static_cast<const unsigned short*>(list.ptr[t][0])[i]);
-    }
-    template <class L> __device__ __forceinline__ void store(const L& list, const i64 t, const i64 i,
-                                                             const float p) const {
+    struct Bound {
+        const float* g32;
+        const unsigned short* g16;
+        unsigned short* theta;
+        float* master;
+        u64 key;
+    };
+    template <class L> __device__ __forceinline__ Bound bind(const L& list, const i64 t, const i64 at) const {
         float* master = static_cast<float*>(list.ptr[t][M]);
-        if (master != nullptr) master[i] = p;
-        static_cast<unsigned short*>(list.ptr[t][0])[i] =
-            stochastic_rounding ? stochastic<H>(p, uniform(rounding_key(list, t), i)) : H::encode(p);
+        return {static_cast<const float*>(list.ptr[t][1]) + at, static_cast<const unsigned short*>(list.ptr[t][1]) + at,
+                static_cast<unsigned short*>(list.ptr[t][0]) + at, master != nullptr ? master + at : nullptr,
+                stochastic_rounding ? rounding_key(list, t) : 0};
+    }
+    __device__ __forceinline__ float grad(const Bound& b, const int o) const {
+        return grad32 ? b.g32[o] : H::decode(b.g16[o]);
+    }
+    __device__ __forceinline__ float load(const Bound& b, const int o) const {
+        return b.master != nullptr ? b.master[o] : H::decode(b.theta[o]);
+    }
+    __device__ __forceinline__ void store(const Bound& b, const int o, const i64 i, const float p) const {
+        if (b.master != nullptr) b.master[o] = p;
+        b.theta[o] = stochastic_rounding ? stochastic<H>(p, uniform(b.key, i)) : H::encode(p);
     }
 };
 
@@ -231,11 +256,12 @@ template <class H, int M = 7> struct LowAccess {
 // [, master]; aux = the tensor's first quantization block in this launch. signed_k: the map row
 // of state k.
 //
-// Measured on an H200 (bench/RESULTS.md), 8-bit Adam over 2^28 elements: a CUDA block per
-// quantization block, one element a thread, 4.40 ms (23% of the copy bandwidth); this warp layout
-// 4.62 ms, no gain; the search table in breadth-first order 4.04 ms. The kernel is bound by
-// instructions, not memory: about 270 PTX instructions an element in the static count, with the
-// reference's five IEEE divisions (m/bc1, v/bc2, the step, s/a per state), each a subroutine.
+// Measured on an H200 (bench/RESULTS.md, "Second lease"), 8-bit Adam over 2^28 elements: a CUDA
+// block per quantization block, one element a thread, 4.40 ms (23% of the copy bandwidth); this
+// warp layout 4.62 ms; the binary search's table in breadth-first order 4.04 ms; the bucket-table
+// encode (encode8) and pointers resolved once per block (the access structs' bind) 2.58 ms (40%).
+// The kernel is bound by instructions, not memory: it keeps the reference's five IEEE divisions an
+// element (m/bc1, v/bc2, the step, s/a per state).
 template <class Op, class L, class A>
 __device__ __forceinline__ void state8_blocks(const Op& op, const L& list, const A& access, const i64 blocks,
                                               const int block, const float grad_mul,
@@ -246,15 +272,17 @@ __device__ __forceinline__ void state8_blocks(const Op& op, const L& list, const
     constexpr int warps = FO_BLOCK / 32;
     static_assert(S == 1 || S == 2, "one or two 8-bit states");
     __shared__ float values[S][256];
-    __shared__ float search[S][256];  // node k of the search tree at [k]
+    __shared__ float thresholds[S][256];
+    __shared__ unsigned char lut[S][FO_LUT_SIZE];
     const int j = threadIdx.x;
     const int rows[2] = {signed0, signed1};
     #pragma unroll
     for (int k = 0; k < S; ++k) {
         for (int q = j; q < 256; q += FO_BLOCK) {
             values[k][q] = fo_map8[rows[k]][q];
-            search[k][q] = __uint_as_float(fo_search8[rows[k]][q]);
+            thresholds[k][q] = __uint_as_float(fo_thresholds8[rows[k]][q]);
         }
+        for (int q = j; q < FO_LUT_SIZE; q += FO_BLOCK) lut[k][q] = fo_lut8[rows[k]][q];
     }
     __syncthreads();
     const float mul = grad_mul_ptr != nullptr ? *grad_mul_ptr : grad_mul;
@@ -272,20 +300,26 @@ __device__ __forceinline__ void state8_blocks(const Op& op, const L& list, const
         float scale[S];
         #pragma unroll
         for (int k = 0; k < S; ++k) scale[k] = absmax[k][lb];
+        // this lane's elements: at + 32·r for 32·r < left (at most FO_LANE of them)
+        const i64 at = first + lane;
+        const int left = (int)(n - first < (i64)block ? n - first : (i64)block) - lane;
+        const auto bound = access.bind(list, t, at);
+        unsigned char* lane_codes[S];
+        #pragma unroll
+        for (int k = 0; k < S; ++k) lane_codes[k] = codes[k] + at;
+        float* lane_avg = avg != nullptr ? avg + at : nullptr;
         bool active[E];
         unsigned char c[S][E];
         float g[E], p[E], a[E];
         #pragma unroll
         for (int r = 0; r < E; ++r) {
-            const int e = lane + 32 * r;
-            const i64 i = first + e;
-            active[r] = e < block && i < n;
+            active[r] = 32 * r < left;
             if (active[r]) {
                 #pragma unroll
-                for (int k = 0; k < S; ++k) c[k][r] = codes[k][i];
-                g[r] = access.grad(list, t, i);
-                p[r] = access.load(list, t, i);
-                if (avg != nullptr) a[r] = avg[i];
+                for (int k = 0; k < S; ++k) c[k][r] = lane_codes[k][32 * r];
+                g[r] = access.grad(bound, 32 * r);
+                p[r] = access.load(bound, 32 * r);
+                if (lane_avg != nullptr) a[r] = lane_avg[32 * r];
             }
         }
         float s[S][E];
@@ -295,7 +329,6 @@ __device__ __forceinline__ void state8_blocks(const Op& op, const L& list, const
         #pragma unroll
         for (int r = 0; r < E; ++r) {
             if (!active[r]) continue;
-            const i64 i = first + lane + 32 * r;
             float sr[S];
             #pragma unroll
             for (int k = 0; k < S; ++k) sr[k] = values[k][c[k][r]] * scale[k];
@@ -303,8 +336,8 @@ __device__ __forceinline__ void state8_blocks(const Op& op, const L& list, const
             gr = gr > grad_clip ? grad_clip : (gr < -grad_clip ? -grad_clip : gr);
             float pr = p[r];
             op(pr, gr, sr);
-            access.store(list, t, i, pr);
-            if (avg != nullptr) avg[i] = a[r] + avg_weight * (pr - a[r]);
+            access.store(bound, 32 * r, at + 32 * r, pr);
+            if (lane_avg != nullptr) lane_avg[32 * r] = a[r] + avg_weight * (pr - a[r]);
             #pragma unroll
             for (int k = 0; k < S; ++k) {
                 s[k][r] = sr[k];
@@ -319,18 +352,14 @@ __device__ __forceinline__ void state8_blocks(const Op& op, const L& list, const
                 if (lane == 0) absmax[k][lb] = amax == 0u ? 0.0f : __uint_as_float(0x7FC00000u);
                 #pragma unroll
                 for (int r = 0; r < E; ++r)
-                    if (active[r]) codes[k][first + lane + 32 * r] = zero;
+                    if (active[r]) lane_codes[k][32 * r] = zero;
             } else {
                 const float am = __uint_as_float(amax);
                 if (lane == 0) absmax[k][lb] = am;
                 #pragma unroll
                 for (int r = 0; r < E; ++r) {
                     if (!active[r]) continue;
-                    const float x = s[k][r] / am;
-                    int node = 1;
-                    #pragma unroll
-                    for (int level = 0; level < 8; ++level) node = 2 * node + (x > search[k][node] ? 1 : 0);
-                    codes[k][first + lane + 32 * r] = (unsigned char)(node - 256);
+                    lane_codes[k][32 * r] = (unsigned char)encode8(s[k][r] / am, lut[k], thresholds[k]);
                 }
             }
         }
@@ -376,11 +405,12 @@ __device__ __forceinline__ void bf16_state_elements(const Op& op, const AuxList<
         float s[S];
         #pragma unroll
         for (int k = 0; k < S; ++k) s[k] = bf16_to_f32(static_cast<const unsigned short*>(list.ptr[t][3 + k])[i]);
-        float g = access.grad(list, t, i) * mul;
+        const auto bound = access.bind(list, t, i);
+        float g = access.grad(bound, 0) * mul;
         g = g > grad_clip ? grad_clip : (g < -grad_clip ? -grad_clip : g);
-        float p = access.load(list, t, i);
+        float p = access.load(bound, 0);
         op(p, g, s);
-        access.store(list, t, i, p);
+        access.store(bound, 0, i, p);
         float* avg = static_cast<float*>(list.ptr[t][2]);
         if (avg != nullptr) {
             const float a = avg[i];

@@ -17,14 +17,15 @@ per call strides over the quantization blocks of every tensor, one warp per quan
     the warp:  A_k = max |s_k| as the max of the |s| bit patterns (xor shuffles; NaN patterns lie
         above Inf's, so A_k ≥ Inf's pattern exactly when the block is not finite)
     each lane:  a_k = A_k (NaN, codes = the zero code, if not finite; codes = zero if A_k = 0),
-        q_k,j = #{i : s_k,j / a_k > t_i}     (the 8-step search over the 255 midpoints)
+        q_k,j = #{i : s_k,j / a_k > t_i}     (a bucket table and one compare: kernels/_code_search.py)
 
-No barrier inside the loop. On an H200 (``bench/RESULTS.md``), 8-bit Adam over 2^28 elements took
-14.5 ms with a thread block per quantization block and a shared-memory tree (nine barriers a
-state), 6.2 ms with this layout, 5.8 ms with the search table in breadth-first order.
+No barrier inside the loop. On an H200 (``bench/RESULTS.md``, "Second lease"), 8-bit Adam over
+2^28 elements took 14.5 ms with a thread block per quantization block and a shared-memory tree
+(nine barriers a state), 6.2 ms with this layout, 5.8 ms with an 8-step binary search's table in
+breadth-first order, 3.9 ms with the bucket table in place of the search.
 
-The maps and midpoints are those of ``kernels/numba_cpu/quantize.py`` (constant memory, copied to
-shared memory once per thread block). The element updates evaluate the reference's expressions in
+The maps and midpoints are those of ``kernels/numba_cpu/quantize.py``, the bucket tables those of
+``kernels/_code_search.py`` (constant memory, copied to shared memory once per thread block). The element updates evaluate the reference's expressions in
 its order, with multiplications and additions as ``__fmul_rn`` / ``__fadd_rn`` / ``__fsub_rn``
 (libdevice), which NVVM never contracts into a fused multiply-add: so θ, the codes and absmax
 equal the reference's (``fastopt/reference/state8.py``) bit for bit, as on the CPU backend.
@@ -109,7 +110,7 @@ from .lowp import (_GAMMA, _add64, _check_params, _int64, _load, _mul64, _store,
                    f32_bits, view)
 from .reduce import multiplier
 from ..numba_cpu.quantize import MAP_AS, THRESHOLDS, ZERO
-from .._code_search import search_order
+from .. import _code_search
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 
 __all__ = ["MAX_BLOCK", "STATE8", "STATE8_BF16", "STATE8_F16", "STATE8_F16_BF16", "STATE_DTYPES", "SUPPORTED",
@@ -123,12 +124,17 @@ _CHUNK = _tensors.CHUNK
 _find = _tensors.find
 _F32 = np.dtype(np.float32)
 
-# rows: signed map, unsigned map, signed midpoints + Inf, unsigned midpoints + Inf; the midpoints in
-# the code search's breadth-first order (node k at [k]: kernels/_code_search.py)
-_ORDER = search_order()
+# rows: signed map, unsigned map, signed midpoints + Inf, unsigned midpoints + Inf
 _MAPS = np.stack([MAP_AS[(True, _F32)], MAP_AS[(False, _F32)],
-                  np.append(THRESHOLDS[(True, _F32)], np.float32(np.inf))[_ORDER],
-                  np.append(THRESHOLDS[(False, _F32)], np.float32(np.inf))[_ORDER]]).astype(np.float32)
+                  np.append(THRESHOLDS[(True, _F32)], np.float32(np.inf)),
+                  np.append(THRESHOLDS[(False, _F32)], np.float32(np.inf))]).astype(np.float32)
+# the encode's bucket tables (kernels/_code_search.py): signed, unsigned
+_LUTS = np.stack([_code_search.table(True), _code_search.table(False)])
+_LUT_SIZE = _LUTS.shape[1]
+_LUT_LOW = np.uint64(_code_search.LOW)
+_LUT_HIGH = np.uint64(_code_search.HIGH)
+_LUT_RANGE = np.uint64(_code_search.RANGE)
+_S31 = np.uint64(31)
 assert _MAPS.shape == (4, 256)
 _ZERO_SIGNED = np.uint8(ZERO[True])
 _ZERO_UNSIGNED = np.uint8(ZERO[False])
@@ -276,17 +282,17 @@ _N, _FIRST, _PARAM, _GRAD, _AVG, _CODES0, _ABSMAX0, _CODES1, _ABSMAX1, _SIZE, _B
 
 
 @cuda.jit(device=True)
-def _code(x, maps, row):
-    """#{i : x > t_i} over the 255 midpoints, ``maps[row]`` holding them in the search tree's
-    breadth-first order (an 8-step search: kernels/_code_search.py)."""
-    node = 1
-    for _ in range(8):
-        node = 2 * node + (1 if x > maps[row, node] else 0)
-    return node - 256
+def _code(x, maps, row, luts, k):
+    """#{i : x > t_i} over the 255 midpoints of ``maps[row]`` (|x| ≤ 1): q' of x's bucket from the
+    bucket table ``luts[k]``, then one compare with t_{q'} (kernels/_code_search.py)."""
+    bits = _u64(f32_bits(x))
+    top = min(max((bits & _ABS32) >> _S16, _LUT_LOW), _LUT_HIGH)
+    q = luts[k, (bits >> _S31) * _LUT_RANGE + top - _LUT_LOW]
+    return q + 1 if x > maps[row, q] else q
 
 
 @cuda.jit(device=True)
-def _requantize(held, k, lane, count, amax, codes, i0, absmax, b, maps, row, zero):
+def _requantize(held, k, lane, count, amax, codes, i0, absmax, b, maps, luts, row, zero):
     """The lane's elements j = lane, lane + 32, … < count of quantization block b: codes from the
     lane's new states ``held[k]`` and the block's largest |s| bit pattern ``amax`` (absmax written
     by lane 0): NaN and the zero code when the block is not finite, 0 and the zero code when
@@ -303,14 +309,15 @@ def _requantize(held, k, lane, count, amax, codes, i0, absmax, b, maps, row, zer
         a = bits_f32(amax)
         r = 0
         for j in range(lane, count, 32):
-            codes[i0 + j] = _code(held[k, r] / a, maps, row)
+            codes[i0 + j] = _code(held[k, r] / a, maps, row, luts, k)
             r += 1
 
 
 @cuda.jit(device=True)
-def _shared_maps(maps, constants, signed0, signed1):
+def _shared_maps(maps, constants, luts, lut_constants, signed0, signed1):
     """Rows 0 and 1 of the shared ``maps``: the maps of states 0 and 1 (signed or unsigned), rows
-    2 and 3 their midpoints, copied from the constant table by the block's threads; then a barrier."""
+    2 and 3 their midpoints, and rows 0 and 1 of ``luts`` the bucket tables of states 0 and 1,
+    copied from the constant tables by the block's threads; then a barrier."""
     rows0 = 0 if signed0 else 1
     rows1 = 0 if signed1 else 1
     for j in range(cuda.threadIdx.x, 256, cuda.blockDim.x):
@@ -318,6 +325,9 @@ def _shared_maps(maps, constants, signed0, signed1):
         maps[1, j] = constants[rows1, j]
         maps[2, j] = constants[rows0 + 2, j]
         maps[3, j] = constants[rows1 + 2, j]
+    for j in range(cuda.threadIdx.x, _LUT_SIZE, cuda.blockDim.x):
+        luts[0, j] = lut_constants[rows0, j]
+        luts[1, j] = lut_constants[rows1, j]
     cuda.syncthreads()
 
 
@@ -369,9 +379,10 @@ def _state8_kernel(update, states):
                signed0, signed1, hyper):
         m = mul_array[0] if use_mul_array else mul
         maps = cuda.shared.array((4, 256), types.float32)
+        luts = cuda.shared.array((2, _LUT_SIZE), types.uint8)
         held = cuda.local.array((2, _LANE_MAX), types.float32)
         lane = cuda.threadIdx.x % 32
-        _shared_maps(maps, cuda.const.array_like(_MAPS), signed0, signed1)
+        _shared_maps(maps, cuda.const.array_like(_MAPS), luts, cuda.const.array_like(_LUTS), signed0, signed1)
         zero0 = _ZERO_SIGNED if signed0 else _ZERO_UNSIGNED
         zero1 = _ZERO_SIGNED if signed1 else _ZERO_UNSIGNED
         warps = cuda.gridDim.x * cuda.blockDim.x // 32
@@ -403,9 +414,9 @@ def _state8_kernel(update, states):
                 param[i] = p
                 bits0, bits1 = _keep(p, s0, s1, i, r, avg, has_avg, avg_weight, held, bits0, bits1, two)
                 r += 1
-            _requantize(held, 0, lane, count, _warp_max(bits0), codes0, i0, absmax0, b, maps, 2, zero0)
+            _requantize(held, 0, lane, count, _warp_max(bits0), codes0, i0, absmax0, b, maps, luts, 2, zero0)
             if two:
-                _requantize(held, 1, lane, count, _warp_max(bits1), codes1, i0, absmax1, b, maps, 3, zero1)
+                _requantize(held, 1, lane, count, _warp_max(bits1), codes1, i0, absmax1, b, maps, luts, 3, zero1)
 
     return state8
 
@@ -462,9 +473,10 @@ def _state8_f16_kernel(update, states):
                    chunks, signed0, signed1, has_master, stochastic, grad_is32, seed, counter, hyper):
         m = mul_array[0] if use_mul_array else mul
         maps = cuda.shared.array((4, 256), types.float32)
+        luts = cuda.shared.array((2, _LUT_SIZE), types.uint8)
         held = cuda.local.array((2, _LANE_MAX), types.float32)
         lane = cuda.threadIdx.x % 32
-        _shared_maps(maps, cuda.const.array_like(_MAPS), signed0, signed1)
+        _shared_maps(maps, cuda.const.array_like(_MAPS), luts, cuda.const.array_like(_LUTS), signed0, signed1)
         zero0 = _ZERO_SIGNED if signed0 else _ZERO_UNSIGNED
         zero1 = _ZERO_SIGNED if signed1 else _ZERO_UNSIGNED
         warps = cuda.gridDim.x * cuda.blockDim.x // 32
@@ -501,9 +513,9 @@ def _state8_f16_kernel(update, states):
                 _store(p, param, master, avg, i, has_master, stochastic, key, False, avg_weight)
                 bits0, bits1 = _keep(p, s0, s1, i, r, avg, has_avg, avg_weight, held, bits0, bits1, two)
                 r += 1
-            _requantize(held, 0, lane, count, _warp_max(bits0), codes0, i0, absmax0, b, maps, 2, zero0)
+            _requantize(held, 0, lane, count, _warp_max(bits0), codes0, i0, absmax0, b, maps, luts, 2, zero0)
             if two:
-                _requantize(held, 1, lane, count, _warp_max(bits1), codes1, i0, absmax1, b, maps, 3, zero1)
+                _requantize(held, 1, lane, count, _warp_max(bits1), codes1, i0, absmax1, b, maps, luts, 3, zero1)
 
     return state8_f16
 

@@ -20,7 +20,7 @@ from fastopt.reference.quantize import dynamic_map
 def _encode(x, signed):
     """The kernels' two steps: q' = table[bucket(x)], then q = q' + [x > t_{q'}] (t_255 = +Inf)."""
     t = np.append(_sources.thresholds8(signed), np.float32(np.inf))
-    q = C.table(signed)[C.bucket_index(x)].astype(np.int64)
+    q = C.table(_sources.thresholds8(signed))[C.bucket_index(x)].astype(np.int64)
     return q + (x > t[q])
 
 
@@ -53,16 +53,27 @@ def test_bucket_table_and_one_compare_give_the_reference_codes(signed, rng):
 
 def test_tables_are_a_byte_per_bucket_of_either_sign():
     for signed in (False, True):
-        table = C.table(signed)
+        table = C.table(_sources.thresholds8(signed))
         assert table.dtype == np.uint8 and table.shape == (2 * C.RANGE,)
         positive, negative = table[:C.RANGE].astype(int), table[C.RANGE:].astype(int)
         assert (np.diff(positive) >= 0).all() and (np.diff(negative) <= 0).all()  # larger |x|, further out
     assert C.HIGH == int(np.float32(1).view(np.uint32) >> 16)
 
 
-def test_a_map_with_two_midpoints_in_one_bucket_is_refused(monkeypatch):
-    t = C.THRESHOLDS[(True, np.dtype(np.float32))].copy()
-    t[200] = np.nextafter(t[201], np.float32(-np.inf))  # same top 16 bits as its neighbour
-    monkeypatch.setitem(C.THRESHOLDS, (True, np.dtype(np.float32)), t)
-    with pytest.raises(AssertionError, match="share a bucket"):
-        C.table(True)
+def test_both_gpu_backends_load_the_same_tables():
+    from fastopt.kernels.numba_cpu.quantize import THRESHOLDS
+
+    for signed in (False, True):
+        np.testing.assert_array_equal(C.table(THRESHOLDS[(signed, np.dtype(np.float32))]),
+                                      C.table(_sources.thresholds8(signed)))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: np.concatenate([t[:200], [np.nextafter(t[201], np.float32(-np.inf))], t[201:]]), "share a bucket"),
+    (lambda t: np.concatenate([[np.float32(1e-8)], t[1:]]), "outside"),  # the unsigned map's first is 1.6e-7
+    (lambda t: t[::-1], "increasing"),
+])
+def test_midpoints_the_encode_cannot_take_are_refused(change, message):
+    t = _sources.thresholds8(False)
+    with pytest.raises(ValueError, match=message):
+        C.table(change(t).astype(np.float32))

@@ -413,7 +413,7 @@ def state8_tables() -> str:
     fo_zero8[2]; row 0 the unsigned map, row 1 the signed one."""
     maps = [map8(False), map8(True)]
     thresholds = [np.append(thresholds8(s), np.float32(np.inf)) for s in (False, True)]
-    luts = [_code_search.table(s) for s in (False, True)]
+    luts = [_code_search.table(thresholds8(s)) for s in (False, True)]
     zeros = [int(np.flatnonzero(m == 0)[0]) for m in maps]
 
     def rows(table, literal):

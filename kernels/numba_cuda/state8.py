@@ -25,15 +25,17 @@ No barrier inside the loop. On an H200 (``bench/RESULTS.md``, "Second lease"), 8
 breadth-first order, 3.9 ms with the bucket table in place of the search.
 
 The maps and midpoints are those of ``kernels/numba_cpu/quantize.py``, the bucket tables those of
-``kernels/_code_search.py`` (constant memory, copied to shared memory once per thread block). The element updates evaluate the reference's expressions in
-its order, with multiplications and additions as ``__fmul_rn`` / ``__fadd_rn`` / ``__fsub_rn``
-(libdevice), which NVVM never contracts into a fused multiply-add: so θ, the codes and absmax
-equal the reference's (``fastopt/reference/state8.py``) bit for bit, as on the CPU backend.
+``kernels/_code_search.py`` (constant memory, copied to shared memory once per thread block). The
+element updates evaluate the reference's expressions in its order, with multiplications and
+additions as ``__fmul_rn`` / ``__fadd_rn`` / ``__fsub_rn`` (libdevice), which NVVM never
+contracts into a fused multiply-add: so θ, the codes and absmax equal the reference's
+(``fastopt/reference/state8.py``) bit for bit, as on the CPU backend.
 
 The quantization block is at most ``MAX_BLOCK`` elements (a lane holds its ``MAX_BLOCK`` / 32 new
-states); a larger ``block`` raises ``ValueError``. The tensor list goes through ``_tensors.table`` with
-each tensor's size given as (its number of blocks) · ``CHUNK``, so that a table chunk is exactly
-one quantization block; the real size and the block are extra table columns.
+states); a larger ``block`` raises ``ValueError``. The tensor list goes through
+``_tensors.table`` with each tensor's size given as (its number of blocks) · ``CHUNK``, so that a
+table chunk is exactly one quantization block; the real size and the block are extra table
+columns.
 
 float16 θ (``docs/algorithms.md``, "Low-precision parameters"; ``masters``, ``rounding``,
 ``seed``, ``counter``, ``indices``, ``starts`` as ``lowp.mixed_step`` takes them, the semantics of
@@ -128,14 +130,14 @@ _F32 = np.dtype(np.float32)
 _MAPS = np.stack([MAP_AS[(True, _F32)], MAP_AS[(False, _F32)],
                   np.append(THRESHOLDS[(True, _F32)], np.float32(np.inf)),
                   np.append(THRESHOLDS[(False, _F32)], np.float32(np.inf))]).astype(np.float32)
-# the encode's bucket tables (kernels/_code_search.py): signed, unsigned
-_LUTS = np.stack([_code_search.table(True), _code_search.table(False)])
+assert _MAPS.shape == (4, 256)
+# the encode's bucket tables (kernels/_code_search.py): signed, unsigned (as the maps' rows)
+_LUTS = np.stack([_code_search.table(THRESHOLDS[(True, _F32)]), _code_search.table(THRESHOLDS[(False, _F32)])])
 _LUT_SIZE = _LUTS.shape[1]
 _LUT_LOW = np.uint64(_code_search.LOW)
 _LUT_HIGH = np.uint64(_code_search.HIGH)
 _LUT_RANGE = np.uint64(_code_search.RANGE)
 _S31 = np.uint64(31)
-assert _MAPS.shape == (4, 256)
 _ZERO_SIGNED = np.uint8(ZERO[True])
 _ZERO_UNSIGNED = np.uint8(ZERO[False])
 _ABS32 = np.uint64(0x7FFFFFFF)

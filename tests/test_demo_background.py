@@ -81,8 +81,9 @@ def test_the_worker_fills_the_cache_with_exactly_the_runs_optimizer_kernels(tmp_
     assert proc.returncode == 0, proc.stderr
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert counts["adam"] == {"events": [], "missed": []}, counts  # loaded from the cache the worker filled
-    # the control: a kernel the worker never ran
-    assert counts["sgd"]["events"] and counts["sgd"]["missed"] == ["_sgd_momentum_run"], counts
+    # the control: a kernel the worker never ran, compiled here (its cache miss; a part runner is a C
+    # function, whose compile fires no numba:compile event, and it compiles none of numba's overloads)
+    assert counts["sgd"]["missed"] == ["_sgd_momentum_run"], counts
 
 
 def test_a_failed_worker_warns_with_its_error_and_the_run_goes_on():

@@ -41,15 +41,14 @@ import types as pytypes
 
 import numba
 import numpy as np
-from numba import carray, prange, types
-from numba.np.unsafe.ndarray import to_fixed_tuple
+from numba import prange, types
 
 from . import optim as _optim
 from ._jit import kernel
 from .lowbits import (GAMMA, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, stochastic_bf16, stochastic_f16,
                       tensor_key, uniform)
-from .multi import (AVG, GRAD, PARAM, SERIAL_BELOW, STATE, last_at_most, next_span, part_range, parts_for,
-                    pointer, typed_pointer)
+from .multi import (AVG, GRAD, PARAM, SERIAL_BELOW, STATE, array_at, last_at_most, next_span, part_range,
+                    parts_for, pointer, tuple_at, typed_pointer)
 from .runners import Launched, flag, variant_runner
 
 __all__ = ["bfloat16_if_imported", "mixed_step", "mixed_sumsq", "is_low_precision"]
@@ -109,10 +108,10 @@ def _run(part, parts, table_at, rows, offsets_at, count, hyper_at):
     scalars); the template of every update's part runner (``_MixedKernel``; C signature:
     ``runners.runner_signature``). ``hyper``: the scalars, grad_mul, grad_clip, the average's
     weight."""
-    table = carray(table_at, (rows, COLUMNS))
-    offsets = carray(offsets_at, (count,))
-    hyper = carray(hyper_at, (_SCALARS + 3,))
-    h = to_fixed_tuple(hyper, _SCALARS)
+    table = array_at(table_at, (rows, COLUMNS))
+    offsets = array_at(offsets_at, count)
+    hyper = array_at(hyper_at, _SCALARS + 3)
+    h = tuple_at(hyper_at, _SCALARS)
     grad_mul = hyper[_SCALARS]
     grad_clip = hyper[_SCALARS + 1]
     avg_weight = hyper[_SCALARS + 2]

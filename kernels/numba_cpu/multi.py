@@ -44,12 +44,13 @@ import threading
 import numba
 import numpy as np
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cache import has_cached_code, njit as cached_njit
 
-__all__ = ["COLUMNS", "aligned_split", "gather", "grads_match", "itemsize", "next_span", "part_range",
-           "last_at_most", "parts_for", "pointer", "readers_cached", "written_intervals", "SERIAL_BELOW"]
+__all__ = ["COLUMNS", "aligned_split", "array_at", "gather", "grads_match", "itemsize", "next_span", "part_range",
+           "larger", "last_at_most", "parts_for", "pointer", "readers_cached", "smaller", "tuple_at", "written_intervals", "SERIAL_BELOW"]
 
 PARAM, GRAD, AVG, STATE = 0, 1, 2, 3  # table columns; states are STATE, STATE + 1, STATE + 2
 COLUMNS = 6
@@ -107,6 +108,58 @@ def typed_pointer(numba_type):
     return intrinsic(at)
 
 
+# Views and tuples at addresses, written as intrinsics rather than with numba's ``carray`` and
+# ``to_fixed_tuple``: those are overloads whose implementations numba compiles (not caches) in
+# every process that compiles a kernel using them, once per signature: about 0.02 s each, six to
+# ten of them on a part runner's first compile.
+
+
+@intrinsic
+def array_at(typingctx, data, shape):
+    """The C-contiguous array of ``shape`` (an integer, or a tuple of them) whose elements start at
+    the pointer ``data``: what ``numba.carray(data, shape)`` gives."""
+    if not isinstance(data, types.CPointer):
+        return None
+    if isinstance(shape, types.Integer):
+        dims = (shape,)
+    elif isinstance(shape, types.BaseTuple) and len(shape) and all(isinstance(d, types.Integer) for d in shape):
+        dims = tuple(shape)
+    else:
+        return None
+    array_type = types.Array(data.dtype, len(dims), "C")
+
+    def codegen(context, builder, sig, args):
+        from numba.np.arrayobj import populate_array  # (loaded with numba's CPU target by now)
+
+        values = [args[1]] if isinstance(shape, types.Integer) else cgutils.unpack_tuple(builder, args[1])
+        extents = [context.cast(builder, v, t, types.intp) for v, t in zip(values, dims)]
+        size = context.get_abi_sizeof(context.get_data_type(data.dtype))
+        strides = [context.get_constant(types.intp, size)]
+        for extent in reversed(extents[1:]):
+            strides.insert(0, builder.mul(strides[0], extent))
+        array = context.make_array(array_type)(context, builder)
+        populate_array(array, data=args[0], shape=extents, strides=strides, itemsize=size, meminfo=None)
+        return array._getvalue()
+
+    return array_type(data, shape), codegen
+
+
+@intrinsic
+def tuple_at(typingctx, data, count):
+    """The tuple of the ``count`` values (a compile-time constant) at the pointer ``data``: what
+    ``to_fixed_tuple(numba.carray(data, count), count)`` gives."""
+    if not isinstance(data, types.CPointer) or not isinstance(count, types.IntegerLiteral):
+        return None
+    tuple_type = types.UniTuple(data.dtype, count.literal_value)
+
+    def codegen(context, builder, sig, args):
+        items = [builder.load(builder.gep(args[0], [context.get_constant(types.intp, k)]))
+                 for k in range(count.literal_value)]
+        return context.make_tuple(builder, tuple_type, items)
+
+    return tuple_type(data, count), codegen
+
+
 @intrinsic
 def itemsize(typingctx, like):
     """The size in bytes of ``like``'s type, a compile-time constant."""
@@ -121,19 +174,32 @@ def itemsize(typingctx, like):
 
 
 @numba.njit(inline="always")
+def smaller(a, b):
+    """min(a, b) for two numbers: the builtin is an overload that numba compiles (not caches) in
+    every process that compiles a kernel using it."""
+    return a if a < b else b
+
+
+@numba.njit(inline="always")
+def larger(a, b):
+    """max(a, b) for two numbers (see ``smaller``)."""
+    return a if a > b else b
+
+
+@numba.njit(inline="always")
 def aligned_split(address, i0, i1, like):
     """The first index in [i0, i1] whose element of the array at ``address`` starts a 64-byte cache
     line (i1 if none does). Loops run [i0, split) then [split, i1), so the vector loop's loads and
     stores of that array (and of every array with the same offset from a line, as large NumPy
     arrays all have) do not straddle cache lines."""
     size = itemsize(like)
-    return min(i1, i0 + ((-(address + i0 * size)) % 64) // size)
+    return smaller(i1, i0 + ((-(address + i0 * size)) % 64) // size)
 
 
 @numba.njit(inline="always")
 def parts_for(total):
     """How many contiguous parts to cut ``total`` elements into (1 to PARTS_MAX)."""
-    return max(1, min(PARTS_MAX, total // PART_MIN))
+    return larger(1, smaller(PARTS_MAX, total // PART_MIN))
 
 
 @numba.njit(inline="always")
@@ -163,7 +229,7 @@ def next_span(offsets, t, lo, hi):
     """The piece of flat range [lo, hi) inside tensor t: (i0, i1) in t's own indices (maybe
     empty, for a 0-size tensor), and the flat position after it. Start with t the tensor holding
     lo: ``last_at_most(offsets, lo)``."""
-    end = min(hi, offsets[t + 1])
+    end = smaller(hi, offsets[t + 1])
     return lo - offsets[t], end - offsets[t], end
 
 
@@ -324,7 +390,7 @@ def _gather_objects(params, grads, states, avgs, slot0, slot1, slot2, param_writ
     Returns ok = False as soon as an object is not what the fast path handles.
     """
     slots = (slot0, slot1, slot2)
-    n = max(_length(params, list_type, tuple_type), 0)
+    n = larger(_length(params, list_type, tuple_type), 0)
     table = np.zeros((n, COLUMNS), np.int64)
     offsets = np.zeros(n + 1, np.int64)
     ok = _length(params, list_type, tuple_type) >= 0

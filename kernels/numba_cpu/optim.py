@@ -72,11 +72,9 @@ import math
 
 import numba
 import numpy as np
-from numba import carray
-from numba.np.unsafe.ndarray import to_fixed_tuple
 
-from .multi import (AVG, COLUMNS, GRAD, PARAM, SERIAL_BELOW, STATE, aligned_split, gather, last_at_most,
-                    next_span, part_range, pointer)
+from .multi import (AVG, COLUMNS, GRAD, PARAM, SERIAL_BELOW, STATE, aligned_split, array_at, gather,
+                    last_at_most, next_span, part_range, pointer, tuple_at)
 from .runners import Runner, launch_parts
 
 __all__ = [
@@ -148,10 +146,10 @@ def _run_part(part, parts, table_at, rows, offsets_at, count, hyper_at):
     64-byte aligned element (``multi.aligned_split``). ``hyper`` holds the ``_SCALARS`` scalars,
     grad_mul, grad_clip and, when ``_AVERAGED``, the average's weight w. The template of every
     optimizer's part runner (C signature: ``runners.runner_signature``)."""
-    table = carray(table_at, (rows, COLUMNS))
-    offsets = carray(offsets_at, (count,))
-    hyper = carray(hyper_at, (_SCALARS + 3,) if _AVERAGED else (_SCALARS + 2,))
-    h = to_fixed_tuple(hyper, _SCALARS)
+    table = array_at(table_at, (rows, COLUMNS))
+    offsets = array_at(offsets_at, count)
+    hyper = array_at(hyper_at, _SCALARS + 3 if _AVERAGED else _SCALARS + 2)
+    h = tuple_at(hyper_at, _SCALARS)
     grad_mul = hyper[_SCALARS]
     grad_clip = hyper[_SCALARS + 1]
     lo, hi = part_range(part, parts, offsets[count - 1])

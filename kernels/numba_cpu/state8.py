@@ -67,9 +67,8 @@ import numba
 import numpy as np
 from llvmlite import binding as _llvm_binding
 from llvmlite import ir
-from numba import carray, types
+from numba import types
 from numba.extending import intrinsic
-from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 from ._ir import counted_loop
@@ -77,7 +76,8 @@ from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16
 from .mixed import _decode, _encode, _keys, _pointer16, is_low_precision
 from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
-from .multi import SERIAL_BELOW, last_at_most, next_span, part_range, pointer, typed_pointer
+from .multi import (SERIAL_BELOW, array_at, larger, last_at_most, next_span, part_range, pointer, smaller, tuple_at,
+                    typed_pointer)
 from .quantize import MAP_AS, THRESHOLDS, ZERO
 from .runners import Launched, flag, variant_runner
 
@@ -633,31 +633,31 @@ def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
     last count mod 16); the update, a loop without branches on the data that the compiler
     vectorizes (new state to the scratch row, the largest |state| as the max of bit patterns);
     then the requantization from the scratch row, still in L1 (``_requantize``)."""
-    table = carray(table_at, (rows, _COLUMNS))
-    offsets = carray(offsets_at, (entries - 1,))  # the block offsets
-    hyper = carray(hyper_at, (_SCALARS8 + 3,))
+    table = array_at(table_at, (rows, _COLUMNS))
+    offsets = array_at(offsets_at, entries - 1)  # the block offsets
+    hyper = array_at(hyper_at, _SCALARS8 + 3)
     maps = table[rows - 1]
     block = maps[_BLOCK]
     lo, hi = part_range(part, parts, offsets[entries - 2])
     if lo >= hi:  # (the launcher cuts parts by elements: more parts than blocks leaves some empty)
         return
-    h = to_fixed_tuple(hyper, _SCALARS8)
+    h = tuple_at(hyper_at, _SCALARS8)
     grad_mul = hyper[_SCALARS8]
     grad_clip = hyper[_SCALARS8 + 1]
     avg_weight = hyper[_SCALARS8 + 2]
     zero_f = np.float32(0)
-    thresholds = carray(pointer(maps[_THRESHOLDS_AT], grad_mul), (2, _ROW_END))
-    values = carray(pointer(maps[_VALUES_AT], grad_mul), (2, _VALUES_END))
-    zeros = carray(_bytes(maps[_ZEROS_AT]), (2,))
-    lookup = carray(_ints32(maps[_LOOKUP_AT]), (2, _BUCKETS))
+    thresholds = array_at(pointer(maps[_THRESHOLDS_AT], grad_mul), (2, _ROW_END))
+    values = array_at(pointer(maps[_VALUES_AT], grad_mul), (2, _VALUES_END))
+    zeros = array_at(_bytes(maps[_ZEROS_AT]), 2)
+    lookup = array_at(_ints32(maps[_LOOKUP_AT]), (2, _BUCKETS))
     if _STOCHASTIC8 is None:  # (pruned before typing: ``_encode`` tells the two apart by keys' type)
         keys = None
     else:
         keys = table[:, _KEY]
     stride = block + 15 - (block + 15) % 16  # each scratch row at a 64-byte boundary
     buffer = _scratch(2 * stride)
-    scratch0 = carray(_floats_at(buffer, 0), (block,))
-    scratch1 = carray(_floats_at(buffer, stride), (block,))
+    scratch0 = array_at(_floats_at(buffer, 0), block)
+    scratch1 = array_at(_floats_at(buffer, stride), block)
     values0 = values[0]  # the rows as views once per part: a view made per block costs
     values1 = values[1]  # reference counting that showed in the step's time
     thresholds0 = thresholds[0]
@@ -684,7 +684,7 @@ def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
         avg = pointer(table[t, _AVG], grad_mul)  # null unless averaged
         for b in range(b0, b1):
             i0 = b * block
-            count = min(block, n - i0)
+            count = smaller(block, n - i0)
             if _BF16STATE8 is None:
                 a0 = absmax0[b]
                 a1 = absmax1[b] if _STATES8 > 1 else zero_f
@@ -727,10 +727,10 @@ def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
                     a = avg[i]
                     avg[i] = a + avg_weight * (p - a)
                 scratch0[j] = s0
-                bits0 = max(bits0, f32_bits(s0) & _ABS_BITS)
+                bits0 = larger(bits0, f32_bits(s0) & _ABS_BITS)
                 if _STATES8 > 1:
                     scratch1[j] = s1
-                    bits1 = max(bits1, f32_bits(s1) & _ABS_BITS)
+                    bits1 = larger(bits1, f32_bits(s1) & _ABS_BITS)
             if _BF16STATE8 is None:
                 _requantize(scratch0, count, bits0, codes0, i0, absmax0, b, thresholds0, zero0, lookup0)
                 if _STATES8 > 1:

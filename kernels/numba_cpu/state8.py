@@ -132,7 +132,9 @@ _NO_BITS = np.uint32(0)
 #
 # Both are exact by construction (same map, same midpoints, same division and product), so the
 # codes and states equal the scalar loops' bit for bit; the scalar loops remain for the block's
-# last count mod 16 elements and on CPUs without AVX-512 (``_VECTOR_TAIL``).
+# last count mod 64 elements with VBMI, mod 16 without, and on CPUs without AVX-512
+# (``_VECTOR_TAIL``: only a tensor's last block is short, so the 16-lane loops would serve at most
+# 48 elements a tensor with VBMI; left out, they cost no compile time).
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -322,29 +324,29 @@ def _decode_bytes(context, builder, table_data, base, scale_v, out_data, start, 
 
 @intrinsic
 def _decode_avx512(typingctx, codes, i0, count, values, a, out):
-    """out[j] = values[codes[i0 + j]] · a for j < count (a multiple of 16; ``values`` a row of
-    ``_VALUES``: the 256-entry map, then its byte planes; ``codes`` a uint8 pointer)."""
+    """out[j] = values[codes[i0 + j]] · a for j < count (a multiple of 64 with VBMI, else of 16;
+    ``values`` a row of ``_VALUES``: the 256-entry map, then its byte planes; ``codes`` a uint8
+    pointer)."""
     sig = types.void(codes, i0, count, values, a, out)
 
     def codegen(context, builder, signature, args):
         codes_at, start, n, table, scale, scratch = args
         table_data = context.make_array(signature.args[3])(context, builder, table).data
         out_data = context.make_array(signature.args[5])(context, builder, scratch).data
-        regs = [builder.load(_vector_at(builder, table_data, _I64(_LANES * k), _VF), align=4)
-                for k in range(256 // _LANES)]
         scale_v = _splat32(builder, scale, _VF)
         base = builder.gep(codes_at, [start])
-        first = _I64(0)
-        if _VBMI:
-            first = builder.sub(n, builder.and_(n, _I64(63)))
-            _decode_bytes(context, builder, table_data, base, scale_v, out_data, _I64(0), first)
+        if _VBMI:  # n is a multiple of 64 (``_VECTOR_TAIL``)
+            _decode_bytes(context, builder, table_data, base, scale_v, out_data, _I64(0), n)
+            return context.get_dummy_value()
+        regs = [builder.load(_vector_at(builder, table_data, _I64(_LANES * k), _VF), align=4)
+                for k in range(256 // _LANES)]
 
         def body(j):
             q = builder.zext(builder.load(_vector_at(builder, base, j, _vec(_I8)), align=1), _VI)
             s = builder.fmul(_lookup_regs(builder, regs, q), scale_v)
             builder.store(s, _vector_at(builder, out_data, j, _VF), align=4)
 
-        _ir_loop(builder, first, n, _I64(_LANES), body)
+        _ir_loop(builder, _I64(0), n, _I64(_LANES), body)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -456,24 +458,23 @@ def _encode_words(context, builder, data, table_data, scale_v, base, stop):
 
 @intrinsic
 def _encode_avx512(typingctx, scratch, count, a, thresholds, codes, i0):
-    """codes[i0 + j] = #{k : scratch[j] / a > t_k} for j < count (a multiple of 16; ``thresholds``
-    a row of ``_THRESHOLDS``: the midpoints, +Inf, then the search tables)."""
+    """codes[i0 + j] = #{k : scratch[j] / a > t_k} for j < count (a multiple of 64 with VBMI, else
+    of 16; ``thresholds`` a row of ``_THRESHOLDS``: the midpoints, +Inf, then the search tables)."""
     sig = types.void(scratch, count, a, thresholds, codes, i0)
 
     def codegen(context, builder, signature, args):
         values, n, scale, table, codes_at, start = args
         data = context.make_array(signature.args[0])(context, builder, values).data
         table_data = context.make_array(signature.args[3])(context, builder, table).data
+        scale_v = _splat32(builder, scale, _VF)
+        base = builder.gep(codes_at, [start])
+        if _VBMI:  # n is a multiple of 64 (``_VECTOR_TAIL``)
+            _encode_words(context, builder, data, table_data, scale_v, base, n)
+            return context.get_dummy_value()
         tables = {s: [builder.load(_vector_at(builder, table_data, _I64(_SEARCH_AT[s] + _LANES * k), _VF),
                                    align=4)
                       for k in range(max(1, 256 // (2 * s) // _LANES))]
                   for s in _STEPS}
-        scale_v = _splat32(builder, scale, _VF)
-        base = builder.gep(codes_at, [start])
-        begin = _I64(0)
-        if _VBMI:
-            begin = builder.sub(n, builder.and_(n, _I64(63)))
-            _encode_words(context, builder, data, table_data, scale_v, base, begin)
 
         def body(j, vectors):
             at = [builder.add(j, _I64(_LANES * u)) for u in range(vectors)]
@@ -481,12 +482,9 @@ def _encode_avx512(typingctx, scratch, count, a, thresholds, codes, i0):
             for k, q in zip(at, _search(builder, tables, xs)):
                 builder.store(builder.trunc(q, _vec(_I8)), _vector_at(builder, base, k, _vec(_I8)), align=1)
 
-        if _VBMI:  # fewer than 64 left: one vector at a time
-            _ir_loop(builder, begin, n, _I64(_LANES), lambda j: body(j, 1))
-        else:
-            whole = builder.sub(n, builder.and_(n, _I64(_LANES * _UNROLL - 1)))
-            _ir_loop(builder, _I64(0), whole, _I64(_LANES * _UNROLL), lambda j: body(j, _UNROLL))
-            _ir_loop(builder, whole, n, _I64(_LANES), lambda j: body(j, 1))
+        whole = builder.sub(n, builder.and_(n, _I64(_LANES * _UNROLL - 1)))
+        _ir_loop(builder, _I64(0), whole, _I64(_LANES * _UNROLL), lambda j: body(j, _UNROLL))
+        _ir_loop(builder, whole, n, _I64(_LANES), lambda j: body(j, 1))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -507,7 +505,7 @@ _encode_vectors = _encode_avx512 if _AVX512 else _encode_none
 
 
 # count − (count & _VECTOR_TAIL) elements go through the vector coders: whole vectors, or none
-_VECTOR_TAIL = np.int64(_LANES - 1) if _AVX512 else np.int64(-1)
+_VECTOR_TAIL = np.int64(63 if _VBMI else _LANES - 1) if _AVX512 else np.int64(-1)
 
 
 @_element
@@ -630,8 +628,8 @@ def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
     weight.
 
     Each block is: the decode into scratch rows (``_decode_vectors``, then scalar look-ups for the
-    last count mod 16); the update, a loop without branches on the data that the compiler
-    vectorizes (new state to the scratch row, the largest |state| as the max of bit patterns);
+    last count mod 64 or 16: ``_VECTOR_TAIL``); the update, a loop without branches on the data
+    that the compiler vectorizes (new state to the scratch row, the largest |state| as the max of bit patterns);
     then the requantization from the scratch row, still in L1 (``_requantize``)."""
     table = array_at(table_at, (rows, _COLUMNS))
     offsets = array_at(offsets_at, entries - 1)  # the block offsets

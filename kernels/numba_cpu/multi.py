@@ -49,8 +49,9 @@ from numba.extending import intrinsic
 
 from ._cache import has_cached_code, njit as cached_njit
 
-__all__ = ["COLUMNS", "aligned_split", "array_at", "gather", "grads_match", "itemsize", "next_span", "part_range",
-           "larger", "last_at_most", "parts_for", "pointer", "readers_cached", "smaller", "tuple_at", "written_intervals", "SERIAL_BELOW"]
+__all__ = ["COLUMNS", "aligned_split", "array_at", "gather", "grads_match", "itemsize", "larger", "last_at_most",
+           "next_span", "part_range", "parts_for", "pointer", "readers_cached", "smaller", "tuple_at",
+           "written_intervals", "SERIAL_BELOW"]
 
 PARAM, GRAD, AVG, STATE = 0, 1, 2, 3  # table columns; states are STATE, STATE + 1, STATE + 2
 COLUMNS = 6
@@ -175,14 +176,15 @@ def itemsize(typingctx, like):
 
 @numba.njit(inline="always")
 def smaller(a, b):
-    """min(a, b) for two numbers: the builtin is an overload that numba compiles (not caches) in
-    every process that compiles a kernel using it."""
+    """min(a, b) for two integers: the builtin is an overload that numba compiles (not caches) in
+    every process that compiles a kernel using it. (For floats it would differ from the builtin
+    where a or b is NaN.)"""
     return a if a < b else b
 
 
 @numba.njit(inline="always")
 def larger(a, b):
-    """max(a, b) for two numbers (see ``smaller``)."""
+    """max(a, b) for two integers (see ``smaller``)."""
     return a if a > b else b
 
 

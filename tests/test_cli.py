@@ -309,12 +309,14 @@ COMPILE_SUMMARY = re.compile(r"^(\d+) of (\d+) signatures ready in \d+\.\d s \((
 _LOADS_FROM_CACHE = """
 import numpy as np
 from fastopt.kernels import numba_cpu
-from fastopt.kernels.numba_cpu import multi, reduce
+from fastopt.kernels.numba_cpu import multi, reduce, runners
 g = np.ones(3, np.float32)
 numba_cpu.scale_grads_([g], 2.0)
 assert (g == 2).all()
-stats = reduce._scale.serial.dispatchers["float32"].stats  # 3 elements: the serial twin
-print(sorted(reduce._scale.serial.dispatchers), sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+stats = reduce._scale.runner.dispatchers["float32"].stats  # the part runner
+print(sorted(reduce._scale.runner.dispatchers), stats.cache_hits, stats.cache_misses)
+stats = runners.launch_parts.serial.dispatchers["float32"].stats  # 3 elements: the launcher's serial twin
+print(sorted(runners.launch_parts.serial.dispatchers), sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
 stats = multi._gather_objects.dispatchers["int64"].stats  # the tensor-table reader
 print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
 """
@@ -336,25 +338,27 @@ def test_compile_fills_numbas_cache_and_a_new_process_loads_from_it(tmp_path):
     env = {"NUMBA_CACHE_DIR": str(cache)}
     header, rows, summary = compile_output(fastopt_cmd("compile", "--op", "scale_grads_", "--dtype", "float32",
                                                        env_extra=env))
-    assert header.groups() == ("3", "3", "scale_grads_", "float32", f"{cache} (NUMBA_CACHE_DIR)")
-    assert [r.groups() for r in rows] == [("scale", "float32", "compiled"), ("scale.serial", "float32", "compiled"),
+    assert header.groups() == ("4", "4", "scale_grads_", "float32", f"{cache} (NUMBA_CACHE_DIR)")
+    assert [r.groups() for r in rows] == [("scale", "float32", "compiled"), ("launch_parts", "float32", "compiled"),
+                                          ("launch_parts.serial", "float32", "compiled"),
                                           ("gather_objects", "any", "compiled")]
-    assert summary.groups() == ("3", "3", "3", "0")
-    for name in ("reduce._scale", "reduce._scale_serial", "multi._gather_objects"):
+    assert summary.groups() == ("4", "4", "4", "0")
+    for name in ("reduce.scale_run", "runners.launch_parts", "runners.launch_parts_serial", "multi._gather_objects"):
         assert list(cache.glob(f"*/{name}-*.nbi")) and list(cache.glob(f"*/{name}-*.nbc"))
-    assert not list(cache.glob("*/reduce._sumsq-*")), "another operation's kernel was compiled"
+    assert not list(cache.glob("*/reduce.sumsq_run-*")), "another operation's kernel was compiled"
 
     run = subprocess.run([sys.executable, "-c", _LOADS_FROM_CACHE], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, **env))
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["['float32']", "1", "0", "1", "0"], run.stdout  # loaded, not compiled; float32 only
+    # loaded, not compiled; float32 only
+    assert run.stdout.split() == ["['float32']", "1", "0", "['float32']", "1", "0", "1", "0"], run.stdout
 
     _, rows, summary = compile_output(fastopt_cmd("compile", "--op", "scale_grads_", "--dtype", "float32",
                                                   env_extra=env))
-    assert [r.groups() for r in rows] == [("scale", "float32", "loaded from the cache"),
-                                          ("scale.serial", "float32", "loaded from the cache"),
-                                          ("gather_objects", "any", "loaded from the cache")]
-    assert summary.groups() == ("3", "3", "0", "3")
+    assert [r.groups() for r in rows] == [(name, dtype, "loaded from the cache") for name, dtype in (
+        ("scale", "float32"), ("launch_parts", "float32"), ("launch_parts.serial", "float32"),
+        ("gather_objects", "any"))]
+    assert summary.groups() == ("4", "4", "0", "4")
 
 
 def test_compile_in_worker_processes(tmp_path):
@@ -364,9 +368,9 @@ def test_compile_in_worker_processes(tmp_path):
         env_extra={"NUMBA_CACHE_DIR": str(cache)}))
     assert header.group(4) == "float32, 2 processes"
     assert sorted(r.groups() for r in rows) == [("gather_objects", "any", "compiled")] + [
-        (name, "float32", "compiled") for name in ("scale", "scale.serial", "sumsq", "sumsq.serial")]
+        (name, "float32", "compiled") for name in ("launch_parts", "launch_parts.serial", "scale", "sumsq")]
     assert summary.groups() == ("5", "5", "5", "0")
-    assert list(cache.glob("*/reduce._scale-*.nbc")) and list(cache.glob("*/reduce._sumsq-*.nbc"))
+    assert list(cache.glob("*/reduce.scale_run-*.nbc")) and list(cache.glob("*/reduce.sumsq_run-*.nbc"))
 
 
 def test_compile_list_names_every_operation_and_compiles_nothing(tmp_path):

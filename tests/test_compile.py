@@ -107,6 +107,8 @@ def _house_kernels():
                     found[id(getattr(obj, variant))] = f"{module.__name__}.{name}.{variant}"
             elif isinstance(obj, tasks.TaskKernel):  # its body is a module-level house kernel too
                 found[id(obj.shell)] = f"{module.__name__}.{name}"
+            elif isinstance(obj, runners.Launched):  # a part runner of its own (the reductions)
+                found[id(obj.runner)] = f"{module.__name__}.{name}"
     for k in [k for table in numba_cpu.KERNELS.values() for k in table.values()]:
         if id(k) in found and k.serial is not k:
             found[id(k.serial)] = f"{found[id(k)]}.serial"
@@ -119,13 +121,13 @@ def _house_kernels():
 def test_the_compile_table_holds_every_kernel_for_both_dtypes():
     found = _house_kernels()
     listed = {id(k): k for table in numba_cpu.KERNELS.values() for k in table.values()}
-    # 30 optimizer part runners (15 × plain/averaged) and their launcher; batch norm's 8 task
-    # kernels (a body and a shell each), 5 other kernels and the statistics' merge; 2 reduction
-    # kernels, 2 quantization kernels; the 13 parallel ones each with a serial twin; the 2
+    # 30 optimizer part runners (15 × plain/averaged), 2 reductions' and 2 quantization part
+    # runners, and their launcher; batch norm's 8 task kernels (a body and a shell each), 5 other
+    # kernels and the statistics' merge; the 9 parallel ones each with a serial twin; the 2
     # tensor-table readers, one signature for every dtype
-    assert len(found) == 72
-    assert sum(1 for k in listed.values() if k.parallel) == 13
-    assert sum(1 for k in listed.values() if isinstance(k, runners.Runner)) == 30
+    assert len(found) == 68
+    assert sum(1 for k in listed.values() if k.parallel) == 9
+    assert sum(1 for k in listed.values() if isinstance(k, runners.Runner)) == 34
     assert set(found) == set(listed), sorted(found[i] for i in set(found) ^ set(listed) if i in found)
     readers = {id(multi._gather_objects), id(multi._grads_match_objects)}
     assert all(k.dtypes == ("float32", "float64") for i, k in listed.items() if i not in readers)
@@ -149,7 +151,7 @@ def test_jobs_list_each_kernel_once_per_dtype():
     assert [j.label() for j in jobs][-2:] == ["any", "any"] and not any(j.any_dtype for j in jobs[:-2])
     # the readers once, whichever dtypes are selected
     assert len(precompile.jobs(["adam"])) == len(precompile.jobs(["adam"], ["float32"])) + 6
-    assert len(precompile.jobs()) == 142
+    assert len(precompile.jobs()) == 134
     with pytest.raises(ValueError, match="unknown operation 'nope'"):
         precompile.jobs(["nope"])
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
@@ -285,20 +287,22 @@ _SCALE = """
 import sys
 import numpy as np
 from fastopt.kernels import numba_cpu
-from fastopt.kernels.numba_cpu import reduce
+from fastopt.kernels.numba_cpu import reduce, runners
 for dtype in sys.argv[1:]:
     g = np.ones(3, dtype)
     numba_cpu.scale_grads_([g], 2.0)
     assert g.dtype == dtype and (g == 2).all(), g
-print(sum(sum(d.stats.cache_misses.values()) for d in reduce._scale.serial.dispatchers.values()))  # 3 elements
+runner = sum(c.stats.cache_misses for c in reduce._scale.runner.dispatchers.values())
+launcher = sum(sum(d.stats.cache_misses.values()) for d in runners.launch_parts.serial.dispatchers.values())
+print(runner + launcher)  # 3 elements: the launcher's serial twin
 """
 
 
 def test_dtypes_compiled_by_different_processes_load_together(tmp_path):
-    """Each dtype's dispatcher adds its entry to the function's one cache index; a third process
-    loads both."""
+    """Each dtype's compiled code (the part runner's and the launcher's) adds its entry to the
+    function's one cache index; a third process loads both."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    for dtypes, compiled in ((["float32"], "1"), (["float64"], "1"), (["float32", "float64"], "0")):
+    for dtypes, compiled in ((["float32"], "2"), (["float64"], "2"), (["float32", "float64"], "0")):
         run = subprocess.run([sys.executable, "-c", _SCALE, *dtypes], capture_output=True, text=True,
                              timeout=300, env=env)
         assert run.returncode == 0, f"{dtypes}: {run.stderr[-2000:]}"
@@ -416,7 +420,7 @@ def test_a_change_to_any_kernel_source_invalidates_every_cached_kernel(tmp_path)
     file would load stale code after the helper changed. The stamp also holds a digest of every
     kernel source: the same digest loads, another recompiles."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    for digest, compiled in (("a", "1"), ("a", "0"), ("b", "1")):
+    for digest, compiled in (("a", "2"), ("a", "0"), ("b", "2")):
         run = subprocess.run([sys.executable, "-c", _STAMPED, digest], capture_output=True, text=True,
                              timeout=300, env=env)
         assert run.returncode == 0, run.stderr[-2000:]
@@ -454,7 +458,7 @@ def test_the_cache_survives_a_reinstall_that_only_changes_file_times(tmp_path):
     source = reduce.__file__
     before = os.stat(source)
     try:
-        for touch, compiled in ((False, "1"), (True, "0")):
+        for touch, compiled in ((False, "2"), (True, "0")):
             if touch:
                 os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
             run = subprocess.run([sys.executable, "-c", _SCALE, "float32"], capture_output=True, text=True,

@@ -3,7 +3,7 @@
 A Python float literal or a float64 scalar inside a kernel silently promotes the arithmetic to
 float64; this inspects the LLVM IR numba generates for each kernel's float32 signature: every
 optimizer update's part runner in both variants (plain, and with the Polyak average and the
-gradient extras; ``runners.py``), and the gradient-scaling kernel. Each is compiled here again,
+gradient extras; ``runners.py``), and the gradient-scaling part runner. Each is compiled here again,
 without the disk cache (numba cannot inspect cached code) and without ``parallel``, so the whole
 loop sits in the module's own functions (the parallel build runs the same code); the CPython and
 cfunc wrappers, which unbox Python floats as doubles, are excluded. (``grad_sumsq`` accumulates
@@ -25,7 +25,7 @@ from fastopt.kernels.numba_cpu.runners import Runner
 UPDATE_KERNELS = [(name, k) for name, k in vars(optim_kernels).items()
                   if isinstance(k, optim_kernels._UpdateKernel)]
 KERNELS = [(f"{name}.{variant}", getattr(k, variant)) for name, k in UPDATE_KERNELS
-           for variant in ("plain", "averaged")] + [("_scale", reduce_kernels._scale)]
+           for variant in ("plain", "averaged")] + [("scale", reduce_kernels._scale.runner)]
 
 
 def is_float32(signature) -> bool:

@@ -1,4 +1,5 @@
-"""Views and tuples at raw addresses inside kernels (``multi.array_at``, ``multi.tuple_at``).
+"""Views and tuples at raw addresses inside kernels (``multi.array_at``, ``multi.tuple_at``,
+``multi.float64_at``), and the host helper that sizes their buffers (``parts_on_host``).
 
 The part runners make their tables, offsets, hyperparameters, maps and scratch rows with these
 intrinsics instead of numba's ``carray`` and ``to_fixed_tuple``, whose implementations (like those
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 from numba import types
 
-from fastopt.kernels.numba_cpu.multi import array_at, pointer, tuple_at, typed_pointer
+from fastopt.kernels.numba_cpu import multi
+from fastopt.kernels.numba_cpu.multi import array_at, float64_at, pointer, tuple_at, typed_pointer
 
 _ints64 = typed_pointer(types.int64)
 
@@ -71,6 +73,30 @@ def test_tuple_at_reads_the_first_values():
     found = _first_three(data.ctypes.data, np.float32(0))
     assert found == (1.5, -2.0, 3.25)
     assert isinstance(found, tuple) and len(found) == 3
+
+
+@numba.njit
+def _float64_slots(address, like, n):
+    slots = array_at(float64_at(pointer(address, like)), n)
+    slots[n - 1] = 0.1
+    return slots[0]
+
+
+def test_float64_at_views_float32_memory_as_float64_slots():
+    sums = np.array([2.5, 0.0, 0.0])
+    assert _float64_slots(sums.ctypes.data, np.float32(0), 3) == 2.5
+    assert sums[2] == 0.1 and sums[:2].tolist() == [2.5, 0.0]  # the float64 value, bit for bit
+
+
+def test_parts_on_host_cuts_as_the_kernels_do():
+    @numba.njit
+    def in_kernel(total):
+        return multi.parts_for(total)
+
+    totals = [0, 1, multi.PART_MIN - 1, multi.PART_MIN, 2 * multi.PART_MIN - 1, 2 * multi.PART_MIN, 75_014,
+              multi.PART_MIN * multi.PARTS_MAX - 1, multi.PART_MIN * multi.PARTS_MAX, 1 << 30]
+    assert [multi.parts_on_host(t) for t in totals] == [in_kernel(t) for t in totals]
+    assert multi.parts_on_host(np.int64(75_014)) == 9
 
 
 def test_the_intrinsics_refuse_what_is_not_a_pointer():

@@ -11,6 +11,7 @@ import fastopt
 import fastopt.reference as reference
 from fastopt import functional
 from fastopt.kernels import numba_cpu
+from fastopt.kernels.numba_cpu import multi
 from fastopt.reference import lowp
 
 from conftest import assert_close
@@ -251,6 +252,20 @@ def test_master_weights_resume_bit_for_bit_from_a_state_dict():
         opt_c.step([g])
     np.testing.assert_array_equal(param_a.view(np.uint16), param_c.view(np.uint16))
     np.testing.assert_array_equal(opt_a.state[0]["master"], opt_c.state[0]["master"])
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float16])
+def test_16_bit_sum_of_squares_adds_its_parts_in_order(dtype):
+    """Each part's Σg² in element order, then the parts' sums in part order (as ``grad_sumsq``): a
+    result that depends on the list's shapes only, emulated here with sequential sums."""
+    rng = np.random.default_rng(4)
+    grads = [(rng.standard_normal(n) * 3).astype(dtype) for n in (70_001, 13, 5_000)]  # 9 parts
+    squares = np.concatenate([g.astype(np.float64) for g in grads]) ** 2
+    parts = multi.parts_on_host(squares.size)
+    assert parts == 9
+    cuts = [squares.size * p // parts for p in range(parts + 1)]
+    part_sums = [np.cumsum(squares[lo:hi])[-1] for lo, hi in zip(cuts, cuts[1:])]  # cumsum adds in order
+    assert numba_cpu.mixed_sumsq(grads) == np.cumsum(part_sums)[-1]
 
 
 def test_norm_clipping_and_nonfinite_skip_read_16_bit_gradients():

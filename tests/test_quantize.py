@@ -8,6 +8,7 @@ twins in both dtypes and the parallel kernels in float32 only.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -261,13 +262,25 @@ def test_unsigned_map_gives_negative_values_the_zero_code(backend):
 # the kernels compute float32 in float32
 
 
-@pytest.mark.parametrize("kernel", [numba_quantize._quantize, numba_quantize._dequantize], ids=lambda k: k.__name__)
+@pytest.mark.parametrize("kernel", [numba_quantize._quantize.runner, numba_quantize._dequantize.runner],
+                         ids=lambda k: k.__name__)
 def test_float32_kernels_have_no_float64_arithmetic(kernel):
     signature = [s for s in kernel.signatures if is_float32(s) and "float64" not in str(s)][0]
     for f in native_ir(kernel, signature):
         head = f.splitlines()[0][:100]
         assert "fpext" not in f, f"{kernel.__name__}: float32 promoted to float64 ({head})"
         assert "double" not in f, f"{kernel.__name__}: float64 values in the float32 kernel ({head})"
+
+
+def test_the_search_steps_are_selects_marked_unpredictable():
+    """The codes of random data are random: each of the search's 8 steps must stay a select (cmov),
+    never become a branch, which mispredicts half the time (LLVM's x86 cmov converter turns an
+    unrolled loop's selects into branches unless they are marked unpredictable)."""
+    runner = numba_quantize._quantize.runner
+    for signature in runner.signatures:
+        ir = numba.cfunc(signature, error_model="numpy")(runner.py_func).inspect_llvm()
+        selects = [line for line in ir.splitlines() if " = select " in line and "!unpredictable" in line]
+        assert len(selects) >= 8, signature
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,9 +100,10 @@ KERNELS: dict[str, dict] = {
                                  _bn._backward_coefficients, _bn._input_grad_channel_first,
                                  _bn._input_grad_channels_last),
     "batchnorm_statistics": _named(_bn._stats_channel_first, _bn._stats_channels_last, _bnstats._merge_mean_m2),
-    "grad_sumsq": {**_named(_reduce._sumsq), "gather_objects": _multi._gather_objects},
-    "scale_grads_": {**_named(_reduce._scale), "gather_objects": _multi._gather_objects},
-    "quantize_blockwise": _named(_quantize._quantize, _quantize._dequantize),
+    "grad_sumsq": {**_with_twin("sumsq", _reduce._sumsq), "gather_objects": _multi._gather_objects},
+    "scale_grads_": {**_with_twin("scale", _reduce._scale), "gather_objects": _multi._gather_objects},
+    "quantize_blockwise": {**_with_twin("quantize", _quantize._quantize),
+                           **_with_twin("dequantize", _quantize._dequantize)},
 }
 
 # optimizer -> its kernels with 8-bit (or bfloat16) state (``state8.py``)

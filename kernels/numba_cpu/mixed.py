@@ -41,15 +41,15 @@ import types as pytypes
 
 import numba
 import numpy as np
-from numba import prange, types
+from numba import types
 
 from . import optim as _optim
-from ._jit import kernel
 from .lowbits import (GAMMA, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, stochastic_bf16, stochastic_f16,
                       tensor_key, uniform)
-from .multi import (AVG, GRAD, PARAM, SERIAL_BELOW, STATE, array_at, last_at_most, next_span, part_range,
-                    parts_for, pointer, tuple_at, typed_pointer)
-from .runners import Launched, flag, variant_runner
+from .multi import (AVG, GRAD, PARAM, SERIAL_BELOW, STATE, array_at, float64_at, last_at_most, next_span,
+                    part_range, pointer, tuple_at, typed_pointer)
+from .reduce import sum_of_parts
+from .runners import Launched, Runner, flag, variant_runner
 
 __all__ = ["bfloat16_if_imported", "mixed_step", "mixed_sumsq", "is_low_precision"]
 
@@ -199,6 +199,8 @@ def mixed_kernel(update_kernel) -> _MixedKernel:
     return found
 
 
+
+
 def _address(array) -> int:
     return array.__array_interface__["data"][0]
 
@@ -267,26 +269,28 @@ def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", 
 # ---------------------------------------------------------------------------------------------
 
 
-def _sumsq_shell(table, offsets, sums, half):
-    parts = sums.shape[0]
-    for part in prange(parts):
-        lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
-        t = last_at_most(offsets, lo)
-        total = 0.0
-        while lo < hi:
-            i0, i1, lo = next_span(offsets, t, lo, hi)
-            grad = _pointer16(table[t, GRAD])
-            for i in range(i0, i1):
-                g = np.float64(_decode(grad[i], half))
-                total += g * g
-            t += 1
-        sums[part] = total
+def _sumsq_run(part, parts, table_at, rows, offsets_at, count, sums_at):
+    """Σ g² over part ``part`` of ``parts`` of the table's GRAD column (16-bit gradients: float16
+    when ``_HALF``, else bfloat16), in float64, into slot ``part`` of the ``parts`` float64 slots
+    at ``sums_at`` (a part runner with float32 scalars; ``reduce.sum_of_parts``)."""
+    table = array_at(table_at, (rows, COLUMNS))
+    offsets = array_at(offsets_at, count)
+    lo, hi = part_range(part, parts, offsets[count - 1])
+    t = last_at_most(offsets, lo)
+    total = 0.0
+    while lo < hi:
+        i0, i1, lo = next_span(offsets, t, lo, hi)
+        grad = _pointer16(table[t, GRAD])
+        for i in range(i0, i1):
+            g = np.float64(_decode(grad[i], _HALF))
+            total += g * g
+        t += 1
+    array_at(float64_at(sums_at), parts)[part] = total
 
 
-_SUMSQ = {half: kernel([types.void(types.int64[:, ::1], types.int64[::1], types.float64[::1],
-                                   types.boolean if half else types.none)])(
-    _copy(_sumsq_shell, "_mixed_sumsq_f16" if half else "_mixed_sumsq_bf16"))
-    for half in (False, True)}
+_SUMSQ = {half: Launched(Runner(_sumsq_run, "_mixed_sumsq_run_f16" if half else "_mixed_sumsq_run_bf16",
+                                {"_HALF": flag(half)}, dtypes=("float32",)))
+          for half in (False, True)}
 
 
 def mixed_sumsq(grads) -> float:
@@ -300,7 +304,4 @@ def mixed_sumsq(grads) -> float:
     for t, g in enumerate(grads):
         table[t, GRAD] = _address(g)
         offsets[t + 1] = offsets[t] + g.size
-    sums = np.zeros(parts_for(offsets[-1]), np.float64)
-    k = _SUMSQ[half]
-    (k.serial if offsets[-1] < SERIAL_BELOW else k)(table, offsets, sums, True if half else None)
-    return float(sums.sum())
+    return sum_of_parts(_SUMSQ[half], table, offsets, np.float32)

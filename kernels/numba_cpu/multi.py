@@ -49,9 +49,9 @@ from numba.extending import intrinsic
 
 from ._cache import has_cached_code, njit as cached_njit
 
-__all__ = ["COLUMNS", "aligned_split", "array_at", "gather", "grads_match", "itemsize", "larger", "last_at_most",
-           "next_span", "part_range", "parts_for", "pointer", "readers_cached", "smaller", "tuple_at",
-           "written_intervals", "SERIAL_BELOW"]
+__all__ = ["COLUMNS", "aligned_split", "array_at", "float64_at", "gather", "grads_match", "itemsize",
+           "larger", "last_at_most", "next_span", "part_range", "parts_for", "parts_on_host", "pointer",
+           "readers_cached", "smaller", "tuple_at", "written_intervals", "SERIAL_BELOW"]
 
 PARAM, GRAD, AVG, STATE = 0, 1, 2, 3  # table columns; states are STATE, STATE + 1, STATE + 2
 COLUMNS = 6
@@ -162,6 +162,20 @@ def tuple_at(typingctx, data, count):
 
 
 @intrinsic
+def float64_at(typingctx, data):
+    """The pointer ``data`` (to any type) as a pointer to float64: a part runner whose scalars are
+    float32 writing float64 results into a buffer the host views as float32."""
+    if not isinstance(data, types.CPointer):
+        return None
+    signature = types.CPointer(types.float64)(data)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+@intrinsic
 def itemsize(typingctx, like):
     """The size in bytes of ``like``'s type, a compile-time constant."""
     if not isinstance(like, types.Float):
@@ -202,6 +216,12 @@ def aligned_split(address, i0, i1, like):
 def parts_for(total):
     """How many contiguous parts to cut ``total`` elements into (1 to PARTS_MAX)."""
     return larger(1, smaller(PARTS_MAX, total // PART_MIN))
+
+
+def parts_on_host(total: int) -> int:
+    """``parts_for`` in Python, for host code that sizes a buffer of per-part results (a jitted
+    function called from Python compiles in every process)."""
+    return max(1, min(PARTS_MAX, int(total) // PART_MIN))
 
 
 @numba.njit(inline="always")
@@ -486,6 +506,7 @@ def _layout_checked() -> bool:
 
 
 FAST_GATHER = _layout_checked()
+
 _NO_SLOTS = (-1, -1, -1)
 
 

@@ -4,10 +4,11 @@ dynamic quantization"):
     quantize_blockwise(x, codes, absmax, *, signed, block)     a_b = fl32(max|x_i|), q_i = nearest m_j to x_i / a_b
     dequantize_blockwise(codes, absmax, out, *, signed, block) y_i = m_{q_i} · a_b
 
-Each kernel runs over blocks in parallel (``prange``): a block's absmax is found first, in a
-register (the block's 256 values stay in L1 for the second loop, which divides and writes the
-codes), so memory sees one read of x and one write of codes and absmax. Inputs below
-``SERIAL_BELOW`` elements run the serial twins (``_jit``): same code, same results.
+Each kernel runs over blocks in parallel (parts of the element range, ``runners.launch_parts``):
+a block's absmax is found first, in a register (the block's 256 values stay in L1 for the second
+loop, which divides and writes the codes), so memory sees one read of x and one write of codes and
+absmax. Inputs below ``SERIAL_BELOW`` elements run on the calling thread (the launcher's serial
+twin): same code, same results.
 
 The map is a constant of this module, built here from its definition (and checked bit for bit
 against the reference's in the tests). The nearest code is a count: q = #{j : x̂ > t_j} over the
@@ -21,9 +22,11 @@ the reference's argmin code for code, ties included, in both dtypes.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange, types
+from numba import types
+from numba.extending import intrinsic
 
-from ._jit import kernel
+from .multi import COLUMNS, array_at, part_range, pointer, smaller, typed_pointer
+from .runners import Launched, Runner
 
 __all__ = ["dequantize_blockwise", "quantize_blockwise"]
 
@@ -60,16 +63,48 @@ MAP_AS = {(signed, np.dtype(dtype)): MAP[signed].astype(dtype) for signed in (Tr
           for dtype in (np.float32, np.float64)}
 
 
-@kernel([types.void(dtype[::1], types.uint8[::1], types.float32[::1], dtype[::1], types.int64, types.int64)
-         for dtype in (types.float32, types.float64)])
-def _quantize(x, codes, absmax, thresholds, zero, block):
+# The kernels are part runners (``runners.py``: each loop compiled once per dtype, as a C function)
+# run by the optimizers' launcher over one tensor of n elements, whose table row holds
+_X, _CODES, _ABSMAX, _BLOCK, _ZERO = range(5)  # x's (or out's) address, the codes', absmax's, block, zero
+# (columns of ``multi.COLUMNS``). Part ``part`` runs the blocks that start in its element range
+# (``multi.part_range``), so every block runs once, whole, in one part.
+_codes_at = typed_pointer(types.uint8)
+_absmax_at = typed_pointer(types.float32)
+
+
+@intrinsic
+def _search_step(typingctx, s, t, q, step):
+    """q + step when s > t, else q: a select marked unpredictable. Written as an ``if``, LLVM's
+    x86 cmov converter turned the selects of the loop (unrolled by 2) into branches, which random
+    data mispredicts: 5× slower, measured on float32 at 2**24."""
+    if not isinstance(s, types.Float) or s != t or not isinstance(q, types.Integer) or q != step:
+        return None
+    signature = q(s, t, q, step)
+
+    def codegen(context, builder, sig, args):
+        above = builder.fcmp_ordered(">", args[0], args[1])
+        value = builder.select(above, builder.add(args[2], args[3]), args[2])
+        value.set_metadata("unpredictable", builder.module.add_metadata([]))
+        return value
+
+    return signature, codegen
+
+
+def _quantize_run(part, parts, table_at, rows, offsets_at, count, thresholds_at):
     """a_b = fl32(max_{i∈b}|x_i|); q_i = #{j : x_i / a_b > t_j}; a non-finite block: a_b = NaN,
     q_i = zero; a_b = 0: q_i = zero. ``thresholds``: the 255 midpoints in x's dtype."""
-    n = x.shape[0]
-    blocks = (n + block - 1) // block
-    for b in prange(blocks):
+    row = array_at(table_at, COLUMNS)
+    n = array_at(offsets_at, count)[1]
+    thresholds = array_at(thresholds_at, 255)
+    x = pointer(row[_X], thresholds[0])
+    codes = _codes_at(row[_CODES])
+    absmax = _absmax_at(row[_ABSMAX])
+    block = row[_BLOCK]
+    zero = row[_ZERO]
+    first, end = part_range(part, parts, n)
+    for b in range((first + block - 1) // block, (end + block - 1) // block):
         lo = b * block
-        hi = min(lo + block, n)
+        hi = smaller(lo + block, n)
         amax = abs(x[lo])
         check = x[lo] - x[lo]  # NaN exactly when some x_i is NaN or ±inf (inf − inf, NaN − NaN)
         for i in range(lo + 1, hi):
@@ -94,42 +129,53 @@ def _quantize(x, codes, absmax, thresholds, zero, block):
                 q = 0
                 step = 128
                 while step > 0:
-                    if s > thresholds[q + step - 1]:
-                        q += step
+                    q = _search_step(s, thresholds[q + step - 1], q, step)
                     step >>= 1
                 codes[i] = q
 
 
-@kernel([types.void(types.uint8[::1], types.float32[::1], dtype[::1], dtype[::1], types.int64)
-         for dtype in (types.float32, types.float64)])
-def _dequantize(codes, absmax, out, values, block):
+def _dequantize_run(part, parts, table_at, rows, offsets_at, count, values_at):
     """y_i = m_{q_i} · a_b in out's dtype; ``values``: the map in out's dtype."""
-    n = codes.shape[0]
-    blocks = (n + block - 1) // block
-    for b in prange(blocks):
+    row = array_at(table_at, COLUMNS)
+    n = array_at(offsets_at, count)[1]
+    values = array_at(values_at, 256)
+    out = pointer(row[_X], values[0])
+    codes = _codes_at(row[_CODES])
+    absmax = _absmax_at(row[_ABSMAX])
+    block = row[_BLOCK]
+    first, end = part_range(part, parts, n)
+    for b in range((first + block - 1) // block, (end + block - 1) // block):
         lo = b * block
-        hi = min(lo + block, n)
+        hi = smaller(lo + block, n)
         a = absmax[b]
         for i in range(lo, hi):
             out[i] = values[codes[i]] * a
 
 
-def _sized(k, n: int):
-    return k.serial if n < SERIAL_BELOW else k
+_quantize = Launched(Runner(_quantize_run, "quantize_run", {}))
+_dequantize = Launched(Runner(_dequantize_run, "dequantize_run", {}))
+
+
+def _address(array) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def _launch(kernel, data, codes, absmax, block, zero, hyper) -> None:
+    """``kernel`` over the n elements of ``data`` (x or out, flat), or its serial twin below ``SERIAL_BELOW``."""
+    n = data.size
+    table = np.array([[_address(data), _address(codes), _address(absmax), block, zero, 0]], np.int64)
+    (kernel.serial if n < SERIAL_BELOW else kernel)(table, np.array([0, n], np.int64), hyper)
 
 
 def quantize_blockwise(x, codes, absmax, *, signed, block) -> None:
     """codes ← the map's codes of x, absmax ← one float32 per block (validated arguments)."""
-    flat = x.reshape(-1)
-    if flat.size == 0:
+    if x.size == 0:
         return
-    _sized(_quantize, flat.size)(flat, codes.reshape(-1), absmax, THRESHOLDS[(bool(signed), x.dtype)],
-                                 ZERO[bool(signed)], block)
+    _launch(_quantize, x, codes, absmax, block, ZERO[bool(signed)], THRESHOLDS[(bool(signed), x.dtype)])
 
 
 def dequantize_blockwise(codes, absmax, out, *, signed, block) -> None:
     """out ← m[codes] · absmax of each element's block (validated arguments)."""
-    flat = out.reshape(-1)
-    if flat.size == 0:
+    if out.size == 0:
         return
-    _sized(_dequantize, flat.size)(codes.reshape(-1), absmax, flat, MAP_AS[(bool(signed), out.dtype)], block)
+    _launch(_dequantize, out, codes, absmax, block, 0, MAP_AS[(bool(signed), out.dtype)])

@@ -4,9 +4,11 @@
     grad_multiplier(sumsq, max_norm, inv_scale, dtype) inv_scale · min(1, max_norm / (√sumsq · inv_scale + 1e-6))
     scale_grads_(grads, grad_mul)                      g ← g · grad_mul in place
 
-(``docs/backends.md``, "Gradient reductions"). The lists run as one kernel call each over the
-tensor table of ``multi.py`` (same limits: C-contiguous arrays of one dtype, alive and unmodified
-during the call).
+(``docs/backends.md``, "Gradient reductions"). The lists run as one launch each over the tensor
+table of ``multi.py`` (same limits: C-contiguous arrays of one dtype, alive and unmodified during
+the call): a part runner per operation (``runners.py``: its loop compiled once per dtype, as a C
+function) run by the optimizers' launcher, which a program that steps an optimizer has compiled
+already.
 
 ``grad_sumsq`` accumulates in float64, each value widened before it is squared, so for float32
 gradients no square or sum overflows (|g|² ≤ 1.2e77) and the sum is non-finite exactly when some
@@ -15,9 +17,9 @@ negative, so inf − inf cannot occur). For float64 gradients a finite |g| > 1.3
 inf, as in the NumPy reference (``np.dot``). Each part of the flat element range (``multi.py``:
 the cut depends on the total element count only) is summed by ``_sumsq_span``, compiled with
 ``fastmath={"reassoc"}`` and no other flag, so LLVM splits the sum into vector lanes (inf and NaN
-still propagate: there is no ``nnan``/``ninf``); the per-part sums are then added in part order.
-A list of fewer than ``multi.SERIAL_BELOW`` elements runs the kernel's serial twin: the same parts
-in the same order on the calling thread (``_jit``).
+still propagate: there is no ``nnan``/``ninf``); the per-part sums are then added in part order
+(``sum_of_parts``). A list of fewer than ``multi.SERIAL_BELOW`` elements runs on the calling
+thread (the launcher's serial twin): the same parts, in order.
 The lanes depend on where each tensor piece starts, which depends on the cut only: the result is
 bitwise reproducible for the same list shapes on any number of threads (not between CPUs with
 different vector widths), and differs from the reference's ``np.dot`` order by rounding only.
@@ -29,13 +31,12 @@ import math
 
 import numba
 import numpy as np
-from numba import prange, types
 
-from ._jit import kernel
-from .multi import (PARAM, SERIAL_BELOW, aligned_split, gather, last_at_most, next_span,
-                    part_range, parts_for, pointer)
+from .multi import (COLUMNS, PARAM, SERIAL_BELOW, aligned_split, array_at, float64_at, gather, last_at_most,
+                    next_span, part_range, parts_on_host, pointer)
+from .runners import Launched, Runner
 
-__all__ = ["grad_multiplier", "grad_sumsq", "scale_grads_"]
+__all__ = ["grad_multiplier", "grad_sumsq", "scale_grads_", "sum_of_parts"]
 
 
 @numba.njit(fastmath={"reassoc"}, error_model="numpy")
@@ -48,40 +49,30 @@ def _sumsq_span(x, i0, i1):
     return total
 
 
-_TABLE = (types.int64[:, ::1], types.int64[::1])
-
-
-@numba.njit(error_model="numpy")
-def _sumsq_part(part, parts, table, offsets, like):
-    """Σ g² over part ``part`` of ``parts`` of the table's PARAM column, in float64."""
-    lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
+def _sumsq_run(part, parts, table_at, rows, offsets_at, count, sums_at):
+    """Σ g² over part ``part`` of ``parts`` of the table's PARAM column, in float64, into slot
+    ``part`` of the ``parts`` float64 slots at ``sums_at`` (a part runner: C signature
+    ``runners.runner_signature`` of the gradients' dtype, whatever the slots' dtype)."""
+    table = array_at(table_at, (rows, COLUMNS))
+    offsets = array_at(offsets_at, count)
+    like = sums_at[0]  # a value of the gradients' dtype: it types their pointers
+    lo, hi = part_range(part, parts, offsets[count - 1])
     t = last_at_most(offsets, lo)
     total = 0.0
     while lo < hi:
         i0, i1, lo = next_span(offsets, t, lo, hi)
         total += _sumsq_span(pointer(table[t, PARAM], like), i0, i1)
         t += 1
-    return total
+    array_at(float64_at(sums_at), parts)[part] = total
 
 
-@kernel([types.float64(*_TABLE, dtype) for dtype in (types.float32, types.float64)])
-def _sumsq(table, offsets, like):
-    """Σ g² over the table's PARAM column, float64; ``like`` a scalar of the arrays' dtype. The
-    per-part sums are added in part order."""
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    partial = np.empty(parts)
-    for part in prange(parts):
-        partial[part] = _sumsq_part(part, parts, table, offsets, like)
-    result = 0.0
-    for part in range(parts):
-        result += partial[part]
-    return result
-
-
-@numba.njit(error_model="numpy")
-def _scale_part(part, parts, table, offsets, grad_mul):
-    """g ← g · grad_mul over part ``part`` of ``parts`` of the table's PARAM column."""
-    lo, hi = part_range(part, parts, offsets[offsets.shape[0] - 1])
+def _scale_run(part, parts, table_at, rows, offsets_at, count, hyper_at):
+    """g ← g · grad_mul over part ``part`` of ``parts`` of the table's PARAM column; ``hyper``
+    holds grad_mul in the arrays' dtype (a part runner)."""
+    table = array_at(table_at, (rows, COLUMNS))
+    offsets = array_at(offsets_at, count)
+    grad_mul = hyper_at[0]
+    lo, hi = part_range(part, parts, offsets[count - 1])
     t = last_at_most(offsets, lo)
     while lo < hi:
         i0, i1, lo = next_span(offsets, t, lo, hi)
@@ -94,17 +85,23 @@ def _scale_part(part, parts, table, offsets, grad_mul):
         t += 1
 
 
-@kernel([types.void(*_TABLE, dtype) for dtype in (types.float32, types.float64)])
-def _scale(table, offsets, grad_mul):
-    """g ← g · grad_mul over the table's PARAM column, in the arrays' dtype."""
-    parts = parts_for(offsets[offsets.shape[0] - 1])
-    for part in prange(parts):
-        _scale_part(part, parts, table, offsets, grad_mul)
+# Run by the optimizers' launcher (``runners.launch_parts``), in parallel or, for a small list, on
+# the calling thread: each compiles its loop once per dtype, and no parallel kernel of its own.
+_sumsq = Launched(Runner(_sumsq_run, "sumsq_run", {}))
+_scale = Launched(Runner(_scale_run, "scale_run", {}))
 
 
-def _sized(kernel, table):
-    """``kernel``, or its serial twin for a small list (``multi.SERIAL_BELOW``)."""
-    return kernel.serial if table[1][-1] < SERIAL_BELOW else kernel
+def sum_of_parts(kernel, table, offsets, dtype) -> float:
+    """Run ``kernel``, a launched part runner that writes its part's float64 sum into slot
+    ``part`` of one slot per part (handed to it as an array of ``dtype``), over the tensor table;
+    return the slots' sum in part order, as a loop adds them (``np.sum`` adds pairwise)."""
+    total = int(offsets[-1])
+    sums = np.empty(parts_on_host(total), np.float64)
+    (kernel.serial if total < SERIAL_BELOW else kernel)(table, offsets, sums.view(dtype))
+    result = 0.0
+    for value in sums.tolist():
+        result += value
+    return result
 
 
 def _by_dtype(grads):
@@ -134,7 +131,7 @@ def grad_sumsq(grads) -> float:
     table = _table(grads, written=False)
     if table is None:
         return sum(grad_sumsq(group) for group in _by_dtype(grads))
-    return _sized(_sumsq, table)(*table, grads[0].dtype.type(0))
+    return sum_of_parts(_sumsq, *table, grads[0].dtype)
 
 
 def grad_multiplier(sumsq, max_norm, inv_scale, dtype) -> float:
@@ -159,4 +156,5 @@ def scale_grads_(grads, grad_mul) -> None:
         for group in _by_dtype(grads):
             scale_grads_(group, grad_mul)
         return
-    _sized(_scale, table)(*table, grads[0].dtype.type(grad_mul))
+    table, offsets = table
+    (_scale.serial if offsets[-1] < SERIAL_BELOW else _scale)(table, offsets, np.array([grad_mul], grads[0].dtype))

@@ -1,5 +1,5 @@
 """Views and tuples at raw addresses inside kernels (``multi.array_at``, ``multi.tuple_at``,
-``multi.float64_at``), and the host helper that sizes their buffers (``parts_on_host``).
+``multi.float64_at``), and the host helpers that feed them (``data_address``, ``parts_on_host``).
 
 The part runners make their tables, offsets, hyperparameters, maps and scratch rows with these
 intrinsics instead of numba's ``carray`` and ``to_fixed_tuple``, whose implementations (like those
@@ -86,6 +86,15 @@ def test_float64_at_views_float32_memory_as_float64_slots():
     sums = np.array([2.5, 0.0, 0.0])
     assert _float64_slots(sums.ctypes.data, np.float32(0), 3) == 2.5
     assert sums[2] == 0.1 and sums[:2].tolist() == [2.5, 0.0]  # the float64 value, bit for bit
+
+
+def test_data_address_reads_what_the_array_interface_says():
+    base = np.arange(40, dtype=np.float32).reshape(5, 8)
+    arrays = [base, base[2:], base[:, 3:], base.T, base.view(np.int32), np.ascontiguousarray(base[::2]),
+              np.zeros(0, np.uint8), np.ones(3)]
+    assert multi.FAST_GATHER  # CPython on this machine: the struct is read
+    for a in arrays:
+        assert multi.data_address(a) == a.__array_interface__["data"][0]
 
 
 def test_parts_on_host_cuts_as_the_kernels_do():

@@ -46,8 +46,8 @@ from numba import types
 from . import optim as _optim
 from .lowbits import (GAMMA, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, stochastic_bf16, stochastic_f16,
                       tensor_key, uniform)
-from .multi import (AVG, GRAD, PARAM, SERIAL_BELOW, STATE, array_at, float64_at, last_at_most, next_span,
-                    part_range, pointer, tuple_at, typed_pointer)
+from .multi import (AVG, GRAD, PARAM, SERIAL_BELOW, STATE, array_at, data_address, float64_at, last_at_most,
+                    next_span, part_range, pointer, tuple_at, typed_pointer)
 from .reduce import sum_of_parts
 from .runners import Launched, Runner, flag, variant_runner
 
@@ -201,23 +201,19 @@ def mixed_kernel(update_kernel) -> _MixedKernel:
 
 
 
-def _address(array) -> int:
-    return array.__array_interface__["data"][0]
-
-
 def _table(params, grads, masters, states, avgs, slots):
     n = len(params)
     table = np.zeros((n, COLUMNS), np.int64)
     offsets = np.zeros(n + 1, np.int64)
     for t in range(n):
-        table[t, PARAM] = _address(params[t])
-        table[t, GRAD] = _address(grads[t])
+        table[t, PARAM] = data_address(params[t])
+        table[t, GRAD] = data_address(grads[t])
         if masters is not None:
-            table[t, MASTER] = _address(masters[t])
+            table[t, MASTER] = data_address(masters[t])
         if avgs is not None:
-            table[t, AVG] = _address(avgs[t])
+            table[t, AVG] = data_address(avgs[t])
         for j, slot in enumerate(slots):
-            table[t, STATE + j] = _address(states[t][slot])
+            table[t, STATE + j] = data_address(states[t][slot])
         offsets[t + 1] = offsets[t] + params[t].size
     return table, offsets
 
@@ -302,6 +298,6 @@ def mixed_sumsq(grads) -> float:
     table = np.zeros((n, COLUMNS), np.int64)
     offsets = np.zeros(n + 1, np.int64)
     for t, g in enumerate(grads):
-        table[t, GRAD] = _address(g)
+        table[t, GRAD] = data_address(g)
         offsets[t + 1] = offsets[t] + g.size
     return sum_of_parts(_SUMSQ[half], table, offsets, np.float32)

@@ -49,7 +49,7 @@ from numba.extending import intrinsic
 
 from ._cache import has_cached_code, njit as cached_njit
 
-__all__ = ["COLUMNS", "aligned_split", "array_at", "float64_at", "gather", "grads_match", "itemsize",
+__all__ = ["COLUMNS", "aligned_split", "array_at", "data_address", "float64_at", "gather", "grads_match", "itemsize",
            "larger", "last_at_most", "next_span", "part_range", "parts_for", "parts_on_host", "pointer",
            "readers_cached", "smaller", "tuple_at", "written_intervals", "SERIAL_BELOW"]
 
@@ -507,6 +507,14 @@ def _layout_checked() -> bool:
 
 FAST_GATHER = _layout_checked()
 
+
+def data_address(array: np.ndarray) -> int:
+    """The address of an ndarray's data: read from its struct where the layout checks passed
+    (``FAST_GATHER``; about 0.3 µs), else through ``__array_interface__`` (about 1.2 µs: a dict
+    built per call)."""
+    if FAST_GATHER and isinstance(array, np.ndarray):
+        return ctypes.c_int64.from_address(id(array) + _DATA).value
+    return array.__array_interface__["data"][0]
 _NO_SLOTS = (-1, -1, -1)
 
 

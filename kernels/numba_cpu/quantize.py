@@ -25,7 +25,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from .multi import COLUMNS, array_at, part_range, pointer, smaller, typed_pointer
+from .multi import COLUMNS, array_at, data_address, part_range, pointer, smaller, typed_pointer
 from .runners import Launched, Runner
 
 __all__ = ["dequantize_blockwise", "quantize_blockwise"]
@@ -156,14 +156,10 @@ _quantize = Launched(Runner(_quantize_run, "quantize_run", {}))
 _dequantize = Launched(Runner(_dequantize_run, "dequantize_run", {}))
 
 
-def _address(array) -> int:
-    return array.__array_interface__["data"][0]
-
-
 def _launch(kernel, data, codes, absmax, block, zero, hyper) -> None:
     """``kernel`` over the n elements of ``data`` (x or out, flat), or its serial twin below ``SERIAL_BELOW``."""
     n = data.size
-    table = np.array([[_address(data), _address(codes), _address(absmax), block, zero, 0]], np.int64)
+    table = np.array([[data_address(data), data_address(codes), data_address(absmax), block, zero, 0]], np.int64)
     (kernel.serial if n < SERIAL_BELOW else kernel)(table, np.array([0, n], np.int64), hyper)
 
 

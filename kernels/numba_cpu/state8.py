@@ -76,8 +76,8 @@ from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16
 from .mixed import _decode, _encode, _keys, _pointer16, is_low_precision
 from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
-from .multi import (SERIAL_BELOW, array_at, larger, last_at_most, next_span, part_range, pointer, smaller, tuple_at,
-                    typed_pointer)
+from .multi import (SERIAL_BELOW, array_at, data_address, larger, last_at_most, next_span, part_range, pointer,
+                    smaller, tuple_at, typed_pointer)
 from .quantize import MAP_AS, THRESHOLDS, ZERO
 from .runners import Launched, flag, variant_runner
 
@@ -985,8 +985,6 @@ _PLANS = {
     "adagrad_step": _adagrad8_plan,
     "rmsprop_step": _rmsprop8_plan,
 }
-def _address(array) -> int:
-    return array.__array_interface__["data"][0]
 
 
 def _table(params, grads, states, avgs, slots, block, masters=None, bf16_state=False):
@@ -1010,7 +1008,7 @@ def _table(params, grads, states, avgs, slots, block, masters=None, bf16_state=F
             raise ValueError(f"{where} must have shape {shape}, got {array.shape}")
         if not array.flags.c_contiguous or (written and not array.flags.writeable):
             raise ValueError(f"{where} must be C-contiguous" + (" and writeable" if written else ""))
-        return _address(array)
+        return data_address(array)
 
     low = getattr(params[0], "dtype", None) if count else None
     low = low if low is not None and is_low_precision(low) else None
@@ -1118,7 +1116,8 @@ def state8_step(op, params, grads, states, avgs, *, grad_mul=1.0, grad_clip=math
         return
     maps = tuple(slots[min(k, len(slots) - 1)][1] for k in range(2))  # row 1 repeats row 0 when unused
     thresholds, values, zeros, lookup = _THRESHOLDS[maps], _VALUES[maps], _ZEROS[maps], _LOOKUPS[maps]
-    table[-1, :_BLOCK + 1] = (_address(thresholds), _address(values), _address(zeros), _address(lookup), block)
+    table[-1, :_BLOCK + 1] = (data_address(thresholds), data_address(values), data_address(zeros), data_address(lookup),
+                              block)
     hyper_array = np.array((*scalars, grad_mul, grad_clip, avg_weight if avgs is not None else 0.0), np.float32)
     low = is_low_precision(params[0].dtype)
     stochastic = low and rounding == "stochastic"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numba
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ import fastopt.kernels.numba_cpu as numba_backend
 import fastopt.reference as reference
 from fastopt import functional
 from fastopt._checks import check_array, check_disjoint, check_like
+from fastopt.precision import check_grad
 from fastopt.kernels.numba_cpu import multi, optim as optim_kernels
 
 from conftest import assert_close
@@ -344,6 +346,54 @@ def test_grads_match_agrees_with_the_full_checks(rng):
     bad = [params[0], good[1], good[2]]
     assert multi.grads_match(params, bad, 1, 3, intervals)  # only [lo, hi) is looked at
     assert not multi.grads_match(params, bad, 0, 3, intervals)
+
+
+def _full_checks_pass_16(params, grads, written) -> bool:
+    """What ``grads_match`` stands in for with 16-bit parameters (``fastopt.precision``)."""
+    try:
+        for k, (p, g) in enumerate(zip(params, grads)):
+            check_grad(f"grads[{k}]", g, f"params[{k}]", p)
+        check_disjoint({f"w{k}": a for k, a in enumerate(written)},
+                       {f"grads[{k}]": g for k, g in enumerate(grads)})
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bfloat16", "float16"])
+def test_grads_match_agrees_with_the_full_checks_for_16_bit_parameters(dtype):
+    """A 16-bit parameter's gradient is of its dtype or float32; the compiled test passes exactly
+    where the full checks of ``fastopt.precision`` pass, with the bytes counted at the gradient's
+    own width."""
+    other = np.float16 if dtype is ml_dtypes.bfloat16 else ml_dtypes.bfloat16
+    buffer = np.zeros(64, dtype)  # 128 bytes; params[0] is bytes [64, 88)
+    master = np.zeros(40, np.float32)
+    params = [buffer[32:44].reshape(3, 4), np.zeros(5, dtype)]
+    written = params + [master, np.zeros(5, np.uint8)]  # a master copy, 8-bit codes
+    intervals = multi.written_intervals(written)
+    good = [np.ones((3, 4), dtype), np.ones(5, dtype)]
+    cases = {
+        "its dtype": good,
+        "float32": [np.ones((3, 4), np.float32), np.ones(5, np.float32)],
+        "16-bit and float32 in one list": [good[0], np.ones(5, np.float32)],
+        "16-bit, right after the param": [buffer[44:56].reshape(3, 4), good[1]],
+        "16-bit, on the param's last element": [buffer[43:55].reshape(3, 4), good[1]],
+        # bytes [24, 72): at 2 bytes an element it would end at 48, before the param
+        "float32, its last elements on the param": [buffer[12:36].view(np.float32).reshape(3, 4), good[1]],
+        "float32, right before the param": [buffer[8:32].view(np.float32).reshape(3, 4), good[1]],
+        "float32 inside the master copy": [master[10:22].reshape(3, 4), good[1]],
+        "float64": [np.ones((3, 4)), good[1]],
+        "the other 16-bit dtype": [good[0], np.ones(5, other)],
+        "big-endian float32": [good[0], np.ones(5, ">f4")],
+        "other shape": [good[0], np.ones(6, dtype)],
+        "not C-contiguous": [np.ones((4, 3), dtype).T, good[1]],
+    }
+    for name, grads in cases.items():
+        expected = _full_checks_pass_16(params, grads, written)
+        assert multi.grads_match(params, grads, 0, len(params), intervals) is expected, name
+    passing = {name for name, grads in cases.items() if _full_checks_pass_16(params, grads, written)}
+    assert passing == {"its dtype", "float32", "16-bit and float32 in one list", "16-bit, right after the param",
+                       "float32, right before the param"}
 
 
 def test_grads_match_says_no_without_the_object_reader(monkeypatch):

@@ -515,24 +515,33 @@ def data_address(array: np.ndarray) -> int:
     if FAST_GATHER and isinstance(array, np.ndarray):
         return ctypes.c_int64.from_address(id(array) + _DATA).value
     return array.__array_interface__["data"][0]
+
+
 _NO_SLOTS = (-1, -1, -1)
 
 
-_FLOAT32, _FLOAT64 = np.dtype(np.float32).num, np.dtype(np.float64).num
+_FLOAT16, _FLOAT32, _FLOAT64 = np.dtype(np.float16).num, np.dtype(np.float32).num, np.dtype(np.float64).num
 
 
-@_reader(types.boolean(_I64, _I64, _I64, _I64, _I64[::1], _I64[::1], _I64, _I64, _I64))
-def _grads_match_objects(params, grads, lo, hi, starts, ends, ndarray_type, list_type, tuple_type):
-    """``grads_match`` on the objects' addresses."""
+@_reader(types.boolean(_I64, _I64, _I64, _I64, _I64[::1], _I64[::1], _I64, _I64, _I64, _I64))
+def _grads_match_objects(params, grads, lo, hi, starts, ends, ndarray_type, list_type, tuple_type, bfloat16_type):
+    """``grads_match`` on the objects' addresses; ``bfloat16_type``: bfloat16's type number, or −1."""
     for k in range(lo, hi):
         param = _item(params, k, list_type, tuple_type)
         if param == 0 or _load_int64(param + _TYPE) != ndarray_type:
             return False
         type_num = _load_int32(_load_int64(param + _DESCR) + _TYPE_NUM)
+        low = type_num == _FLOAT16 or type_num == bfloat16_type
+        if not low and type_num != _FLOAT32 and type_num != _FLOAT64:
+            return False
         grad = _item(grads, k, list_type, tuple_type)
         start, n = _array_data(grad, -1, False, ndarray_type, type_num)
+        size = 2 if low else (4 if type_num == _FLOAT32 else 8)
+        if start == 0 and low:  # a 16-bit parameter's gradient may be float32
+            start, n = _array_data(grad, -1, False, ndarray_type, _FLOAT32)
+            size = 4
         nd = _load_int32(param + _ND)
-        if start == 0 or (type_num != _FLOAT32 and type_num != _FLOAT64) or _load_int32(grad + _ND) != nd:
+        if start == 0 or _load_int32(grad + _ND) != nd:
             return False
         grad_dims, param_dims = _load_int64(grad + _DIMS), _load_int64(param + _DIMS)
         for j in range(nd):
@@ -540,7 +549,7 @@ def _grads_match_objects(params, grads, lo, hi, starts, ends, ndarray_type, list
                 return False
         if n == 0:
             continue
-        end = start + n * (4 if type_num == _FLOAT32 else 8)
+        end = start + n * size
         below = last_at_most(starts, end - 1)  # the last written interval starting before end
         if below >= 0 and ends[below] > start:
             return False
@@ -562,17 +571,24 @@ def readers_cached() -> bool:
     return has_cached_code(_gather_objects.py_func)
 
 
+_bfloat16_type = -1  # bfloat16's type number, once ml_dtypes is imported (no bfloat16 array before)
+
+
 def grads_match(params, grads, lo, hi, intervals) -> bool:
     """Whether, for every k in [lo, hi), ``grads[k]`` is exactly a C-contiguous ``numpy.ndarray``
-    with ``params[k]``'s shape and float dtype (native byte order), and its bytes meet none of
-    ``intervals`` (from ``written_intervals``: the parameters' and state's). ``params[k]`` must be a
-    NumPy array. A few nanoseconds per gradient, read from the objects as ``gather`` does; False
-    also when that reader is not available here, or when ``params``/``grads`` are not lists or
-    tuples: the caller then runs its full checks, which name the problem."""
+    with ``params[k]``'s shape and dtype, or float32 for a 16-bit parameter (``params[k]`` float32,
+    float64, float16 or bfloat16; native byte order), and its bytes meet none of ``intervals``
+    (from ``written_intervals``: the parameters' and state's). ``params[k]`` must be a NumPy array.
+    A few nanoseconds per gradient, read from the objects as ``gather`` does; False also when that
+    reader is not available here, or when ``params``/``grads`` are not lists or tuples: the caller
+    then runs its full checks, which name the problem."""
+    global _bfloat16_type
     if not FAST_GATHER:
         return False
+    if _bfloat16_type < 0 and "ml_dtypes" in sys.modules:
+        _bfloat16_type = np.dtype(sys.modules["ml_dtypes"].bfloat16).num
     return _grads_match_objects.call(id(params), id(grads), lo, hi, intervals[0], intervals[1],
-                                id(np.ndarray), id(list), id(tuple))
+                                     id(np.ndarray), id(list), id(tuple), _bfloat16_type)
 
 
 def gather(params, grads=None, states=None, avgs=None, slots=_NO_SLOTS, *, param_written=True):

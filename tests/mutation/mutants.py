@@ -108,6 +108,8 @@ SELECTIONS: dict[str, Selection] = {
                               "(extras_match and sgd and not 1048579) or clip_passes_nan"),
     # extras through the optimizer classes on the reference backend (no numba)
     "extras-numpy": Selection(("tests/test_step_extras.py",), "numpy"),
+    # the compiled test of a step's gradients against the full checks
+    "grads-match": Selection(("tests/test_numba_extras.py",), "grads_match"),
     # gradient reductions and scaling (numba), against the reference and float64 sums
     "reduce": Selection(("tests/test_numba_extras.py",), "grad_sumsq or grad_multiplier or scale_grads"),
     # batch norm against the float64 reference
@@ -296,6 +298,11 @@ MUTANTS: list[Mutant] = [
        "offsets[t + 1] = offsets[t] + size - 1\n        if grads != 0:",
        "tensor table: each tensor's extent one element short (its last element never updated)",
        "off-by-one", "optimizer", "optim-sgd"),
+    _m("numba-grads-match-16bit-width", NUMBA_MULTI,
+       "            size = 4\n",
+       "            size = 2\n",
+       "gradient test: a 16-bit parameter's float32 gradient measured at 2 bytes an element (an overlap "
+       "with a written array missed)", "wrong operator", "optimizer", "grads-match"),
     _m("numba-sumsq-span-skip", NUMBA_REDUCE,
        "for i in range(i0, i1):\n        value",
        "for i in range(i0 + 1, i1):\n        value",

@@ -23,6 +23,7 @@ NUMBA_REDUCE = "kernels/numba_cpu/reduce.py"
 NUMBA_BATCHNORM = "kernels/numba_cpu/batchnorm.py"
 NUMBA_MIXED = "kernels/numba_cpu/mixed.py"
 NUMBA_STATE8 = "kernels/numba_cpu/state8.py"
+NUMBA_QUANTIZE = "kernels/numba_cpu/quantize.py"
 REF_OPTIM = "fastopt/reference/optim.py"
 REF_EXTRAS = "fastopt/reference/extras.py"
 REF_BATCHNORM = "fastopt/reference/batchnorm.py"
@@ -112,6 +113,8 @@ SELECTIONS: dict[str, Selection] = {
     "grads-match": Selection(("tests/test_numba_extras.py",), "grads_match"),
     # gradient reductions and scaling (numba), against the reference and float64 sums
     "reduce": Selection(("tests/test_numba_extras.py",), "grad_sumsq or grad_multiplier or scale_grads"),
+    # block-wise quantization (numba) against the reference, code for code
+    "quantize": Selection(("tests/test_quantize.py",), "numba"),
     # batch norm against the float64 reference
     "batchnorm-numba": Selection(("tests/test_batchnorm.py",),
                                          "test_backend_matches_float64_reference and numba and not axis-1"),
@@ -318,6 +321,13 @@ MUTANTS: list[Mutant] = [
        "for i in range(split, i1 - 1):",
        "scale_grads_: the last element of each tensor piece not scaled",
        "off-by-one", "extras", "reduce"),
+    _m("numba-quantize-last-block-dropped", NUMBA_QUANTIZE,
+       "    for b in range((first + block - 1) // block, (end + block - 1) // block):\n        lo = b * block\n"
+       "        hi = smaller(lo + block, n)\n        amax",
+       "    for b in range((first + block - 1) // block, end // block):\n        lo = b * block\n"
+       "        hi = smaller(lo + block, n)\n        amax",
+       "quantize_blockwise: a part's blocks end at the last whole block (a short last block never quantized)",
+       "off-by-one", "extras", "quantize"),
     _m("numba-multiplier-inv-scale-dropped", NUMBA_REDUCE,
        "coef = max_norm / (math.sqrt(sumsq) * inv_scale + 1e-6)",
        "coef = max_norm / (math.sqrt(sumsq) + 1e-6)",

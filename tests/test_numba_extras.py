@@ -287,12 +287,17 @@ def test_gather_rejects_what_the_kernels_cannot_take():
         multi.gather([p], [p.astype(">f4")])
 
 
-def _full_checks_pass(params, grads, written) -> bool:
-    """What ``grads_match`` stands in for: the API's checks of a step's gradients."""
+def _float_grad(name, grad, param_name, param) -> None:
+    check_array(name, grad, writeable=False)
+    check_like(name, grad, param_name, param)
+
+
+def _full_checks_pass(params, grads, written, check=_float_grad) -> bool:
+    """What ``grads_match`` stands in for: the API's checks of a step's gradients (``check`` each
+    gradient against its parameter, then no gradient meets a written array)."""
     try:
         for k, (p, g) in enumerate(zip(params, grads)):
-            check_array(f"grads[{k}]", g, writeable=False)
-            check_like(f"grads[{k}]", g, f"params[{k}]", p)
+            check(f"grads[{k}]", g, f"params[{k}]", p)
         check_disjoint({f"w{k}": a for k, a in enumerate(written)},
                        {f"grads[{k}]": g for k, g in enumerate(grads)})
     except (TypeError, ValueError):
@@ -348,18 +353,6 @@ def test_grads_match_agrees_with_the_full_checks(rng):
     assert not multi.grads_match(params, bad, 0, 3, intervals)
 
 
-def _full_checks_pass_16(params, grads, written) -> bool:
-    """What ``grads_match`` stands in for with 16-bit parameters (``fastopt.precision``)."""
-    try:
-        for k, (p, g) in enumerate(zip(params, grads)):
-            check_grad(f"grads[{k}]", g, f"params[{k}]", p)
-        check_disjoint({f"w{k}": a for k, a in enumerate(written)},
-                       {f"grads[{k}]": g for k, g in enumerate(grads)})
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bfloat16", "float16"])
 def test_grads_match_agrees_with_the_full_checks_for_16_bit_parameters(dtype):
     """A 16-bit parameter's gradient is of its dtype or float32; the compiled test passes exactly
@@ -389,9 +382,9 @@ def test_grads_match_agrees_with_the_full_checks_for_16_bit_parameters(dtype):
         "not C-contiguous": [np.ones((4, 3), dtype).T, good[1]],
     }
     for name, grads in cases.items():
-        expected = _full_checks_pass_16(params, grads, written)
+        expected = _full_checks_pass(params, grads, written, check_grad)
         assert multi.grads_match(params, grads, 0, len(params), intervals) is expected, name
-    passing = {name for name, grads in cases.items() if _full_checks_pass_16(params, grads, written)}
+    passing = {name for name, grads in cases.items() if _full_checks_pass(params, grads, written, check_grad)}
     assert passing == {"its dtype", "float32", "16-bit and float32 in one list", "16-bit, right after the param",
                        "float32, right before the param"}
 

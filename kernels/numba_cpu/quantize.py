@@ -21,6 +21,7 @@ the reference's argmin code for code, ties included, in both dtypes.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import types
 from numba.extending import intrinsic
@@ -90,19 +91,25 @@ def _search_step(typingctx, s, t, q, step):
     return signature, codegen
 
 
+@numba.njit(inline="always")
+def _operands(part, parts, table_at, offsets_at, count, like):
+    """The tensor's arrays (x or out as ``like``'s type, codes, absmax), its element count n, the
+    block size and the zero code, and the blocks [b0, b1) of part ``part``: those starting in its
+    element range."""
+    row = array_at(table_at, COLUMNS)
+    n = array_at(offsets_at, count)[1]
+    block = row[_BLOCK]
+    first, end = part_range(part, parts, n)
+    return (pointer(row[_X], like), _codes_at(row[_CODES]), _absmax_at(row[_ABSMAX]), n, block, row[_ZERO],
+            (first + block - 1) // block, (end + block - 1) // block)
+
+
 def _quantize_run(part, parts, table_at, rows, offsets_at, count, thresholds_at):
     """a_b = fl32(max_{i∈b}|x_i|); q_i = #{j : x_i / a_b > t_j}; a non-finite block: a_b = NaN,
     q_i = zero; a_b = 0: q_i = zero. ``thresholds``: the 255 midpoints in x's dtype."""
-    row = array_at(table_at, COLUMNS)
-    n = array_at(offsets_at, count)[1]
     thresholds = array_at(thresholds_at, 255)
-    x = pointer(row[_X], thresholds[0])
-    codes = _codes_at(row[_CODES])
-    absmax = _absmax_at(row[_ABSMAX])
-    block = row[_BLOCK]
-    zero = row[_ZERO]
-    first, end = part_range(part, parts, n)
-    for b in range((first + block - 1) // block, (end + block - 1) // block):
+    x, codes, absmax, n, block, zero, b0, b1 = _operands(part, parts, table_at, offsets_at, count, thresholds[0])
+    for b in range(b0, b1):
         lo = b * block
         hi = smaller(lo + block, n)
         amax = abs(x[lo])
@@ -136,15 +143,9 @@ def _quantize_run(part, parts, table_at, rows, offsets_at, count, thresholds_at)
 
 def _dequantize_run(part, parts, table_at, rows, offsets_at, count, values_at):
     """y_i = m_{q_i} · a_b in out's dtype; ``values``: the map in out's dtype."""
-    row = array_at(table_at, COLUMNS)
-    n = array_at(offsets_at, count)[1]
     values = array_at(values_at, 256)
-    out = pointer(row[_X], values[0])
-    codes = _codes_at(row[_CODES])
-    absmax = _absmax_at(row[_ABSMAX])
-    block = row[_BLOCK]
-    first, end = part_range(part, parts, n)
-    for b in range((first + block - 1) // block, (end + block - 1) // block):
+    out, codes, absmax, n, block, _, b0, b1 = _operands(part, parts, table_at, offsets_at, count, values[0])
+    for b in range(b0, b1):
         lo = b * block
         hi = smaller(lo + block, n)
         a = absmax[b]

@@ -322,10 +322,8 @@ MUTANTS: list[Mutant] = [
        "scale_grads_: the last element of each tensor piece not scaled",
        "off-by-one", "extras", "reduce"),
     _m("numba-quantize-last-block-dropped", NUMBA_QUANTIZE,
-       "    for b in range((first + block - 1) // block, (end + block - 1) // block):\n        lo = b * block\n"
-       "        hi = smaller(lo + block, n)\n        amax",
-       "    for b in range((first + block - 1) // block, end // block):\n        lo = b * block\n"
-       "        hi = smaller(lo + block, n)\n        amax",
+       "(first + block - 1) // block, (end + block - 1) // block)",
+       "(first + block - 1) // block, end // block)",
        "quantize_blockwise: a part's blocks end at the last whole block (a short last block never quantized)",
        "off-by-one", "extras", "quantize"),
     _m("numba-multiplier-inv-scale-dropped", NUMBA_REDUCE,

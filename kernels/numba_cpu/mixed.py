@@ -199,8 +199,6 @@ def mixed_kernel(update_kernel) -> _MixedKernel:
     return found
 
 
-
-
 def _table(params, grads, masters, states, avgs, slots):
     n = len(params)
     table = np.zeros((n, COLUMNS), np.int64)

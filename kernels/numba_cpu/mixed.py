@@ -79,27 +79,39 @@ _inline = numba.njit(inline="always", error_model="numpy")
 
 
 @_inline
-def _decode(bits, half):
-    if half is None:
-        return bf16_to_f32(bits)
-    return f16_to_f32(bits)
+def _nearest_bf16(x, key, i):
+    return f32_to_bf16(x)
 
 
 @_inline
-def _encode(x, half, keys, t, i):
-    if keys is None:
-        if half is None:
-            return f32_to_bf16(x)
-        return f32_to_f16(x)
-    u = uniform(keys[t], i)
-    if half is None:
-        return stochastic_bf16(x, u)
-    return stochastic_f16(x, u)
+def _nearest_f16(x, key, i):
+    return f32_to_f16(x)
+
+
+@_inline
+def _stochastic_bf16(x, key, i):
+    return stochastic_bf16(x, uniform(key, i))
+
+
+@_inline
+def _stochastic_f16(x, key, i):
+    return stochastic_f16(x, uniform(key, i))
+
+
+def coders(half: bool, stochastic: bool) -> dict:
+    """The 16-bit decode (bits → float32) and encode (float32 → bits; element ``i`` of a tensor
+    whose stochastic rounding key is ``key``) a variant runs, by name (``_DECODE``, ``_ENCODE``), to
+    bind as compile-time constants. numba inlines a helper's IR before typing, so one encode choosing by its arguments was inlined
+    with all four roundings and their helpers at every call (about 0.5 s of a runner's compile)."""
+    encode = {(False, False): _nearest_bf16, (True, False): _nearest_f16,
+              (False, True): _stochastic_bf16, (True, True): _stochastic_f16}[(half, stochastic)]
+    return {"_DECODE": f16_to_f32 if half else bf16_to_f32, "_ENCODE": encode}
 
 
 # Bound per update and variant by ``_MixedKernel.variant`` (compile-time constants of each runner;
-# the flags are None or True, so the branches on them are pruned before typing):
-_UPDATE = _SCALARS = _AVERAGED = _MASTER = _STOCHASTIC = _GRAD32 = _HALF = None
+# the flags are None or True, so the branches on them are pruned before typing; the coders are
+# ``coders``'s):
+_UPDATE = _SCALARS = _AVERAGED = _MASTER = _GRAD32 = _DECODE = _ENCODE = None
 
 
 def _run(part, parts, table_at, rows, offsets_at, count, hyper_at):
@@ -115,15 +127,12 @@ def _run(part, parts, table_at, rows, offsets_at, count, hyper_at):
     grad_mul = hyper[_SCALARS]
     grad_clip = hyper[_SCALARS + 1]
     avg_weight = hyper[_SCALARS + 2]
-    if _STOCHASTIC is None:  # (pruned before typing: ``_encode`` tells the two apart by keys' type)
-        keys = None
-    else:
-        keys = table[:, KEY]
     lo, hi = part_range(part, parts, offsets[count - 1])
     t = last_at_most(offsets, lo)
     while lo < hi:
         i0, i1, lo = next_span(offsets, t, lo, hi)
         low = _pointer16(table[t, PARAM])
+        key = table[t, KEY]  # (read by the stochastic encodes only)
         grad16 = _pointer16(table[t, GRAD])
         grad = pointer(table[t, GRAD], grad_mul)
         copy = pointer(table[t, MASTER], grad_mul)
@@ -132,18 +141,18 @@ def _run(part, parts, table_at, rows, offsets_at, count, hyper_at):
                  pointer(table[t, STATE + 2], grad_mul))
         for i in range(i0, i1):
             if _GRAD32 is None:
-                g = _decode(grad16[i], _HALF)
+                g = _DECODE(grad16[i])
             else:
                 g = grad[i]
             g = _optim._transformed(g, grad_mul, grad_clip)
             if _MASTER is None:
-                p = _decode(low[i], _HALF)
+                p = _DECODE(low[i])
             else:
                 p = copy[i]
             p = _UPDATE(p, g, state, i, h)
             if _MASTER is not None:
                 copy[i] = p
-            low[i] = _encode(p, _HALF, keys, t, i)
+            low[i] = _ENCODE(p, key, i)
             if _AVERAGED:
                 a = avg[i]
                 avg[i] = a + avg_weight * (p - a)
@@ -178,8 +187,8 @@ class _MixedKernel:
         found = self._variants.get(key)
         if found is None:
             constants = dict(_UPDATE=self._update.element, _SCALARS=self._update.scalars, _AVERAGED=averaged,
-                             _MASTER=flag(master), _STOCHASTIC=flag(stochastic), _GRAD32=flag(grad32),
-                             _HALF=flag(half))
+                             _MASTER=flag(master), _GRAD32=flag(grad32),
+                             **coders(half, stochastic))
             found = self._variants[key] = variant_runner(_run, self.__name__, key, constants, self.__doc__)
         return found
 
@@ -265,7 +274,7 @@ def mixed_step(op, params, grads, masters, states, avgs, *, rounding="nearest", 
 
 def _sumsq_run(part, parts, table_at, rows, offsets_at, count, sums_at):
     """Σ g² over part ``part`` of ``parts`` of the table's GRAD column (16-bit gradients: float16
-    when ``_HALF``, else bfloat16), in float64, into slot ``part`` of the ``parts`` float64 slots
+    decoded by the bound ``_DECODE``), in float64, into slot ``part`` of the ``parts`` float64 slots
     at ``sums_at`` (a part runner with float32 scalars; ``reduce.sum_of_parts``)."""
     table = array_at(table_at, (rows, COLUMNS))
     offsets = array_at(offsets_at, count)
@@ -276,14 +285,14 @@ def _sumsq_run(part, parts, table_at, rows, offsets_at, count, sums_at):
         i0, i1, lo = next_span(offsets, t, lo, hi)
         grad = _pointer16(table[t, GRAD])
         for i in range(i0, i1):
-            g = np.float64(_decode(grad[i], _HALF))
+            g = np.float64(_DECODE(grad[i]))
             total += g * g
         t += 1
     array_at(float64_at(sums_at), parts)[part] = total
 
 
 _SUMSQ = {half: Launched(Runner(_sumsq_run, "_mixed_sumsq_run_f16" if half else "_mixed_sumsq_run_bf16",
-                                {"_HALF": flag(half)}, dtypes=("float32",)))
+                                coders(half, False), dtypes=("float32",)))
           for half in (False, True)}
 
 

@@ -74,7 +74,7 @@ from .._state8_rules import SUPPORTED, state8_layout, state8_supported
 from ._ir import counted_loop
 from .lowbits import bits_f32, f32_bits
 from .lowbits import bf16_to_f32, f32_to_bf16
-from .mixed import _decode, _encode, _keys, _pointer16, is_low_precision
+from .mixed import _keys, _pointer16, coders, is_low_precision
 from .optim import _l2, _transformed  # the same g + λθ and gradient extras as the float32 kernels
 from .multi import (SERIAL_BELOW, array_at, data_address, larger, last_at_most, next_span, part_range, pointer,
                     smaller, tuple_at, typed_pointer)
@@ -609,10 +609,10 @@ def _release(typingctx, buffer):
 
 
 # Bound per update and variant by ``_Kernel8.variant`` (compile-time constants; the flags are None
-# or True, so the branches on them are pruned before typing, and ``_decode``/``_encode`` of
-# ``mixed.py`` take them as they take their own):
+# or True, so the branches on them are pruned before typing; the 16-bit coders are those of
+# ``mixed.coders``):
 _ELEMENT8 = _SCALARS8 = _STATES8 = _AVERAGED8 = None
-_LOW8 = _MASTER8 = _STOCHASTIC8 = _GRAD16_8 = _HALF8 = _BF16STATE8 = None
+_LOW8 = _MASTER8 = _GRAD16_8 = _BF16STATE8 = _DECODE8 = _ENCODE8 = None
 
 
 def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
@@ -648,10 +648,6 @@ def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
     values = array_at(pointer(maps[_VALUES_AT], grad_mul), (2, _VALUES_END))
     zeros = array_at(_bytes(maps[_ZEROS_AT]), 2)
     lookup = array_at(_ints32(maps[_LOOKUP_AT]), (2, _BUCKETS))
-    if _STOCHASTIC8 is None:  # (pruned before typing: ``_encode`` tells the two apart by keys' type)
-        keys = None
-    else:
-        keys = table[:, _KEY]
     stride = block + 15 - (block + 15) % 16  # each scratch row at a 64-byte boundary
     buffer = _scratch(2 * stride)
     scratch0 = array_at(_floats_at(buffer, 0), block)
@@ -668,6 +664,7 @@ def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
     while lo < hi:
         b0, b1, lo = next_span(offsets, t, lo, hi)
         n = table[t, _SIZE]
+        key = table[t, _KEY]  # (read by the stochastic encodes only)
         param = pointer(table[t, _PARAM], grad_mul)
         grad = pointer(table[t, _GRAD], grad_mul)
         param16 = _pointer16(table[t, _PARAM])  # (16-bit parameters and gradients)
@@ -706,12 +703,12 @@ def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
                 if _GRAD16_8 is None:
                     g = grad[i]
                 else:
-                    g = _decode(grad16_at[i], _HALF8)
+                    g = _DECODE8(grad16_at[i])
                 g = _transformed(g, grad_mul, grad_clip)
                 if _LOW8 is None:
                     p = param[i]
                 elif _MASTER8 is None:
-                    p = _decode(param16[i], _HALF8)
+                    p = _DECODE8(param16[i])
                 else:
                     p = copy[i]
                 p, s0, s1 = _ELEMENT8(p, g, scratch0[j], scratch1[j] if _STATES8 > 1 else zero_f, h)
@@ -720,7 +717,7 @@ def _run8(part, parts, table_at, rows, offsets_at, entries, hyper_at):
                 else:
                     if _MASTER8 is not None:
                         copy[i] = p
-                    param16[i] = _encode(p, _HALF8, keys, t, i)
+                    param16[i] = _ENCODE8(p, key, i)
                 if _AVERAGED8:
                     a = avg[i]
                     avg[i] = a + avg_weight * (p - a)
@@ -777,8 +774,8 @@ class _Kernel8:
         if found is None:
             constants = dict(_ELEMENT8=self.update.element, _SCALARS8=self.scalars, _STATES8=self.states,
                              _AVERAGED8=averaged, _LOW8=flag(low), _MASTER8=flag(master),
-                             _STOCHASTIC8=flag(stochastic), _GRAD16_8=flag(grad16), _HALF8=flag(half),
-                             _BF16STATE8=flag(bf16state))
+                             _GRAD16_8=flag(grad16), _BF16STATE8=flag(bf16state),
+                             **{f"{name}8": coder for name, coder in coders(half, stochastic).items()})
             found = self._variants[key] = variant_runner(_run8, self.__name__, key, constants, self.__doc__)
         return found
 

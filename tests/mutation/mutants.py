@@ -136,6 +136,8 @@ SELECTIONS: dict[str, Selection] = {
                        "every_optimizer or adam_variants or polyak or norm_clipping"),
     # 8-bit state (state8.py): codes, absmax and parameters bit for bit against the reference
     "state8": Selection(("tests/test_state8.py",), "kernel_matches_reference or extras_match or parallel_kernel"),
+    # 8-bit state with 16-bit parameters (state8.py's 16-bit variants), bit for bit against the reference
+    "state8-16bit": Selection(("tests/test_state8_optim.py",), "16_bit_parameters_with_8_bit_state"),
 }
 
 
@@ -352,6 +354,16 @@ MUTANTS: list[Mutant] = [
        "g = g",
        "16-bit parameters: the gradient multiplier (loss scale, norm clipping) and clamp not applied",
        "dropped term", "extras", "mixed"),
+    _m("numba-mixed-stochastic-first-key", NUMBA_MIXED,
+       "key = table[t, KEY]",
+       "key = table[0, KEY]",
+       "16-bit parameters, stochastic rounding: every tensor draws with the first tensor's key",
+       "layout stride", "optimizer", "mixed"),
+    _m("numba-state8-stochastic-first-key", NUMBA_STATE8,
+       "key = table[t, _KEY]",
+       "key = table[0, _KEY]",
+       "8-bit state, 16-bit parameters rounded stochastically: every tensor draws with the first tensor's key",
+       "layout stride", "optimizer", "state8-16bit"),
     _m("numba-state8-absmax-sign-kept", NUMBA_STATE8,
        "bits0 = larger(bits0, f32_bits(s0) & _ABS_BITS)",
        "bits0 = larger(bits0, f32_bits(s0))",

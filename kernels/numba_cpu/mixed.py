@@ -101,8 +101,9 @@ def _stochastic_f16(x, key, i):
 def coders(half: bool, stochastic: bool) -> dict:
     """The 16-bit decode (bits → float32) and encode (float32 → bits; element ``i`` of a tensor
     whose stochastic rounding key is ``key``) a variant runs, by name (``_DECODE``, ``_ENCODE``), to
-    bind as compile-time constants. numba inlines a helper's IR before typing, so one encode choosing by its arguments was inlined
-    with all four roundings and their helpers at every call (about 0.5 s of a runner's compile)."""
+    bind as compile-time constants. numba inlines a helper's IR before typing, so one encode that
+    chose by its arguments was inlined with all four roundings and their helpers at every call
+    (about 0.5 s of a runner's compile)."""
     encode = {(False, False): _nearest_bf16, (True, False): _nearest_f16,
               (False, True): _stochastic_bf16, (True, True): _stochastic_f16}[(half, stochastic)]
     return {"_DECODE": f16_to_f32 if half else bf16_to_f32, "_ENCODE": encode}

@@ -7,6 +7,8 @@ arrays calling them (about a second of compile time in all)."""
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numba
 import numpy as np
@@ -265,14 +267,23 @@ def test_stochastic_threshold(name):
                 if 0 <= u < 1:
                     bits = base + 1 if u < f else base
                     cases.append((x, u, bits | (0x8000 if sign < 0 else 0)))
-    # past the largest finite value, u = 0: the largest finite value
-    largest = float(ml_dtypes.finfo(FORMATS[name]).max) * (1 + 2.0 ** -12)
-    cases += [(largest, 0.0, INF_BITS[name] - 1), (-largest, 0.0, 0x8000 | (INF_BITS[name] - 1))]
+    # past the largest finite value, u = 0: the largest finite value; the largest finite value and
+    # ±Inf, u = 0: themselves (the kernels test none of these apart: their fractions are 0 or NaN)
+    finite_max = float(ml_dtypes.finfo(FORMATS[name]).max)
+    largest = finite_max * (1 + 2.0 ** -12)
+    cases += [(largest, 0.0, INF_BITS[name] - 1), (-largest, 0.0, 0x8000 | (INF_BITS[name] - 1)),
+              (finite_max, 0.0, INF_BITS[name] - 1), (-finite_max, 0.0, 0x8000 | (INF_BITS[name] - 1)),
+              (math.inf, 0.0, INF_BITS[name]), (-math.inf, 0.0, 0x8000 | INF_BITS[name])]
     x, u, expected = (np.array(c, dtype=d) for c, d in zip(zip(*cases), (np.float32, np.float32, np.uint16)))
     assert np.array_equal(x.astype(np.float64), [c[0] for c in cases])  # every x exact in float32
     out = {n: np.full(x.size, 0x7E01, dtype=np.uint16) for n in FORMATS}
     _stochastic_with(x, u, out["bfloat16"], out["float16"])
     assert np.array_equal(out[name], expected), np.flatnonzero(out[name] != expected)
+    # NaN, u = 0: a NaN of x's sign
+    nan = np.array([np.nan, -np.nan], np.float32)
+    out = {n: np.zeros(2, dtype=np.uint16) for n in FORMATS}
+    _stochastic_with(nan, np.zeros(2, np.float32), out["bfloat16"], out["float16"])
+    assert np.isnan(as_float32(out[name], name)).all() and list(out[name] >> 15) == [0, 1]
 
 
 @pytest.mark.parametrize("name, value", [("bfloat16", 1.0 + 0.3 * 2 ** -7), ("bfloat16", -3.1e-39),

@@ -31,7 +31,9 @@ format value nearest x toward zero, u⁺ the next format value of larger magnitu
 with u = uniform(key, i). The subtraction and the division by the power-of-two spacing are exact
 in float32. ±Inf gives ±Inf, NaN a NaN, a representable x itself, and a finite x past the largest
 finite value the largest finite value (with x's sign). d is found as the RNE result stepped back
-one bit pattern when its magnitude exceeds |x|.
+one bit pattern when its magnitude exceeds |x|. The special cases need no branches: when u⁺ is
+±Inf the fraction is 0; when x is ±Inf it is (∞ − ∞)/… = NaN, and when x is NaN, so are d and the
+fraction (d is x's quiet NaN); u < NaN is false, so each keeps d (a NaN's d is the RNE result).
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ _ABS32 = _U64(0x7FFFFFFF)
 _INF32 = _U64(0x7F800000)
 _SIGN16 = _U64(0x8000)
 _ABS16 = _U64(0x7FFF)
-_BF16_INF = _U64(0x7F80)
 _BF16_QUIET = _U64(0x0040)
 _BF16_HALF = _U64(0x7FFF)  # 2¹⁵ − 1: with the kept bit's parity added, RNE on the dropped 16 bits
 _F16_INF = _U64(0x7C00)
@@ -232,19 +233,14 @@ def stochastic_bf16(x, u):
     """float32 → bfloat16 bits, rounded stochastically with the uniform ``u`` ∈ [0, 1): away from
     zero when u < (|x| − |d|)/(|u⁺| − |d|), else toward zero (d, u⁺ as in the module docstring)."""
     r = numba.uint64(f32_to_bf16(x))
-    if x != x:
-        return numba.uint16(r)
     sign = r & _SIGN16
     d = r & _ABS16
     ax = abs(x)
     if bf16_to_f32(d) > ax:  # RNE went up (Inf included): step back to the truncation
         d -= _ONE
-    up = d + _ONE
-    if d == _BF16_INF or up == _BF16_INF:  # x = ±Inf, or u⁺ = ±Inf: the fraction is 0
-        return numba.uint16(sign | d)
     low = bf16_to_f32(d)
-    if u < (ax - low) / (bf16_to_f32(up) - low):
-        return numba.uint16(sign | up)
+    if u < (ax - low) / (bf16_to_f32(d + _ONE) - low):  # (false for NaN, ±Inf and u⁺ = ±Inf: no tests)
+        d += _ONE
     return numba.uint16(sign | d)
 
 
@@ -253,17 +249,12 @@ def stochastic_f16(x, u):
     """float32 → float16 bits, rounded stochastically with the uniform ``u`` ∈ [0, 1): away from
     zero when u < (|x| − |d|)/(|u⁺| − |d|), else toward zero (d, u⁺ as in the module docstring)."""
     r = numba.uint64(f32_to_f16(x))
-    if x != x:
-        return numba.uint16(r)
     sign = r & _SIGN16
     d = r & _ABS16
     ax = abs(x)
     if f16_to_f32(d) > ax:  # RNE went up (Inf included): step back to the truncation
         d -= _ONE
-    up = d + _ONE
-    if d == _F16_INF or up == _F16_INF:  # x = ±Inf, or u⁺ = ±Inf: the fraction is 0
-        return numba.uint16(sign | d)
     low = f16_to_f32(d)
-    if u < (ax - low) / (f16_to_f32(up) - low):
-        return numba.uint16(sign | up)
+    if u < (ax - low) / (f16_to_f32(d + _ONE) - low):  # (false for NaN, ±Inf and u⁺ = ±Inf: no tests)
+        d += _ONE
     return numba.uint16(sign | d)
